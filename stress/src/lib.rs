@@ -1,0 +1,1 @@
+//! Shared helpers of the stress and benchmark binaries.
