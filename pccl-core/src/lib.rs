@@ -10,3 +10,26 @@ pub mod types;
 
 pub use error::{Error, Result};
 pub use types::*;
+
+mod bufpool;
+pub(crate) mod collectives;
+pub mod comm;
+pub mod hash;
+pub mod kernels;
+pub mod logging;
+pub mod master;
+pub mod quant;
+pub mod transport;
+pub mod wire;
+
+pub use comm::{AsyncReduceHandle, Communicator, CommunicatorConfig, Element, RawReduceOp};
+pub use master::{MasterConfig, MasterNode};
+
+/// Default port of the master (`CCOIP_PROTOCOL_PORT_MASTER`).
+pub const DEFAULT_MASTER_PORT: u16 = 48148;
+/// First port tried for a peer's shared-state listener.
+pub const DEFAULT_SHARED_STATE_PORT: u16 = 48149;
+/// First port tried for a peer's p2p listener.
+pub const DEFAULT_P2P_PORT: u16 = 48150;
+/// First port tried for a peer's bandwidth-benchmark listener.
+pub const DEFAULT_BENCHMARK_PORT: u16 = 48151;

@@ -1,0 +1,96 @@
+//! A pool of reusable byte buffers for received data frames, so the data
+//! path does not allocate per sub-chunk.
+
+use std::sync::{Arc, Mutex};
+
+/// Buffers up to this size are recycled; larger ones are freed after use.
+const POOLED_CAPACITY: usize = 4 << 20;
+/// At most this many idle buffers are kept.
+const MAX_IDLE: usize = 64;
+
+#[derive(Default)]
+pub struct BufPool {
+    idle: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    pub fn new() -> Arc<Self> {
+        Arc::new(BufPool::default())
+    }
+
+    /// A buffer of exactly `len` initialized bytes.
+    pub fn get(self: &Arc<Self>, len: usize) -> PooledBuf {
+        let mut v = if len <= POOLED_CAPACITY {
+            self.idle
+                .lock()
+                .ok()
+                .and_then(|mut idle| idle.pop())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if v.len() < len {
+            // Grow once to the pooled size: recycled buffers never zero-fill again.
+            v.resize(len.max(POOLED_CAPACITY.min(len.next_power_of_two())), 0);
+        }
+        PooledBuf {
+            data: v,
+            len,
+            pool: Some(self.clone()),
+        }
+    }
+}
+
+/// A buffer on loan from a [`BufPool`]; returns itself on drop.
+pub struct PooledBuf {
+    data: Vec<u8>,
+    len: usize,
+    pool: Option<Arc<BufPool>>,
+}
+
+impl PooledBuf {
+    /// An unpooled buffer holding `v`.
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let len = v.len();
+        PooledBuf {
+            data: v,
+            len,
+            pool: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            if self.data.len() <= POOLED_CAPACITY {
+                if let Ok(mut idle) = pool.idle.lock() {
+                    if idle.len() < MAX_IDLE {
+                        idle.push(std::mem::take(&mut self.data));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The peer's control channel to the master: one writer task, one reader task
+//! that routes each master message to whichever call is waiting for it, a
+//! heartbeat task, and the handling of "establish" rounds (connecting to the
+//! ring neighbour when the master says so).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::comm::p2p::{Frame, OpRoute, P2p};
+use crate::error::{Error, Result};
+use crate::transport::{self, FrameError};
+use crate::wire::{MasterMsg, PeerEntry, PeerId, PeerMsg, WorldInfo};
+
+/// Which call a master message answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum WaitKey {
+    Register,
+    Topology,
+    Pending,
+    Optimize,
+    Collective(u64),
+    Sync,
+}
+
+/// A routed master message; "commence" also carries the op's inbox.
+pub(crate) enum Routed {
+    Msg(MasterMsg),
+    Commence {
+        op_id: u64,
+        ring: Vec<PeerId>,
+        route: Arc<OpRoute>,
+        inbox: mpsc::Receiver<Frame>,
+    },
+}
+
+enum Out {
+    Frame(Vec<u8>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Shared state of the control channel.
+pub(crate) struct Control {
+    out: mpsc::UnboundedSender<Out>,
+    waiters: Mutex<HashMap<WaitKey, mpsc::UnboundedSender<Routed>>>,
+    dead: Mutex<Option<String>>,
+    pub world: Mutex<WorldInfo>,
+    /// Peers of this peer's group from the last establish round.
+    pub directory: Mutex<HashMap<PeerId, PeerEntry>>,
+    pub me: Mutex<PeerId>,
+    p2p: Arc<P2p>,
+    shutdown: CancellationToken,
+    establish_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// A registered wait; unregisters itself when dropped.
+pub(crate) struct Waiter {
+    key: WaitKey,
+    rx: mpsc::UnboundedReceiver<Routed>,
+    ctl: Arc<Control>,
+}
+
+impl Waiter {
+    /// Next message for this call; `MasterConnectionFailed` if the master is gone.
+    pub async fn recv(&mut self) -> Result<Routed> {
+        match self.rx.recv().await {
+            Some(m) => Ok(m),
+            None => Err(self.ctl.dead_error()),
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.ctl.waiters.lock() {
+            w.remove(&self.key);
+        }
+    }
+}
+
+impl Control {
+    /// Starts the reader and writer tasks on an established, greeted stream.
+    pub fn start(
+        rd: OwnedReadHalf,
+        wr: OwnedWriteHalf,
+        p2p: Arc<P2p>,
+        shutdown: CancellationToken,
+    ) -> Arc<Control> {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let ctl = Arc::new(Control {
+            out: out_tx,
+            waiters: Mutex::new(HashMap::new()),
+            dead: Mutex::new(None),
+            world: Mutex::new(WorldInfo::default()),
+            directory: Mutex::new(HashMap::new()),
+            me: Mutex::new(PeerId::default()),
+            p2p,
+            shutdown,
+            establish_task: Mutex::new(None),
+        });
+        tokio::spawn(writer_task(wr, out_rx, ctl.clone()));
+        tokio::spawn(reader_task(rd, ctl.clone()));
+        ctl
+    }
+
+    pub fn me(&self) -> PeerId {
+        self.me.lock().map(|m| *m).unwrap_or_default()
+    }
+
+    pub fn world(&self) -> WorldInfo {
+        self.world.lock().map(|w| *w).unwrap_or_default()
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.lock().map(|d| d.is_some()).unwrap_or(true)
+    }
+
+    fn dead_error(&self) -> Error {
+        let why = self
+            .dead
+            .lock()
+            .ok()
+            .and_then(|d| d.clone())
+            .unwrap_or_else(|| "connection to the master closed".into());
+        Error::MasterConnectionFailed(why)
+    }
+
+    fn mark_dead(&self, why: String) {
+        if let Ok(mut d) = self.dead.lock() {
+            if d.is_none() {
+                tracing::warn!(peer = %self.me(), "lost the master: {why}");
+                *d = Some(why);
+            }
+        }
+        // Dropping the senders wakes every waiting call with an error.
+        if let Ok(mut w) = self.waiters.lock() {
+            w.clear();
+        }
+    }
+
+    pub fn send(&self, msg: &PeerMsg) -> Result<()> {
+        if self.is_dead() {
+            return Err(self.dead_error());
+        }
+        self.out
+            .send(Out::Frame(msg.to_frame()))
+            .map_err(|_| self.dead_error())
+    }
+
+    /// Waits until everything sent so far has been written to the socket.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.out.send(Out::Flush(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
+        }
+    }
+
+    /// Registers interest in the answer to `key`.
+    pub fn wait(self: &Arc<Self>, key: WaitKey) -> Result<Waiter> {
+        if self.is_dead() {
+            return Err(self.dead_error());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut w = self
+            .waiters
+            .lock()
+            .map_err(|_| Error::Internal("waiter table poisoned".into()))?;
+        if w.contains_key(&key) {
+            return Err(Error::InvalidUsage(match key {
+                WaitKey::Collective(tag) => {
+                    format!("an all-reduce with tag {tag} is already in flight")
+                }
+                k => format!("a {k:?} call is already in progress on this communicator"),
+            }));
+        }
+        w.insert(key, tx);
+        Ok(Waiter {
+            key,
+            rx,
+            ctl: self.clone(),
+        })
+    }
+
+    fn route(&self, key: WaitKey, msg: Routed) -> bool {
+        let tx = self.waiters.lock().ok().and_then(|w| w.get(&key).cloned());
+        match tx {
+            Some(tx) => tx.send(msg).is_ok(),
+            None => false,
+        }
+    }
+
+    fn dispatch(self: &Arc<Self>, msg: MasterMsg) {
+        let me = self.me();
+        match msg {
+            MasterMsg::RegisterAck { .. } => {
+                self.route(WaitKey::Register, Routed::Msg(msg));
+            }
+            MasterMsg::Establish { round, ring, peers } => self.on_establish(round, ring, peers),
+            MasterMsg::TopologyUpdated { world } => {
+                self.set_world(world);
+                self.route(WaitKey::Topology, Routed::Msg(msg));
+            }
+            MasterMsg::TopologyFailed { .. } => {
+                self.route(WaitKey::Topology, Routed::Msg(msg));
+            }
+            MasterMsg::World { world } => self.set_world(world),
+            MasterMsg::PendingAnswer { .. } => {
+                self.route(WaitKey::Pending, Routed::Msg(msg));
+            }
+            MasterMsg::OptimizeDone { .. } => {
+                self.route(WaitKey::Optimize, Routed::Msg(msg));
+            }
+            MasterMsg::CollectiveCommence { tag, op_id, ring } => {
+                let n = ring.len();
+                let pos = ring.iter().position(|p| *p == me);
+                let (Some(i), true) = (pos, n >= 2) else {
+                    tracing::warn!(peer = %me, tag, op_id, "commence without this peer in the ring");
+                    self.p2p.note_commenced(op_id);
+                    return;
+                };
+                let (tx, inbox) = mpsc::channel(super::p2p_inbox_capacity());
+                let route = Arc::new(OpRoute {
+                    left: ring[(i + n - 1) % n],
+                    right: ring[(i + 1) % n],
+                    tx,
+                    lost: CancellationToken::new(),
+                    lost_reason: Arc::new(Mutex::new(None)),
+                });
+                // Register before acknowledging, so early frames find their op.
+                self.p2p.register_op(op_id, route.clone());
+                let delivered = self.route(
+                    WaitKey::Collective(tag),
+                    Routed::Commence {
+                        op_id,
+                        ring,
+                        route,
+                        inbox,
+                    },
+                );
+                if !delivered {
+                    tracing::warn!(peer = %me, tag, op_id, "commence for an all-reduce nobody waits for");
+                    self.p2p.unregister_op(op_id);
+                }
+            }
+            MasterMsg::CollectiveResult { tag, .. } => {
+                self.route(WaitKey::Collective(tag), Routed::Msg(msg));
+            }
+            MasterMsg::SyncPlan { .. } | MasterMsg::SyncResult { .. } => {
+                self.route(WaitKey::Sync, Routed::Msg(msg));
+            }
+            MasterMsg::Kick { reason } => {
+                tracing::error!(peer = %me, "the master closed our connection: {reason}");
+                self.mark_dead(format!("kicked by the master: {reason}"));
+            }
+        }
+    }
+
+    fn set_world(&self, world: WorldInfo) {
+        if let Ok(mut w) = self.world.lock() {
+            *w = world;
+        }
+    }
+
+    /// Connects to the new right neighbour and reports to the master.
+    fn on_establish(self: &Arc<Self>, round: u64, ring: Vec<PeerId>, peers: Vec<PeerEntry>) {
+        if let Ok(mut d) = self.directory.lock() {
+            *d = peers.iter().map(|p| (p.id, p.clone())).collect();
+        }
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let me = this.me();
+            let ok = match right_neighbour(&ring, me) {
+                None => {
+                    this.p2p.retain_pools(&[]);
+                    true
+                }
+                Some(right) => {
+                    this.p2p.retain_pools(&[right]);
+                    match this.addr_of(right) {
+                        Err(e) => {
+                            tracing::warn!(peer = %me, "establish round {round}: {e}");
+                            false
+                        }
+                        Ok(addr) => match this.p2p.ensure_pool(right, addr).await {
+                            Ok(_) => true,
+                            Err(e) => {
+                                tracing::warn!(peer = %me, "establish round {round}: {e}");
+                                false
+                            }
+                        },
+                    }
+                }
+            };
+            let _ = this.send(&PeerMsg::ConnectionsEstablished { round, ok });
+        });
+        if let Ok(mut t) = self.establish_task.lock() {
+            if let Some(prev) = t.replace(task.abort_handle()) {
+                prev.abort();
+            }
+        }
+    }
+
+    /// The p2p address of a peer of this group.
+    pub fn addr_of(&self, peer: PeerId) -> Result<SocketAddr> {
+        self.directory
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&peer).map(|e| SocketAddr::new(e.ip, e.p2p_port)))
+            .ok_or_else(|| Error::RankConnectionFailed(format!("no address known for peer {peer}")))
+    }
+
+    /// The directory entry of a peer of this group.
+    pub fn entry_of(&self, peer: PeerId) -> Option<PeerEntry> {
+        self.directory
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&peer).cloned())
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+}
+
+pub(crate) fn right_neighbour(ring: &[PeerId], me: PeerId) -> Option<PeerId> {
+    let n = ring.len();
+    if n < 2 {
+        return None;
+    }
+    ring.iter()
+        .position(|p| *p == me)
+        .map(|i| ring[(i + 1) % n])
+}
+
+async fn writer_task(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    ctl: Arc<Control>,
+) {
+    loop {
+        let out = tokio::select! {
+            _ = ctl.shutdown.cancelled() => break,
+            o = rx.recv() => match o { Some(o) => o, None => break },
+        };
+        match out {
+            Out::Frame(f) => {
+                if let Err(e) = wr.write_all(&f).await {
+                    ctl.mark_dead(format!("write to master failed: {e}"));
+                    return;
+                }
+            }
+            Out::Flush(done) => {
+                let _ = wr.flush().await;
+                let _ = done.send(());
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn reader_task(mut rd: OwnedReadHalf, ctl: Arc<Control>) {
+    let why = loop {
+        let frame = tokio::select! {
+            _ = ctl.shutdown.cancelled() => break "communicator closed".to_string(),
+            f = transport::read_control_frame(&mut rd) => f,
+        };
+        match frame {
+            Ok(body) => match MasterMsg::decode(&body) {
+                Ok(msg) => ctl.dispatch(msg),
+                Err(e) => break format!("malformed message from the master: {e}"),
+            },
+            Err(FrameError::Closed) => break "the master closed the connection".to_string(),
+            Err(e) => break format!("control connection error: {e}"),
+        }
+    };
+    ctl.mark_dead(why);
+}
+
+/// Sends heartbeats until the channel dies or the communicator closes.
+pub(crate) fn spawn_heartbeat(ctl: Arc<Control>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ctl.shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    if ctl.send(&PeerMsg::Heartbeat).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,894 @@
+//! The communicator a peer holds: connection to the master, membership calls
+//! (connect, update topology, are peers pending, optimize topology),
+//! attributes, and all-reduce (blocking, async, many-with-retry).
+//!
+//! The public API is blocking; inside, each communicator runs its own tokio
+//! runtime. Calls take `&self`, so several threads may use one communicator
+//! (e.g. one thread awaits an async all-reduce while another trains).
+
+pub(crate) mod control;
+pub(crate) mod p2p;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::collectives::{self, RawBuf, RingParams};
+use crate::error::{Error, Result};
+use crate::transport::{self, SocketTuning};
+use crate::types::{Attribute, DataType, QuantizationAlgorithm, ReduceDescriptor, ReduceInfo};
+use crate::wire::{CollectiveSpec, ConnKind, Hello, MasterMsg, PeerId, PeerMsg, WorldInfo};
+use control::{Control, Routed, WaitKey};
+use p2p::P2p;
+
+pub(crate) fn p2p_inbox_capacity() -> usize {
+    256
+}
+
+/// How to create a [`Communicator`].
+#[derive(Debug, Clone)]
+pub struct CommunicatorConfig {
+    /// Where the master listens.
+    pub master_addr: SocketAddr,
+    /// Collectives and shared-state sync run among peers of the same group.
+    pub peer_group: u32,
+    /// Connections per ring neighbour (0 means 1).
+    pub p2p_connection_pool_size: u32,
+    /// Local address the peer's listeners bind to.
+    pub bind_ip: IpAddr,
+    /// First port tried for the p2p listener (0 = any free port).
+    pub p2p_port: u16,
+    /// First port tried for the shared-state listener (0 = any free port).
+    pub shared_state_port: u16,
+    /// First port tried for the bandwidth-benchmark listener (0 = any free port).
+    pub benchmark_port: u16,
+    /// How many successive ports are tried when one is taken.
+    pub port_attempts: u16,
+    /// Address other peers should dial to reach this one (behind NAT or
+    /// port forwarding). `None`: the address the master sees.
+    pub advertised_ip: Option<IpAddr>,
+    /// Deadline for TCP connects and greetings.
+    pub connect_timeout: Duration,
+    /// Size of a pipelined sub-chunk on the wire.
+    pub chunk_bytes: usize,
+    /// Worker threads of the communicator's runtime.
+    pub worker_threads: usize,
+    pub socket: SocketTuning,
+}
+
+impl CommunicatorConfig {
+    pub fn new(master_addr: SocketAddr) -> Self {
+        CommunicatorConfig {
+            master_addr,
+            peer_group: 0,
+            p2p_connection_pool_size: 1,
+            bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            p2p_port: crate::DEFAULT_P2P_PORT,
+            shared_state_port: crate::DEFAULT_SHARED_STATE_PORT,
+            benchmark_port: crate::DEFAULT_BENCHMARK_PORT,
+            port_attempts: 64,
+            advertised_ip: None,
+            connect_timeout: Duration::from_secs(10),
+            chunk_bytes: 512 << 10,
+            worker_threads: 2,
+            socket: SocketTuning::default(),
+        }
+    }
+
+    /// Every listener on a kernel-chosen free port (what tests want).
+    pub fn with_ephemeral_ports(mut self) -> Self {
+        self.p2p_port = 0;
+        self.shared_state_port = 0;
+        self.benchmark_port = 0;
+        self
+    }
+}
+
+/// A peer of the swarm.
+pub struct Communicator {
+    cfg: CommunicatorConfig,
+    rt: Option<tokio::runtime::Runtime>,
+    shutdown: CancellationToken,
+    p2p: Arc<P2p>,
+    ctl: Mutex<Option<Arc<Control>>>,
+    async_ops: Mutex<HashMap<u64, tokio::task::JoinHandle<Result<ReduceInfo>>>>,
+}
+
+impl Communicator {
+    /// Creates a communicator; nothing is contacted until [`connect`](Self::connect).
+    pub fn new(cfg: CommunicatorConfig) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.worker_threads.max(1))
+            .thread_name("pccl-peer")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start runtime: {e}")))?;
+        let shutdown = CancellationToken::new();
+        let p2p = P2p::new(
+            cfg.p2p_connection_pool_size.max(1) as usize,
+            cfg.socket,
+            cfg.connect_timeout,
+            shutdown.clone(),
+        );
+        Ok(Communicator {
+            cfg,
+            rt: Some(rt),
+            shutdown,
+            p2p,
+            ctl: Mutex::new(None),
+            async_ops: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &CommunicatorConfig {
+        &self.cfg
+    }
+
+    fn rt(&self) -> Result<&tokio::runtime::Runtime> {
+        self.rt
+            .as_ref()
+            .ok_or_else(|| Error::InvalidUsage("communicator is closed".into()))
+    }
+
+    /// Runs a future to completion on the communicator's runtime.
+    fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::InvalidUsage(
+                "blocking pccl calls cannot run inside an async runtime; use spawn_blocking".into(),
+            ));
+        }
+        Ok(self.rt()?.block_on(f))
+    }
+
+    fn control(&self) -> Result<Arc<Control>> {
+        let ctl = self
+            .ctl
+            .lock()
+            .ok()
+            .and_then(|c| c.clone())
+            .ok_or_else(|| {
+                Error::InvalidUsage("communicator is not connected; call connect() first".into())
+            })?;
+        Ok(ctl)
+    }
+
+    /// This peer's identity (zero before `connect`).
+    pub fn peer_id(&self) -> PeerId {
+        self.p2p.me()
+    }
+
+    /// Registers with the master and returns once the existing peers have
+    /// accepted this one (at once for the first peer) and ring connections are up.
+    pub fn connect(&self) -> Result<()> {
+        if self.ctl.lock().map(|c| c.is_some()).unwrap_or(true) {
+            return Err(Error::InvalidUsage(
+                "communicator is already connected".into(),
+            ));
+        }
+        let ctl = self.block_on(self.connect_async())??;
+        if let Ok(mut c) = self.ctl.lock() {
+            *c = Some(ctl);
+        }
+        Ok(())
+    }
+
+    async fn connect_async(&self) -> Result<Arc<Control>> {
+        let cfg = &self.cfg;
+        let listener = transport::bind_listener(cfg.bind_ip, cfg.p2p_port, cfg.port_attempts)
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "cannot bind the p2p listener from port {}: {e}",
+                    cfg.p2p_port
+                ))
+            })?;
+        let p2p_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| Error::Internal(format!("p2p listener: {e}")))?;
+
+        let mut stream = transport::dial(cfg.master_addr, cfg.connect_timeout, cfg.socket)
+            .await
+            .map_err(|e| {
+                Error::MasterConnectionFailed(format!(
+                    "cannot reach the master at {}: {e}",
+                    cfg.master_addr
+                ))
+            })?;
+        let hello = Hello {
+            kind: ConnKind::Control,
+            from: PeerId::default(),
+            to: PeerId::default(),
+        };
+        transport::write_hello(&mut stream, &hello)
+            .await
+            .map_err(|e| Error::MasterConnectionFailed(format!("greeting the master: {e}")))?;
+        let echo = transport::read_hello(&mut stream, cfg.connect_timeout)
+            .await
+            .map_err(|e| {
+                Error::MasterConnectionFailed(format!("the master did not greet back: {e}"))
+            })?;
+        if echo.kind != ConnKind::Control {
+            return Err(Error::MasterConnectionFailed(
+                "unexpected greeting from the master".into(),
+            ));
+        }
+        let (rd, wr) = stream.into_split();
+        let ctl = Control::start(rd, wr, self.p2p.clone(), self.shutdown.clone());
+        let mut reg = ctl.wait(WaitKey::Register)?;
+        let mut topo = ctl.wait(WaitKey::Topology)?;
+        ctl.send(&PeerMsg::Register {
+            group: cfg.peer_group,
+            p2p_port,
+            ss_port: 0,
+            bench_port: 0,
+            advertised_ip: cfg.advertised_ip,
+        })?;
+        let (id, hb) = match reg.recv().await? {
+            Routed::Msg(MasterMsg::RegisterAck {
+                id,
+                heartbeat_interval_ms,
+            }) => (id, heartbeat_interval_ms),
+            _ => return Err(Error::Internal("unexpected answer to registration".into())),
+        };
+        drop(reg);
+        if let Ok(mut me) = ctl.me.lock() {
+            *me = id;
+        }
+        self.p2p.set_me(id);
+        self.p2p.spawn_listener(listener);
+        control::spawn_heartbeat(ctl.clone(), Duration::from_millis(hb.max(10) as u64));
+        tracing::info!(peer = %id, master = %cfg.master_addr, p2p_port, "registered; waiting for admission");
+        match topo.recv().await? {
+            Routed::Msg(MasterMsg::TopologyUpdated { .. }) => {
+                tracing::info!(peer = %id, world = ?ctl.world(), "accepted into the swarm");
+                Ok(ctl)
+            }
+            Routed::Msg(MasterMsg::TopologyFailed { reason }) => {
+                Err(Error::UpdateTopologyFailed(reason))
+            }
+            _ => Err(Error::Internal("unexpected answer while joining".into())),
+        }
+    }
+
+    fn ensure_no_async_ops(&self) -> Result<()> {
+        let mut ops = self
+            .async_ops
+            .lock()
+            .map_err(|_| Error::Internal("async op table poisoned".into()))?;
+        ops.retain(|_, h| !h.is_finished());
+        if !ops.is_empty() {
+            return Err(Error::PendingAsyncOps(format!(
+                "{} async all-reduce(s) must be awaited first",
+                ops.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Admits pending peers; every accepted peer (all groups) must call it.
+    /// Returns when the ring connections of the new topology are up.
+    pub fn update_topology(&self) -> Result<()> {
+        let ctl = self.control()?;
+        self.ensure_no_async_ops()?;
+        self.block_on(async {
+            let mut w = ctl.wait(WaitKey::Topology)?;
+            ctl.send(&PeerMsg::VoteUpdateTopology)?;
+            match w.recv().await? {
+                Routed::Msg(MasterMsg::TopologyUpdated { .. }) => Ok(()),
+                Routed::Msg(MasterMsg::TopologyFailed { reason }) => {
+                    Err(Error::UpdateTopologyFailed(reason))
+                }
+                _ => Err(Error::Internal(
+                    "unexpected answer to update topology".into(),
+                )),
+            }
+        })?
+    }
+
+    /// Whether peers wait to be admitted; every accepted peer must call it,
+    /// and all get the same answer.
+    pub fn are_peers_pending(&self) -> Result<bool> {
+        let ctl = self.control()?;
+        self.block_on(async {
+            let mut w = ctl.wait(WaitKey::Pending)?;
+            ctl.send(&PeerMsg::VoteArePeersPending)?;
+            match w.recv().await? {
+                Routed::Msg(MasterMsg::PendingAnswer { pending }) => Ok(pending),
+                _ => Err(Error::Internal(
+                    "unexpected answer to are-peers-pending".into(),
+                )),
+            }
+        })?
+    }
+
+    /// Collective call that may reorder the ring for bandwidth. The current
+    /// master keeps the admission order, so this is a consensus no-op.
+    pub fn optimize_topology(&self) -> Result<()> {
+        let ctl = self.control()?;
+        self.ensure_no_async_ops()?;
+        self.block_on(async {
+            let mut w = ctl.wait(WaitKey::Optimize)?;
+            ctl.send(&PeerMsg::VoteOptimizeTopology)?;
+            match w.recv().await? {
+                Routed::Msg(MasterMsg::OptimizeDone { ok: true }) => Ok(()),
+                Routed::Msg(MasterMsg::OptimizeDone { ok: false }) => {
+                    Err(Error::TopologyOptimizationFailed(
+                        "the master could not optimize the topology".into(),
+                    ))
+                }
+                _ => Err(Error::Internal(
+                    "unexpected answer to optimize topology".into(),
+                )),
+            }
+        })?
+    }
+
+    /// Membership numbers as of the latest master update.
+    pub fn world(&self) -> Result<WorldInfo> {
+        Ok(self.control()?.world())
+    }
+
+    /// One of the four attributes.
+    pub fn attribute(&self, attr: Attribute) -> Result<u32> {
+        let w = self.world()?;
+        Ok(match attr {
+            Attribute::GlobalWorldSize => w.global_world,
+            Attribute::PeerGroupWorldSize => w.group_world,
+            Attribute::NumDistinctPeerGroups => w.num_groups,
+            Attribute::LargestPeerGroupWorldSize => w.largest_group,
+        })
+    }
+
+    /// All-reduce of typed slices (`send` and `recv` of equal length).
+    pub fn all_reduce<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        desc: &ReduceDescriptor,
+    ) -> Result<ReduceInfo> {
+        check_typed::<T>(send.len(), recv.len(), desc)?;
+        // SAFETY: both slices are valid for their whole length during the
+        // call, and the call returns only after every task using them ended.
+        unsafe {
+            self.all_reduce_raw(
+                send.as_ptr() as *const u8,
+                recv.as_mut_ptr() as *mut u8,
+                desc,
+            )
+        }
+    }
+
+    /// In-place all-reduce of a typed slice; on failure the slice is restored.
+    pub fn all_reduce_in_place<T: Element>(
+        &self,
+        data: &mut [T],
+        desc: &ReduceDescriptor,
+    ) -> Result<ReduceInfo> {
+        check_typed::<T>(data.len(), data.len(), desc)?;
+        let p = data.as_mut_ptr() as *mut u8;
+        // SAFETY: as in `all_reduce`; send == recv is the supported in-place form.
+        unsafe { self.all_reduce_raw(p, p, desc) }
+    }
+
+    /// All-reduce on raw buffers of `desc.count` elements of `desc.datatype`.
+    /// `send == recv` is in place. On failure an in-place buffer is restored
+    /// and `send` is never modified.
+    ///
+    /// # Safety
+    /// `send` must be readable and `recv` writable for `count * size` bytes
+    /// for the duration of the call, and nothing else may write them meanwhile.
+    pub unsafe fn all_reduce_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        desc: &ReduceDescriptor,
+    ) -> Result<ReduceInfo> {
+        let h = self.all_reduce_async_raw(send, recv, desc)?;
+        self.await_handle(h)
+    }
+
+    /// Starts an all-reduce and returns at once; await the handle with
+    /// [`AsyncReduceHandle::wait`] (or [`Communicator::await_async`] by tag).
+    ///
+    /// # Safety
+    /// As for [`all_reduce_raw`](Self::all_reduce_raw), until the handle is awaited.
+    pub unsafe fn all_reduce_async_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        desc: &ReduceDescriptor,
+    ) -> Result<AsyncReduceHandle> {
+        let ctl = self.control()?;
+        let bytes = validate_descriptor(desc)?;
+        if send.is_null() || recv.is_null() {
+            return Err(Error::InvalidArgument(
+                "send and receive buffers must not be NULL".into(),
+            ));
+        }
+        let (s, r) = (send as usize, recv as usize);
+        if s != r && s < r + bytes && r < s + bytes {
+            return Err(Error::InvalidArgument(
+                "send and receive buffers overlap without being identical".into(),
+            ));
+        }
+        let waiter = ctl.wait(WaitKey::Collective(desc.tag))?;
+        ctl.send(&PeerMsg::CollectiveInit {
+            tag: desc.tag,
+            spec: spec_of(desc),
+        })?;
+        let job = OpJob {
+            ctl,
+            p2p: self.p2p.clone(),
+            send: send as usize,
+            recv: RawBuf::new(recv, bytes),
+            recv_addr: recv as usize,
+            bytes,
+            desc: *desc,
+            chunk_bytes: self.cfg.chunk_bytes,
+        };
+        let handle = self.rt()?.spawn(run_op(job, waiter));
+        Ok(AsyncReduceHandle {
+            tag: desc.tag,
+            join: Some(handle),
+        })
+    }
+
+    /// Blocks until an async all-reduce finishes.
+    pub fn await_handle(&self, mut h: AsyncReduceHandle) -> Result<ReduceInfo> {
+        let Some(join) = h.join.take() else {
+            return Err(Error::InvalidUsage("handle was already awaited".into()));
+        };
+        match self.block_on(join)? {
+            Ok(r) => r,
+            Err(e) => Err(Error::Internal(format!("all-reduce task failed: {e}"))),
+        }
+    }
+
+    /// Starts an all-reduce whose handle the communicator keeps, to be awaited
+    /// by tag with [`await_async`](Self::await_async) (the C API's model).
+    ///
+    /// # Safety
+    /// As for [`all_reduce_async_raw`](Self::all_reduce_async_raw).
+    pub unsafe fn all_reduce_async_tagged(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        desc: &ReduceDescriptor,
+    ) -> Result<()> {
+        {
+            let ops = self
+                .async_ops
+                .lock()
+                .map_err(|_| Error::Internal("async op table poisoned".into()))?;
+            if ops.contains_key(&desc.tag) {
+                return Err(Error::InvalidUsage(format!(
+                    "an async all-reduce with tag {} is not awaited yet",
+                    desc.tag
+                )));
+            }
+        }
+        let mut h = self.all_reduce_async_raw(send, recv, desc)?;
+        if let (Ok(mut ops), Some(join)) = (self.async_ops.lock(), h.join.take()) {
+            ops.insert(desc.tag, join);
+        }
+        Ok(())
+    }
+
+    /// Awaits the async all-reduce started with `tag`.
+    pub fn await_async(&self, tag: u64) -> Result<ReduceInfo> {
+        let join = self
+            .async_ops
+            .lock()
+            .map_err(|_| Error::Internal("async op table poisoned".into()))?
+            .remove(&tag)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("no async all-reduce with tag {tag} is in flight"))
+            })?;
+        self.await_handle(AsyncReduceHandle {
+            tag,
+            join: Some(join),
+        })
+    }
+
+    /// Runs many all-reduces, at most `max_in_flight` at once, retrying the
+    /// failed ones with the surviving peers until all succeed or fewer than
+    /// two peers remain (`TooFewPeers`). Returns the summed traffic and the
+    /// world size of the last attempt.
+    ///
+    /// # Safety
+    /// Each op's buffers must be valid as for [`all_reduce_raw`](Self::all_reduce_raw).
+    pub unsafe fn all_reduce_multiple_with_retry_raw(
+        &self,
+        ops: &[RawReduceOp],
+        max_in_flight: usize,
+    ) -> Result<ReduceInfo> {
+        let mut tags = std::collections::HashSet::new();
+        for op in ops {
+            validate_descriptor(&op.desc)?;
+            if !tags.insert(op.desc.tag) {
+                return Err(Error::InvalidArgument(format!(
+                    "tag {} appears twice",
+                    op.desc.tag
+                )));
+            }
+        }
+        let max_in_flight = max_in_flight.max(1);
+        let mut total = ReduceInfo::default();
+        let mut todo: Vec<usize> = (0..ops.len()).collect();
+        while !todo.is_empty() {
+            let mut failed = Vec::new();
+            let mut last_err = None;
+            for batch in todo.chunks(max_in_flight) {
+                let mut handles = Vec::with_capacity(batch.len());
+                for &i in batch {
+                    let op = &ops[i];
+                    handles.push((i, self.all_reduce_async_raw(op.send, op.recv, &op.desc)));
+                }
+                for (i, h) in handles {
+                    match h.and_then(|h| self.await_handle(h)) {
+                        Ok(info) => {
+                            total.tx_bytes += info.tx_bytes;
+                            total.rx_bytes += info.rx_bytes;
+                            total.local_world_size = info.local_world_size;
+                        }
+                        Err(
+                            e @ (Error::RankConnectionLost(_) | Error::RankConnectionFailed(_)),
+                        ) => {
+                            tracing::info!(peer = %self.peer_id(), tag = ops[i].desc.tag, "all-reduce failed ({e}); will retry");
+                            failed.push(i);
+                            last_err = Some(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                let world = self.world()?.group_world;
+                if world < 2 {
+                    return Err(Error::TooFewPeers(format!(
+                        "fewer than two peers remain after: {}",
+                        last_err.map(|e| e.to_string()).unwrap_or_default()
+                    )));
+                }
+            }
+            todo = failed;
+        }
+        Ok(total)
+    }
+
+    /// Leaves the swarm gracefully: the others' next operations go on without
+    /// this peer and see no error.
+    pub fn close(mut self) {
+        self.shutdown_inner();
+    }
+
+    fn shutdown_inner(&mut self) {
+        let ctl = self.ctl.lock().ok().and_then(|mut c| c.take());
+        if let (Some(ctl), Some(rt)) = (ctl, self.rt.as_ref()) {
+            if !ctl.is_dead() && tokio::runtime::Handle::try_current().is_err() {
+                let _ = ctl.send(&PeerMsg::Leave);
+                rt.block_on(ctl.flush());
+            }
+        }
+        self.shutdown.cancel();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        self.shutdown_inner();
+    }
+}
+
+/// One operation of [`Communicator::all_reduce_multiple_with_retry_raw`].
+#[derive(Debug, Clone, Copy)]
+pub struct RawReduceOp {
+    pub send: *const u8,
+    pub recv: *mut u8,
+    pub desc: ReduceDescriptor,
+}
+
+/// An all-reduce in flight.
+pub struct AsyncReduceHandle {
+    tag: u64,
+    join: Option<tokio::task::JoinHandle<Result<ReduceInfo>>>,
+}
+
+impl AsyncReduceHandle {
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.join.as_ref().is_none_or(|j| j.is_finished())
+    }
+}
+
+/// Element types the typed API accepts.
+pub trait Element: Copy + Send + Sync + 'static {
+    const DTYPE: DataType;
+}
+
+macro_rules! element {
+    ($t:ty, $d:ident) => {
+        impl Element for $t {
+            const DTYPE: DataType = DataType::$d;
+        }
+    };
+}
+element!(u8, U8);
+element!(i8, I8);
+element!(u16, U16);
+element!(i16, I16);
+element!(u32, U32);
+element!(i32, I32);
+element!(u64, U64);
+element!(i64, I64);
+element!(half::f16, F16);
+element!(half::bf16, BF16);
+element!(f32, F32);
+element!(f64, F64);
+
+fn check_typed<T: Element>(send: usize, recv: usize, desc: &ReduceDescriptor) -> Result<()> {
+    if T::DTYPE != desc.datatype {
+        return Err(Error::InvalidArgument(format!(
+            "buffer element type {} does not match the descriptor's {}",
+            T::DTYPE.name(),
+            desc.datatype.name()
+        )));
+    }
+    if send != desc.count || recv != desc.count {
+        return Err(Error::InvalidArgument(format!(
+            "buffers hold {send} and {recv} elements but the descriptor says {}",
+            desc.count
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a descriptor; returns its size in bytes.
+pub fn validate_descriptor(desc: &ReduceDescriptor) -> Result<usize> {
+    if desc.count == 0 {
+        return Err(Error::InvalidArgument(
+            "element count must be positive".into(),
+        ));
+    }
+    let bytes = desc.byte_len()?;
+    if bytes > isize::MAX as usize {
+        return Err(Error::InvalidArgument("buffer too large".into()));
+    }
+    if desc.quantization.algorithm != QuantizationAlgorithm::None {
+        crate::quant::validate(
+            desc.datatype,
+            desc.quantization.quantized_datatype,
+            desc.quantization.algorithm,
+            desc.op,
+        )?;
+    }
+    Ok(bytes)
+}
+
+fn spec_of(desc: &ReduceDescriptor) -> CollectiveSpec {
+    let quant = desc.quantization.algorithm != QuantizationAlgorithm::None;
+    CollectiveSpec {
+        count: desc.count as u64,
+        datatype: desc.datatype as u8,
+        op: desc.op as u8,
+        quant_datatype: if quant {
+            desc.quantization.quantized_datatype as u8
+        } else {
+            0
+        },
+        quant_algorithm: desc.quantization.algorithm as u8,
+    }
+}
+
+struct OpJob {
+    ctl: Arc<Control>,
+    p2p: Arc<P2p>,
+    send: usize,
+    recv: RawBuf,
+    recv_addr: usize,
+    bytes: usize,
+    desc: ReduceDescriptor,
+    chunk_bytes: usize,
+}
+
+/// Maps a master failure code back onto the error enum.
+pub(crate) fn error_from_code(code: u8, reason: String) -> Error {
+    match code {
+        1 => Error::NotInitialized(reason),
+        3 => Error::InvalidArgument(reason),
+        4 => Error::InvalidUsage(reason),
+        5 => Error::TooFewPeers(reason),
+        6 => Error::MasterConnectionFailed(reason),
+        7 => Error::RankConnectionFailed(reason),
+        8 => Error::RankConnectionLost(reason),
+        9 => Error::NoSharedStateAvailable(reason),
+        10 => Error::PendingAsyncOps(reason),
+        11 => Error::UpdateTopologyFailed(reason),
+        12 => Error::TopologyOptimizationFailed(reason),
+        _ => Error::Internal(reason),
+    }
+}
+
+/// One all-reduce from "init sent" to the master's verdict.
+async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
+    let me = job.ctl.me();
+    let tag = job.desc.tag;
+    let (op_id, ring, route, mut inbox) = match waiter.recv().await? {
+        Routed::Commence {
+            op_id,
+            ring,
+            route,
+            inbox,
+        } => (op_id, ring, route, inbox),
+        Routed::Msg(MasterMsg::CollectiveResult {
+            ok: false,
+            code,
+            reason,
+            ..
+        }) => {
+            return Err(error_from_code(code, reason));
+        }
+        Routed::Msg(_) => {
+            return Err(Error::Internal(
+                "unexpected answer to all-reduce init".into(),
+            ))
+        }
+    };
+    let _unregister = OpRegistration {
+        p2p: job.p2p.clone(),
+        op_id,
+    };
+    let world = ring.len();
+    let rank = ring.iter().position(|p| *p == me).unwrap_or(0);
+    let ds = job.desc.datatype.size();
+    debug_assert_eq!(job.bytes, job.desc.count * ds);
+
+    // Keep what a failure must restore: the input, if it is about to be overwritten.
+    let in_place = job.send == job.recv_addr;
+    let backup: Option<Vec<u8>> = if in_place {
+        // SAFETY: the caller guarantees `recv` is valid for `bytes` bytes.
+        Some(unsafe { std::slice::from_raw_parts(job.recv_addr as *const u8, job.bytes) }.to_vec())
+    } else {
+        // SAFETY: distinct, non-overlapping buffers valid for `bytes` bytes (checked at start).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                job.send as *const u8,
+                job.recv_addr as *mut u8,
+                job.bytes,
+            )
+        };
+        None
+    };
+
+    let quant = (job.desc.quantization.algorithm != QuantizationAlgorithm::None).then_some((
+        job.desc.quantization.quantized_datatype,
+        job.desc.quantization.algorithm,
+    ));
+    let params = RingParams {
+        op_id,
+        rank,
+        world,
+        count: job.desc.count,
+        dtype: job.desc.datatype,
+        op: job.desc.op,
+        quant,
+        chunk_elems: collectives::chunk_elems(job.desc.datatype, quant, job.chunk_bytes),
+    };
+    let abort = CancellationToken::new();
+    let right = route.right;
+    let lost_reason = route.lost_reason.clone();
+
+    let ring_fut = async {
+        let addr = job.ctl.addr_of(right)?;
+        let pool = job.p2p.ensure_pool(right, addr).await?;
+        collectives::run_ring(
+            &params,
+            job.recv,
+            &mut inbox,
+            &route.lost,
+            &lost_reason,
+            &abort,
+            pool,
+            &job.p2p.bufs,
+        )
+        .await
+    };
+    tokio::pin!(ring_fut);
+    let mut verdict: Option<Routed> = None;
+    let ring_result = tokio::select! {
+        r = &mut ring_fut => r,
+        m = waiter.recv() => {
+            // The master decided before we finished (a peer failed): stop the
+            // ring cleanly, then honour the verdict.
+            abort.cancel();
+            verdict = Some(m?);
+            (&mut ring_fut).await
+        }
+    };
+    let outcome: Result<ReduceInfo> = match ring_result {
+        Ok((tx, rx)) => {
+            let info = ReduceInfo {
+                local_world_size: world as u32,
+                tx_bytes: tx,
+                rx_bytes: rx,
+            };
+            if verdict.is_none() {
+                job.ctl.send(&PeerMsg::CollectiveDone {
+                    tag,
+                    op_id,
+                    ok: true,
+                })?;
+            }
+            loop {
+                let m = match verdict.take() {
+                    Some(m) => m,
+                    None => waiter.recv().await?,
+                };
+                match m {
+                    Routed::Msg(MasterMsg::CollectiveResult {
+                        op_id: id,
+                        ok,
+                        code,
+                        reason,
+                        ..
+                    }) if id == op_id => {
+                        break if ok {
+                            Ok(info)
+                        } else {
+                            Err(error_from_code(code, reason))
+                        };
+                    }
+                    _ => continue,
+                }
+            }
+        }
+        Err(e) => {
+            if verdict.is_none() {
+                let _ = job.ctl.send(&PeerMsg::CollectiveDone {
+                    tag,
+                    op_id,
+                    ok: false,
+                });
+            }
+            match verdict {
+                Some(Routed::Msg(MasterMsg::CollectiveResult {
+                    ok: false,
+                    code,
+                    reason,
+                    ..
+                })) => Err(error_from_code(code, reason)),
+                _ => Err(e),
+            }
+        }
+    };
+    if let Err(e) = &outcome {
+        tracing::debug!(peer = %me, tag, op_id, "all-reduce failed: {e}");
+        if let Some(b) = backup {
+            // SAFETY: every ring task has been joined; `recv` is ours again.
+            unsafe {
+                std::ptr::copy_nonoverlapping(b.as_ptr(), job.recv_addr as *mut u8, job.bytes)
+            };
+        }
+    }
+    outcome
+}
+
+struct OpRegistration {
+    p2p: Arc<P2p>,
+    op_id: u64,
+}
+
+impl Drop for OpRegistration {
+    fn drop(&mut self) {
+        self.p2p.unregister_op(self.op_id);
+    }
+}

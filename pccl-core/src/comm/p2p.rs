@@ -1,0 +1,453 @@
+//! Peer-to-peer data plane: the listener that accepts ring connections from
+//! left neighbours, the reader tasks that route received frames to running
+//! operations by op id, and the pools of outgoing connections to right
+//! neighbours over which operations stripe their frames.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::bufpool::{BufPool, PooledBuf};
+use crate::error::{Error, Result};
+use crate::transport::{self, SocketTuning};
+use crate::wire::{ConnKind, DataHeader, Hello, PeerId};
+
+/// Capacity of an operation's inbound frame queue (backpressure on readers).
+const INBOX_CAPACITY: usize = 256;
+/// How long a reader holds a frame for an op the master has not announced yet.
+const EARLY_FRAME_WAIT: Duration = Duration::from_secs(30);
+
+/// A received data frame.
+pub struct Frame {
+    pub header: DataHeader,
+    pub payload: PooledBuf,
+}
+
+/// What a reader delivers to a running operation.
+pub struct OpRoute {
+    pub left: PeerId,
+    pub right: PeerId,
+    pub tx: mpsc::Sender<Frame>,
+    /// Cancelled when a connection the op depends on breaks.
+    pub lost: CancellationToken,
+    pub lost_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl OpRoute {
+    fn fail(&self, reason: String) {
+        if let Ok(mut r) = self.lost_reason.lock() {
+            r.get_or_insert(reason);
+        }
+        self.lost.cancel();
+    }
+}
+
+/// One outgoing data connection.
+pub struct OutConn {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    broken: AtomicBool,
+    closed: CancellationToken,
+}
+
+/// Marks a connection broken if a frame write is abandoned half-way, so no
+/// later frame is written after a truncated one.
+struct WriteGuard<'a>(&'a OutConn, bool);
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.broken.store(true, Ordering::SeqCst);
+            self.0.closed.cancel();
+        }
+    }
+}
+
+impl OutConn {
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// Writes one whole frame; the connection is shared frame by frame
+    /// between concurrent operations.
+    pub async fn write_frame(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
+        let mut w = self.writer.lock().await;
+        if self.is_broken() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection marked broken",
+            ));
+        }
+        let mut guard = WriteGuard(self, false);
+        w.write_all(header).await?;
+        if !payload.is_empty() {
+            w.write_all(payload).await?;
+        }
+        guard.1 = true;
+        Ok(())
+    }
+}
+
+/// The pool of connections to one right neighbour.
+pub struct OutPool {
+    pub peer: PeerId,
+    pub conns: Vec<Arc<OutConn>>,
+}
+
+impl OutPool {
+    pub fn healthy(&self) -> bool {
+        !self.conns.is_empty() && self.conns.iter().all(|c| !c.is_broken())
+    }
+}
+
+impl Drop for OutPool {
+    fn drop(&mut self) {
+        for c in &self.conns {
+            c.closed.cancel();
+        }
+    }
+}
+
+/// The data plane of one communicator.
+pub struct P2p {
+    me: Mutex<PeerId>,
+    pool_size: usize,
+    tuning: SocketTuning,
+    connect_timeout: Duration,
+    pub bufs: Arc<BufPool>,
+    out_pools: Mutex<HashMap<PeerId, Arc<OutPool>>>,
+    /// Serializes dialing so concurrent ops share one new pool.
+    dial_lock: tokio::sync::Mutex<()>,
+    ops: Mutex<HashMap<u64, Arc<OpRoute>>>,
+    last_commenced: watch::Sender<u64>,
+    shutdown: CancellationToken,
+    conn_seq: AtomicU64,
+}
+
+impl P2p {
+    pub fn new(
+        pool_size: usize,
+        tuning: SocketTuning,
+        connect_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(P2p {
+            me: Mutex::new(PeerId::default()),
+            pool_size: pool_size.max(1),
+            tuning,
+            connect_timeout,
+            bufs: BufPool::new(),
+            out_pools: Mutex::new(HashMap::new()),
+            dial_lock: tokio::sync::Mutex::new(()),
+            ops: Mutex::new(HashMap::new()),
+            last_commenced: watch::channel(0).0,
+            shutdown,
+            conn_seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn set_me(&self, id: PeerId) {
+        if let Ok(mut me) = self.me.lock() {
+            *me = id;
+        }
+    }
+
+    pub fn me(&self) -> PeerId {
+        self.me.lock().map(|m| *m).unwrap_or_default()
+    }
+
+    pub fn pool_size(&self) -> usize {
+        self.pool_size
+    }
+
+    /// Accepts ring connections until shutdown.
+    pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = this.shutdown.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok((stream, remote)) => {
+                            let this = this.clone();
+                            tokio::spawn(async move { this.accept_one(stream, remote).await });
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %this.me(), "p2p accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    async fn accept_one(self: Arc<Self>, mut stream: tokio::net::TcpStream, remote: SocketAddr) {
+        self.tuning.apply(&stream);
+        let me = self.me();
+        let hello = match transport::read_hello(&mut stream, self.connect_timeout).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(peer = %me, %remote, "refusing p2p connection: {e}");
+                return;
+            }
+        };
+        if hello.kind != ConnKind::P2pData || hello.to != me {
+            tracing::warn!(peer = %me, %remote, kind = ?hello.kind, to = %hello.to,
+                "refusing p2p connection not meant for this peer");
+            return;
+        }
+        if transport::write_hello(&mut stream, &hello).await.is_err() {
+            return;
+        }
+        let (rd, _wr) = stream.into_split();
+        tracing::debug!(peer = %me, from = %hello.from, "accepted ring connection");
+        let reason = self.clone().read_frames(rd, hello.from).await;
+        tracing::debug!(peer = %me, from = %hello.from, "ring connection closed: {reason}");
+        self.fail_ops_with(
+            |r| r.left == hello.from,
+            &format!("connection from peer {} lost: {reason}", hello.from),
+        );
+    }
+
+    /// Reads frames until the connection ends; returns why it ended.
+    async fn read_frames(self: Arc<Self>, mut rd: OwnedReadHalf, from: PeerId) -> String {
+        let me = self.me();
+        loop {
+            let mut hb = [0u8; DataHeader::LEN];
+            let r = tokio::select! {
+                _ = self.shutdown.cancelled() => return "shutting down".into(),
+                r = rd.read_exact(&mut hb) => r,
+            };
+            if let Err(e) = r {
+                return if e.kind() == io::ErrorKind::UnexpectedEof {
+                    "closed by peer".into()
+                } else {
+                    e.to_string()
+                };
+            }
+            let header = match DataHeader::decode(&hb) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(peer = %me, from = %from, "malformed data frame ({e}); closing the connection");
+                    return format!("malformed data frame: {e}");
+                }
+            };
+            let mut payload = self.bufs.get(header.payload_len as usize);
+            if let Err(e) = rd.read_exact(&mut payload).await {
+                return format!("truncated frame: {e}");
+            }
+            if let Err(why) = self.route(from, Frame { header, payload }).await {
+                tracing::warn!(peer = %me, from = %from, "{why}; closing the connection");
+                return why;
+            }
+        }
+    }
+
+    /// Hands a frame to its operation; frames of finished ops are dropped.
+    async fn route(&self, from: PeerId, frame: Frame) -> std::result::Result<(), String> {
+        let op_id = frame.header.op_id;
+        if op_id > *self.last_commenced.borrow() {
+            // The left neighbour heard "commence" before we did; wait for ours.
+            let mut rx = self.last_commenced.subscribe();
+            let announced = tokio::time::timeout(EARLY_FRAME_WAIT, async {
+                rx.wait_for(|last| *last >= op_id).await.is_ok()
+            })
+            .await;
+            if announced != Ok(true) {
+                return Err(format!("frame for op {op_id} that was never announced"));
+            }
+        }
+        let route = self
+            .ops
+            .lock()
+            .ok()
+            .and_then(|ops| ops.get(&op_id).cloned());
+        let Some(route) = route else {
+            return Ok(()); // stale frame of an aborted op
+        };
+        if route.left != from {
+            return Err(format!(
+                "peer {from} sent data for op {op_id}, whose left neighbour is {}",
+                route.left
+            ));
+        }
+        // A closed inbox means the op just ended; the frame is not needed.
+        let _ = route.tx.send(frame).await;
+        Ok(())
+    }
+
+    /// Registers an op before the master's "commence" is acknowledged, so its
+    /// frames are routed from the first byte.
+    pub fn register_op(&self, op_id: u64, route: Arc<OpRoute>) {
+        if let Ok(mut ops) = self.ops.lock() {
+            ops.insert(op_id, route);
+        }
+        self.last_commenced
+            .send_modify(|last| *last = (*last).max(op_id));
+    }
+
+    pub fn unregister_op(&self, op_id: u64) {
+        if let Ok(mut ops) = self.ops.lock() {
+            ops.remove(&op_id);
+        }
+    }
+
+    /// Marks the announcement of `op_id` as seen without routing anything to
+    /// it (e.g. when the op was failed before it could start).
+    pub fn note_commenced(&self, op_id: u64) {
+        self.last_commenced
+            .send_modify(|last| *last = (*last).max(op_id));
+    }
+
+    fn fail_ops_with(&self, pred: impl Fn(&OpRoute) -> bool, reason: &str) {
+        let routes: Vec<Arc<OpRoute>> = self
+            .ops
+            .lock()
+            .map(|ops| ops.values().filter(|r| pred(r)).cloned().collect())
+            .unwrap_or_default();
+        for r in routes {
+            r.fail(reason.to_owned());
+        }
+    }
+
+    /// Forgets pools to peers other than `keep`.
+    pub fn retain_pools(&self, keep: &[PeerId]) {
+        if let Ok(mut pools) = self.out_pools.lock() {
+            pools.retain(|p, _| keep.contains(p));
+        }
+    }
+
+    /// Returns a healthy pool to `peer`, dialing `addr` if needed.
+    pub async fn ensure_pool(
+        self: &Arc<Self>,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<Arc<OutPool>> {
+        if let Some(p) = self.healthy_pool(peer) {
+            return Ok(p);
+        }
+        let _dialing = self.dial_lock.lock().await;
+        if let Some(p) = self.healthy_pool(peer) {
+            return Ok(p);
+        }
+        let me = self.me();
+        let dials = (0..self.pool_size).map(|_| self.dial_one(peer, addr));
+        let results = futures_join_all(dials).await;
+        let mut conns = Vec::with_capacity(self.pool_size);
+        for r in results {
+            conns.push(r?);
+        }
+        tracing::debug!(peer = %me, to = %peer, %addr, n = conns.len(), "ring connection pool up");
+        let pool = Arc::new(OutPool { peer, conns });
+        if let Ok(mut pools) = self.out_pools.lock() {
+            pools.insert(peer, pool.clone());
+        }
+        Ok(pool)
+    }
+
+    fn healthy_pool(&self, peer: PeerId) -> Option<Arc<OutPool>> {
+        let mut pools = self.out_pools.lock().ok()?;
+        match pools.get(&peer) {
+            Some(p) if p.healthy() => Some(p.clone()),
+            Some(_) => {
+                pools.remove(&peer);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn dial_one(self: &Arc<Self>, peer: PeerId, addr: SocketAddr) -> Result<Arc<OutConn>> {
+        let me = self.me();
+        let fail = |e: String| {
+            Error::RankConnectionFailed(format!("cannot connect to peer {peer} at {addr}: {e}"))
+        };
+        let mut s = transport::dial(addr, self.connect_timeout, self.tuning)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let hello = Hello {
+            kind: ConnKind::P2pData,
+            from: me,
+            to: peer,
+        };
+        transport::write_hello(&mut s, &hello)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let echo = transport::read_hello(&mut s, self.connect_timeout)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if echo != hello {
+            return Err(fail("peer answered with a different greeting".into()));
+        }
+        let (mut rd, wr) = s.into_split();
+        let closed = self.shutdown.child_token();
+        let conn = Arc::new(OutConn {
+            writer: tokio::sync::Mutex::new(wr),
+            broken: AtomicBool::new(false),
+            closed: closed.clone(),
+        });
+        // The acceptor never writes after the greeting: any read result means
+        // the neighbour closed or died, which fails the ops sending to it.
+        let this = self.clone();
+        let watched = conn.clone();
+        let seq = self.conn_seq.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut b = [0u8; 1];
+            let why = tokio::select! {
+                _ = closed.cancelled() => return,
+                r = rd.read(&mut b) => match r {
+                    Ok(0) => "closed by peer".to_string(),
+                    Ok(_) => "unexpected bytes from the receiving side".to_string(),
+                    Err(e) => e.to_string(),
+                },
+            };
+            watched.broken.store(true, Ordering::SeqCst);
+            tracing::debug!(peer = %me, to = %peer, seq, "ring connection lost: {why}");
+            this.fail_ops_with(
+                |r| r.right == peer,
+                &format!("connection to peer {peer} lost: {why}"),
+            );
+        });
+        Ok(conn)
+    }
+}
+
+/// Awaits all futures concurrently (a tiny `join_all`).
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut out = Vec::with_capacity(set.len());
+    // Drive them together: poll all by awaiting a joined future.
+    let joined = std::future::poll_fn(|cx| {
+        let mut all_ready = true;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out.len() <= i {
+                out.push(None);
+            }
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => all_ready = false,
+                }
+            }
+        }
+        if all_ready {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
+    joined.await;
+    out.into_iter().flatten().collect()
+}

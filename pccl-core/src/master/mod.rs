@@ -1,0 +1,276 @@
+//! The master (coordinator): a thin tokio driver around the sans-IO
+//! [`state::MasterState`]. It accepts control connections, turns bytes into
+//! events, and performs the actions the state machine returns.
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::AbortHandle;
+
+use crate::error::{Error, Result};
+use crate::transport::{self, FrameError, SocketTuning};
+use crate::wire::{ConnKind, PeerId, PeerMsg};
+pub use state::{Action, ConnId, Event, MasterConfig, MasterState};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const TICK: Duration = Duration::from_millis(50);
+
+/// An embeddable master. `bind` reserves the port (so a taken port fails
+/// at once), `run` starts serving in the background, `interrupt` asks it to
+/// stop, and `await_termination` waits until it has.
+pub struct MasterNode {
+    runtime: Option<tokio::runtime::Runtime>,
+    listener: Option<std::net::TcpListener>,
+    local_addr: SocketAddr,
+    cfg: MasterConfig,
+    stop: Arc<Notify>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MasterNode {
+    /// Binds the listening socket. Fails with `InvalidArgument` when the
+    /// address is taken (e.g. a second master on the same port).
+    pub fn bind(addr: SocketAddr, cfg: MasterConfig) -> Result<Self> {
+        let listener = transport::bind_one(addr)
+            .map_err(|e| Error::InvalidArgument(format!("master cannot listen on {addr}: {e}")))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(format!("local_addr: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pccl-master")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start runtime: {e}")))?;
+        Ok(MasterNode {
+            runtime: Some(runtime),
+            listener: Some(listener),
+            local_addr,
+            cfg,
+            stop: Arc::new(Notify::new()),
+            task: None,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Starts serving in the background; returns at once.
+    pub fn run(&mut self) -> Result<()> {
+        let listener = self.listener.take().ok_or_else(|| {
+            Error::InvalidUsage("master is already running or was stopped".into())
+        })?;
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::InvalidUsage("master was destroyed".into()))?;
+        let cfg = self.cfg.clone();
+        let stop = self.stop.clone();
+        let _guard = rt.enter();
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| Error::Internal(format!("listener: {e}")))?;
+        tracing::info!(addr = %self.local_addr, "master listening");
+        self.task = Some(rt.spawn(serve(listener, cfg, stop)));
+        Ok(())
+    }
+
+    /// Asks the master to stop; returns at once.
+    pub fn interrupt(&self) {
+        self.stop.notify_one();
+    }
+
+    /// Blocks until the master has stopped (after `interrupt`).
+    pub fn await_termination(&mut self) -> Result<()> {
+        let Some(task) = self.task.take() else {
+            return Err(Error::InvalidUsage("master is not running".into()));
+        };
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::InvalidUsage("master was destroyed".into()))?;
+        rt.block_on(task)
+            .map_err(|e| Error::Internal(format!("master task failed: {e}")))
+    }
+}
+
+impl Drop for MasterNode {
+    fn drop(&mut self) {
+        self.stop.notify_one();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_millis(500));
+        }
+    }
+}
+
+enum DriverMsg {
+    NewConn {
+        conn: ConnId,
+        remote: SocketAddr,
+        local: SocketAddr,
+        writer: mpsc::UnboundedSender<WriterCmd>,
+        reader: AbortHandle,
+    },
+    Event(Event),
+}
+
+enum WriterCmd {
+    Frame(Vec<u8>),
+    Close,
+}
+
+struct ConnHandles {
+    writer: mpsc::UnboundedSender<WriterCmd>,
+    reader: AbortHandle,
+}
+
+async fn serve(listener: TcpListener, cfg: MasterConfig, stop: Arc<Notify>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<DriverMsg>();
+    let mut state = MasterState::new(cfg);
+    let mut conns: HashMap<ConnId, ConnHandles> = HashMap::new();
+    let mut next_conn: ConnId = 1;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let actions = tokio::select! {
+            _ = stop.notified() => break,
+            accepted = listener.accept() => {
+                match accepted {
+                    Ok((stream, remote)) => {
+                        let conn = next_conn;
+                        next_conn += 1;
+                        tokio::spawn(handshake(stream, remote, conn, tx.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                continue;
+            }
+            Some(msg) = rx.recv() => match msg {
+                DriverMsg::NewConn { conn, remote, local, writer, reader } => {
+                    conns.insert(conn, ConnHandles { writer, reader });
+                    state.handle(Event::Connected { conn, id: PeerId::random(), remote, local })
+                }
+                DriverMsg::Event(ev) => state.handle(ev),
+            },
+            _ = tick.tick() => state.handle(Event::Tick { now_ms: start.elapsed().as_millis() as u64 }),
+        };
+        for action in actions {
+            match action {
+                Action::Send { conn, msg } => {
+                    if let Some(h) = conns.get(&conn) {
+                        let _ = h.writer.send(WriterCmd::Frame(msg.to_frame()));
+                    }
+                }
+                Action::Close { conn, reason } => {
+                    if let Some(h) = conns.remove(&conn) {
+                        tracing::debug!(conn, "closing control connection: {reason}");
+                        h.reader.abort();
+                        let _ = h.writer.send(WriterCmd::Close);
+                    }
+                }
+            }
+        }
+    }
+    for (_, h) in conns.drain() {
+        h.reader.abort();
+        let _ = h.writer.send(WriterCmd::Close);
+    }
+    tracing::info!("master stopped");
+}
+
+/// Greets a new connection, then runs its reader and writer tasks.
+async fn handshake(
+    mut stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    conn: ConnId,
+    tx: mpsc::UnboundedSender<DriverMsg>,
+) {
+    SocketTuning::default().apply(&stream);
+    let hello = match transport::read_hello(&mut stream, HELLO_TIMEOUT).await {
+        Ok(h) if h.kind == ConnKind::Control => h,
+        Ok(h) => {
+            tracing::warn!(%remote, kind = ?h.kind, "refusing non-control connection on the master port");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%remote, "refusing connection: bad greeting: {e}");
+            return;
+        }
+    };
+    if let Err(e) = transport::write_hello(&mut stream, &hello).await {
+        tracing::debug!(%remote, "greeting reply failed: {e}");
+        return;
+    }
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let (wtx, mut wrx) = mpsc::unbounded_channel::<WriterCmd>();
+    let ev_tx = tx.clone();
+    // The reader starts only after NewConn is queued, so the state machine
+    // always learns of the connection before its first message.
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        if go_rx.await.is_err() {
+            return;
+        }
+        loop {
+            match transport::read_control_frame(&mut rd).await {
+                Ok(body) => match PeerMsg::decode(&body) {
+                    Ok(msg) => {
+                        if ev_tx
+                            .send(DriverMsg::Event(Event::Message { conn, msg }))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%remote, "malformed control message ({e}); closing this connection");
+                        break;
+                    }
+                },
+                Err(FrameError::Closed) => break,
+                Err(e) => {
+                    tracing::warn!(%remote, "control connection error ({e}); closing it");
+                    break;
+                }
+            }
+        }
+        let _ = ev_tx.send(DriverMsg::Event(Event::Disconnected { conn }));
+    });
+    tokio::spawn(async move {
+        while let Some(cmd) = wrx.recv().await {
+            match cmd {
+                WriterCmd::Frame(f) => {
+                    if wr.write_all(&f).await.is_err() {
+                        break;
+                    }
+                }
+                WriterCmd::Close => break,
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let _ = tx.send(DriverMsg::NewConn {
+        conn,
+        remote,
+        local,
+        writer: wtx,
+        reader: reader.abort_handle(),
+    });
+    let _ = go_tx.send(());
+}

@@ -1,0 +1,1132 @@
+//! The master's agreement logic as a deterministic, sans-IO state machine.
+//!
+//! [`MasterState::handle`] takes one [`Event`] (a connection opened, a decoded
+//! message, a disconnect, or the passage of time) and returns the [`Action`]s
+//! the driver must perform (send a message, close a connection). No clocks,
+//! sockets or randomness live here, so every interleaving of joins, leaves and
+//! deaths can be replayed in tests.
+//!
+//! Consensus rounds kept here:
+//! - admission: the first peers are accepted at once; later ones when every
+//!   accepted peer votes *update topology*, followed by an *establish* round in
+//!   which peers connect to their ring neighbours and report back;
+//! - *are peers pending* and *optimize topology* votes;
+//! - collectives, per (peer group, tag): gather every group member's init,
+//!   commence with a fixed world and a master-assigned op id, then succeed only
+//!   if every surviving participant reports success;
+//! - shared-state sync, per group: revision check, hash election, fetch plans.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use crate::error::Error;
+use crate::wire::{
+    CollectiveSpec, FailCode, FetchItem, MasterMsg, PeerEntry, PeerId, PeerMsg, TensorMeta,
+    WorldInfo,
+};
+
+/// Identifies one control connection inside the driver.
+pub type ConnId = u64;
+
+/// Input to the state machine.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A control connection passed its greeting. `id` is the identity the
+    /// peer will get if it registers (chosen by the driver, so tests can fix it).
+    Connected {
+        conn: ConnId,
+        id: PeerId,
+        /// The peer's address as the master sees it.
+        remote: SocketAddr,
+        /// The master's own address on this connection.
+        local: SocketAddr,
+    },
+    Message {
+        conn: ConnId,
+        msg: PeerMsg,
+    },
+    /// The connection closed or broke.
+    Disconnected {
+        conn: ConnId,
+    },
+    /// Time passes (milliseconds on any monotonic clock).
+    Tick {
+        now_ms: u64,
+    },
+}
+
+/// Output of the state machine, performed by the driver in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send {
+        conn: ConnId,
+        msg: MasterMsg,
+    },
+    /// Close the connection (after flushing what was sent before).
+    Close {
+        conn: ConnId,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    /// A peer that sends nothing (not even heartbeats) for this long is evicted.
+    pub peer_timeout_ms: u64,
+    /// Establish rounds that may fail in a row before update topology fails.
+    pub max_establish_attempts: u32,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        MasterConfig {
+            peer_timeout_ms: 5_000,
+            max_establish_attempts: 3,
+        }
+    }
+}
+
+impl MasterConfig {
+    /// How often peers are asked to send heartbeats.
+    pub fn heartbeat_interval_ms(&self) -> u32 {
+        (self.peer_timeout_ms / 5).clamp(20, 5_000) as u32
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connected,
+    Pending,
+    Accepted,
+}
+
+#[derive(Debug, Clone)]
+struct PeerRec {
+    id: PeerId,
+    phase: Phase,
+    group: u32,
+    remote: SocketAddr,
+    local: SocketAddr,
+    advertised: Option<IpAddr>,
+    p2p_port: u16,
+    ss_port: u16,
+    bench_port: u16,
+    last_seen_ms: u64,
+    voted_topology: bool,
+    voted_pending: bool,
+    voted_optimize: bool,
+    /// Revision of the last successful shared-state sync of this peer.
+    synced_revision: Option<u64>,
+}
+
+#[derive(Debug)]
+struct EstablishRound {
+    round: u64,
+    reported: BTreeSet<ConnId>,
+    all_ok: bool,
+    attempts: u32,
+}
+
+#[derive(Debug)]
+struct Running {
+    op_id: u64,
+    participants: BTreeSet<ConnId>,
+    done: BTreeSet<ConnId>,
+}
+
+#[derive(Debug)]
+struct Collective {
+    spec: CollectiveSpec,
+    voters: BTreeSet<ConnId>,
+    running: Option<Running>,
+}
+
+#[derive(Debug, Clone)]
+struct SyncVoteRec {
+    revision: u64,
+    strategy: u8,
+    tensors: Vec<TensorMeta>,
+}
+
+#[derive(Debug)]
+struct Distributing {
+    sync_id: u64,
+    /// Everyone in the round, waiting for the result.
+    members: BTreeSet<ConnId>,
+    /// Receivers whose transfer has not finished yet.
+    receivers: BTreeSet<ConnId>,
+    /// Peers whose own part failed, with the code and reason.
+    failed: BTreeMap<ConnId, (FailCode, String)>,
+    revision: u64,
+}
+
+#[derive(Debug, Default)]
+struct SyncRound {
+    votes: BTreeMap<ConnId, SyncVoteRec>,
+    distributing: Option<Distributing>,
+}
+
+/// Strategy values as sent on the wire (see [`crate::SyncStrategy`]).
+const STRATEGY_RECEIVE_ONLY: u8 = 1;
+const STRATEGY_SEND_ONLY: u8 = 2;
+
+fn code(e: Error) -> (FailCode, String) {
+    (e.code() as FailCode, e.message().to_owned())
+}
+
+/// The master's whole state.
+#[derive(Debug)]
+pub struct MasterState {
+    cfg: MasterConfig,
+    now_ms: u64,
+    peers: BTreeMap<ConnId, PeerRec>,
+    /// Ring order per peer group.
+    rings: BTreeMap<u32, Vec<ConnId>>,
+    establishing: Option<EstablishRound>,
+    next_round: u64,
+    next_op_id: u64,
+    next_sync_id: u64,
+    collectives: BTreeMap<(u32, u64), Collective>,
+    syncs: BTreeMap<u32, SyncRound>,
+    out: Vec<Action>,
+}
+
+impl MasterState {
+    pub fn new(cfg: MasterConfig) -> Self {
+        MasterState {
+            cfg,
+            now_ms: 0,
+            peers: BTreeMap::new(),
+            rings: BTreeMap::new(),
+            establishing: None,
+            next_round: 1,
+            next_op_id: 1,
+            next_sync_id: 1,
+            collectives: BTreeMap::new(),
+            syncs: BTreeMap::new(),
+            out: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &MasterConfig {
+        &self.cfg
+    }
+
+    /// Number of accepted peers (all groups).
+    pub fn accepted_count(&self) -> usize {
+        self.accepted().count()
+    }
+
+    /// Number of peers waiting to be accepted.
+    pub fn pending_count(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| p.phase == Phase::Pending)
+            .count()
+    }
+
+    /// Identity of the peer on a connection, once it has one.
+    pub fn peer_id(&self, conn: ConnId) -> Option<PeerId> {
+        self.peers
+            .get(&conn)
+            .filter(|p| p.phase != Phase::Connected)
+            .map(|p| p.id)
+    }
+
+    /// Feeds one event; returns what to do.
+    pub fn handle(&mut self, ev: Event) -> Vec<Action> {
+        match ev {
+            Event::Connected {
+                conn,
+                id,
+                remote,
+                local,
+            } => {
+                self.peers.insert(
+                    conn,
+                    PeerRec {
+                        id,
+                        phase: Phase::Connected,
+                        group: 0,
+                        remote,
+                        local,
+                        advertised: None,
+                        p2p_port: 0,
+                        ss_port: 0,
+                        bench_port: 0,
+                        last_seen_ms: self.now_ms,
+                        voted_topology: false,
+                        voted_pending: false,
+                        voted_optimize: false,
+                        synced_revision: None,
+                    },
+                );
+            }
+            Event::Message { conn, msg } => {
+                if let Some(p) = self.peers.get_mut(&conn) {
+                    p.last_seen_ms = self.now_ms;
+                    self.on_message(conn, msg);
+                }
+            }
+            Event::Disconnected { conn } => {
+                if self.peers.contains_key(&conn) {
+                    self.remove_peer(conn, "connection closed", false);
+                }
+            }
+            Event::Tick { now_ms } => {
+                self.now_ms = self.now_ms.max(now_ms);
+                let timeout = self.cfg.peer_timeout_ms;
+                let stale: Vec<ConnId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| self.now_ms.saturating_sub(p.last_seen_ms) > timeout)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for conn in stale {
+                    let reason = format!("no sign of life for more than {timeout} ms; evicted");
+                    self.remove_peer(conn, &reason, true);
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn send(&mut self, conn: ConnId, msg: MasterMsg) {
+        self.out.push(Action::Send { conn, msg });
+    }
+
+    fn accepted(&self) -> impl Iterator<Item = (&ConnId, &PeerRec)> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Accepted)
+    }
+
+    fn accepted_conns(&self) -> Vec<ConnId> {
+        self.accepted().map(|(c, _)| *c).collect()
+    }
+
+    fn group_members(&self, group: u32) -> BTreeSet<ConnId> {
+        self.accepted()
+            .filter(|(_, p)| p.group == group)
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    fn world_for(&self, group: u32) -> WorldInfo {
+        let mut sizes: BTreeMap<u32, u32> = BTreeMap::new();
+        for (_, p) in self.accepted() {
+            *sizes.entry(p.group).or_default() += 1;
+        }
+        WorldInfo {
+            global_world: sizes.values().sum(),
+            group_world: sizes.get(&group).copied().unwrap_or(0),
+            num_groups: sizes.len() as u32,
+            largest_group: sizes.values().copied().max().unwrap_or(0),
+        }
+    }
+
+    /// The address `viewer` should dial to reach `target`.
+    fn addr_for(viewer: &PeerRec, target: &PeerRec) -> IpAddr {
+        if let Some(ip) = target.advertised {
+            return ip;
+        }
+        let t = target.remote.ip();
+        if t.is_loopback() && !viewer.remote.ip().is_loopback() {
+            // The target runs on the master's host: hand out the master's
+            // address as the viewer reached it, never a loopback address.
+            return viewer.local.ip();
+        }
+        t
+    }
+
+    fn entry_for(&self, viewer: ConnId, target: ConnId) -> Option<PeerEntry> {
+        let v = self.peers.get(&viewer)?;
+        let t = self.peers.get(&target)?;
+        Some(PeerEntry {
+            id: t.id,
+            group: t.group,
+            ip: Self::addr_for(v, t),
+            p2p_port: t.p2p_port,
+            ss_port: t.ss_port,
+            bench_port: t.bench_port,
+        })
+    }
+
+    fn protocol_violation(&mut self, conn: ConnId, what: &str) {
+        let reason = format!("protocol violation: {what}");
+        if let Some(p) = self.peers.get(&conn) {
+            tracing::warn!(peer = %p.id, "{reason}; closing its connection");
+        }
+        self.send(
+            conn,
+            MasterMsg::Kick {
+                reason: reason.clone(),
+            },
+        );
+        self.remove_peer(conn, &reason, true);
+    }
+
+    fn on_message(&mut self, conn: ConnId, msg: PeerMsg) {
+        let phase = match self.peers.get(&conn) {
+            Some(p) => p.phase,
+            None => return,
+        };
+        match (phase, msg) {
+            (
+                Phase::Connected,
+                PeerMsg::Register {
+                    group,
+                    p2p_port,
+                    ss_port,
+                    bench_port,
+                    advertised_ip,
+                },
+            ) => {
+                let hb = self.cfg.heartbeat_interval_ms();
+                let Some(p) = self.peers.get_mut(&conn) else {
+                    return;
+                };
+                p.phase = Phase::Pending;
+                p.group = group;
+                p.p2p_port = p2p_port;
+                p.ss_port = ss_port;
+                p.bench_port = bench_port;
+                p.advertised = advertised_ip;
+                let id = p.id;
+                tracing::info!(peer = %id, group, "peer registered, pending admission");
+                self.send(
+                    conn,
+                    MasterMsg::RegisterAck {
+                        id,
+                        heartbeat_interval_ms: hb,
+                    },
+                );
+                self.maybe_bootstrap();
+            }
+            (Phase::Connected, _) => self.protocol_violation(conn, "message before registration"),
+            (_, PeerMsg::Register { .. }) => self.protocol_violation(conn, "registered twice"),
+            (_, PeerMsg::Heartbeat) => {}
+            (_, PeerMsg::Leave) => {
+                self.remove_peer(conn, "left gracefully", true);
+            }
+            (Phase::Pending, PeerMsg::ConnectionsEstablished { .. }) => {
+                self.protocol_violation(conn, "establish report from a pending peer")
+            }
+            (Phase::Pending, _) => {
+                self.protocol_violation(conn, "collective call before admission")
+            }
+            (Phase::Accepted, m) => self.on_accepted_message(conn, m),
+        }
+    }
+
+    fn on_accepted_message(&mut self, conn: ConnId, msg: PeerMsg) {
+        match msg {
+            PeerMsg::VoteUpdateTopology => {
+                if let Some(p) = self.peers.get_mut(&conn) {
+                    p.voted_topology = true;
+                }
+                self.check_topology_votes();
+            }
+            PeerMsg::ConnectionsEstablished { round, ok } => {
+                if let Some(est) = self.establishing.as_mut() {
+                    if est.round == round {
+                        est.reported.insert(conn);
+                        est.all_ok &= ok;
+                        self.check_establish_complete();
+                    }
+                }
+            }
+            PeerMsg::VoteArePeersPending => {
+                if let Some(p) = self.peers.get_mut(&conn) {
+                    p.voted_pending = true;
+                }
+                self.check_pending_votes();
+            }
+            PeerMsg::VoteOptimizeTopology => {
+                if let Some(p) = self.peers.get_mut(&conn) {
+                    p.voted_optimize = true;
+                }
+                self.check_optimize_votes();
+            }
+            PeerMsg::CollectiveInit { tag, spec } => self.on_collective_init(conn, tag, spec),
+            PeerMsg::CollectiveDone { tag, op_id, ok } => {
+                self.on_collective_done(conn, tag, op_id, ok)
+            }
+            PeerMsg::SyncVote {
+                revision,
+                strategy,
+                tensors,
+            } => self.on_sync_vote(
+                conn,
+                SyncVoteRec {
+                    revision,
+                    strategy,
+                    tensors,
+                },
+            ),
+            PeerMsg::SyncTransferDone { sync_id, ok, .. } => {
+                self.on_sync_transfer_done(conn, sync_id, ok)
+            }
+            PeerMsg::Register { .. } | PeerMsg::Heartbeat | PeerMsg::Leave => {}
+        }
+    }
+
+    // -- membership -------------------------------------------------------
+
+    /// With nobody accepted, every pending peer is accepted at once.
+    fn maybe_bootstrap(&mut self) {
+        if self.establishing.is_some() || self.accepted().next().is_some() {
+            return;
+        }
+        let pending: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Pending)
+            .map(|(c, _)| *c)
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        self.admit(&pending);
+        self.start_establish(0);
+    }
+
+    fn admit(&mut self, conns: &[ConnId]) {
+        for c in conns {
+            if let Some(p) = self.peers.get_mut(c) {
+                p.phase = Phase::Accepted;
+                tracing::info!(peer = %p.id, group = p.group, "peer accepted");
+                let g = p.group;
+                self.rings.entry(g).or_default().push(*c);
+            }
+        }
+    }
+
+    fn check_topology_votes(&mut self) {
+        if self.establishing.is_some() {
+            return;
+        }
+        let accepted = self.accepted_conns();
+        if accepted.is_empty() || !accepted.iter().all(|c| self.peers[c].voted_topology) {
+            return;
+        }
+        let pending: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Pending)
+            .map(|(c, _)| *c)
+            .collect();
+        self.admit(&pending);
+        self.start_establish(0);
+    }
+
+    fn start_establish(&mut self, attempts: u32) {
+        let accepted = self.accepted_conns();
+        if accepted.is_empty() {
+            self.establishing = None;
+            return;
+        }
+        let round = self.next_round;
+        self.next_round += 1;
+        for &viewer in &accepted {
+            let group = self.peers[&viewer].group;
+            let ring_conns = self.rings.get(&group).cloned().unwrap_or_default();
+            let ring: Vec<PeerId> = ring_conns.iter().map(|c| self.peers[c].id).collect();
+            let peers: Vec<PeerEntry> = ring_conns
+                .iter()
+                .filter_map(|t| self.entry_for(viewer, *t))
+                .collect();
+            self.send(viewer, MasterMsg::Establish { round, ring, peers });
+        }
+        self.establishing = Some(EstablishRound {
+            round,
+            reported: BTreeSet::new(),
+            all_ok: true,
+            attempts,
+        });
+    }
+
+    fn check_establish_complete(&mut self) {
+        let accepted = self.accepted_conns();
+        let Some(est) = self.establishing.as_ref() else {
+            return;
+        };
+        if !accepted.iter().all(|c| est.reported.contains(c)) {
+            return;
+        }
+        let (all_ok, attempts) = (est.all_ok, est.attempts);
+        if all_ok {
+            self.establishing = None;
+            for c in &accepted {
+                let g = self.peers[c].group;
+                let world = self.world_for(g);
+                if let Some(p) = self.peers.get_mut(c) {
+                    p.voted_topology = false;
+                }
+                self.send(*c, MasterMsg::TopologyUpdated { world });
+            }
+            // Votes that arrived meanwhile (none expected) are re-examined.
+            self.check_pending_votes();
+        } else if attempts + 1 < self.cfg.max_establish_attempts {
+            tracing::warn!(attempts = attempts + 1, "ring connections failed; retrying");
+            self.start_establish(attempts + 1);
+        } else {
+            self.establishing = None;
+            let reason = format!(
+                "peers could not connect to their ring neighbours after {} attempts",
+                attempts + 1
+            );
+            for c in &accepted {
+                if let Some(p) = self.peers.get_mut(c) {
+                    p.voted_topology = false;
+                }
+                self.send(
+                    *c,
+                    MasterMsg::TopologyFailed {
+                        reason: reason.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn check_pending_votes(&mut self) {
+        let accepted = self.accepted_conns();
+        if accepted.is_empty() || !accepted.iter().all(|c| self.peers[c].voted_pending) {
+            return;
+        }
+        let pending = self.pending_count() > 0;
+        for c in accepted {
+            if let Some(p) = self.peers.get_mut(&c) {
+                p.voted_pending = false;
+            }
+            self.send(c, MasterMsg::PendingAnswer { pending });
+        }
+    }
+
+    fn check_optimize_votes(&mut self) {
+        let accepted = self.accepted_conns();
+        if accepted.is_empty() || !accepted.iter().all(|c| self.peers[c].voted_optimize) {
+            return;
+        }
+        for c in accepted {
+            if let Some(p) = self.peers.get_mut(&c) {
+                p.voted_optimize = false;
+            }
+            self.send(c, MasterMsg::OptimizeDone { ok: true });
+        }
+    }
+
+    /// Removes a peer for any reason and lets every round it took part in move on.
+    fn remove_peer(&mut self, conn: ConnId, reason: &str, close: bool) {
+        let Some(rec) = self.peers.remove(&conn) else {
+            return;
+        };
+        if close {
+            self.out.push(Action::Close {
+                conn,
+                reason: reason.to_owned(),
+            });
+        }
+        if rec.phase == Phase::Accepted {
+            tracing::info!(peer = %rec.id, group = rec.group, "peer removed: {reason}");
+        } else {
+            tracing::debug!(peer = %rec.id, "unadmitted peer removed: {reason}");
+        }
+        if rec.phase != Phase::Accepted {
+            return;
+        }
+        if let Some(ring) = self.rings.get_mut(&rec.group) {
+            ring.retain(|c| *c != conn);
+            if ring.is_empty() {
+                self.rings.remove(&rec.group);
+            }
+        }
+        // Collectives of its group: a running one fails, a gathering one may be complete now.
+        let keys: Vec<(u32, u64)> = self
+            .collectives
+            .keys()
+            .filter(|(g, _)| *g == rec.group)
+            .copied()
+            .collect();
+        for key in keys {
+            let Some(coll) = self.collectives.get_mut(&key) else {
+                continue;
+            };
+            coll.voters.remove(&conn);
+            let was_participant = coll
+                .running
+                .as_mut()
+                .map(|run| run.participants.remove(&conn));
+            match was_participant {
+                Some(true) => {
+                    let msg = format!("peer {} left the operation: {reason}", rec.id);
+                    self.fail_collective(key, Error::RankConnectionLost(msg));
+                }
+                Some(false) => {}
+                None => self.check_collective_ready(key),
+            }
+        }
+        self.sync_member_removed(rec.group, conn, &rec.id, reason);
+        // World sizes changed for everyone.
+        let accepted = self.accepted_conns();
+        for c in &accepted {
+            let world = self.world_for(self.peers[c].group);
+            self.send(*c, MasterMsg::World { world });
+        }
+        if self.establishing.is_some() {
+            let attempts = self.establishing.as_ref().map_or(0, |e| e.attempts);
+            // The ring changed under the round: start it again with the survivors.
+            self.start_establish(attempts);
+        } else {
+            self.check_topology_votes();
+        }
+        self.check_pending_votes();
+        self.check_optimize_votes();
+        self.maybe_bootstrap();
+    }
+
+    // -- collectives --------------------------------------------------------
+
+    fn result(&mut self, conn: ConnId, tag: u64, op_id: u64, outcome: Result<(), Error>) {
+        let (ok, code, reason) = match outcome {
+            Ok(()) => (true, 0, String::new()),
+            Err(e) => (false, e.code() as FailCode, e.message().to_owned()),
+        };
+        self.send(
+            conn,
+            MasterMsg::CollectiveResult {
+                tag,
+                op_id,
+                ok,
+                code,
+                reason,
+            },
+        );
+    }
+
+    fn on_collective_init(&mut self, conn: ConnId, tag: u64, spec: CollectiveSpec) {
+        let group = self.peers[&conn].group;
+        let key = (group, tag);
+        match self.collectives.get_mut(&key) {
+            Some(coll) if coll.voters.contains(&conn) || coll.running.is_some() => {
+                let e = Error::InvalidUsage(format!("tag {tag} is already in flight"));
+                self.result(conn, tag, 0, Err(e));
+            }
+            Some(coll) if coll.spec != spec => {
+                let e = Error::InvalidUsage(format!(
+                    "peers disagree on the all-reduce with tag {tag}: {:?} vs {:?}",
+                    coll.spec, spec
+                ));
+                self.result(conn, tag, 0, Err(e.clone()));
+                self.fail_collective(key, e);
+            }
+            Some(coll) => {
+                coll.voters.insert(conn);
+                self.check_collective_ready(key);
+            }
+            None => {
+                self.collectives.insert(
+                    key,
+                    Collective {
+                        spec,
+                        voters: BTreeSet::from([conn]),
+                        running: None,
+                    },
+                );
+                self.check_collective_ready(key);
+            }
+        }
+    }
+
+    fn check_collective_ready(&mut self, key: (u32, u64)) {
+        let members = self.group_members(key.0);
+        let Some(coll) = self.collectives.get(&key) else {
+            return;
+        };
+        if coll.running.is_none() && coll.voters.is_empty() {
+            self.collectives.remove(&key);
+            return;
+        }
+        if coll.running.is_some() || coll.voters != members {
+            return;
+        }
+        if members.len() < 2 {
+            self.fail_collective(
+                key,
+                Error::TooFewPeers(format!(
+                    "all-reduce needs at least 2 peers in group {}, have {}",
+                    key.0,
+                    members.len()
+                )),
+            );
+            return;
+        }
+        let op_id = self.next_op_id;
+        self.next_op_id += 1;
+        let ring: Vec<PeerId> = self
+            .rings
+            .get(&key.0)
+            .map(|r| {
+                r.iter()
+                    .filter(|c| members.contains(c))
+                    .map(|c| self.peers[c].id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for c in &members {
+            self.send(
+                *c,
+                MasterMsg::CollectiveCommence {
+                    tag: key.1,
+                    op_id,
+                    ring: ring.clone(),
+                },
+            );
+        }
+        if let Some(coll) = self.collectives.get_mut(&key) {
+            coll.running = Some(Running {
+                op_id,
+                participants: members,
+                done: BTreeSet::new(),
+            });
+        }
+    }
+
+    /// Fails the collective on every remaining voter or participant.
+    fn fail_collective(&mut self, key: (u32, u64), e: Error) {
+        let Some(coll) = self.collectives.remove(&key) else {
+            return;
+        };
+        let (op_id, targets) = match coll.running {
+            Some(run) => (run.op_id, run.participants),
+            None => (0, coll.voters),
+        };
+        for c in targets {
+            self.result(c, key.1, op_id, Err(e.clone()));
+        }
+    }
+
+    fn on_collective_done(&mut self, conn: ConnId, tag: u64, op_id: u64, ok: bool) {
+        let group = self.peers[&conn].group;
+        let key = (group, tag);
+        let Some(run) = self
+            .collectives
+            .get_mut(&key)
+            .and_then(|c| c.running.as_mut())
+            .filter(|r| r.op_id == op_id && r.participants.contains(&conn))
+        else {
+            return; // late report of an op already decided
+        };
+        if !ok {
+            let who = self.peers[&conn].id;
+            self.fail_collective(
+                key,
+                Error::RankConnectionLost(format!("peer {who} lost a ring connection")),
+            );
+            return;
+        }
+        run.done.insert(conn);
+        if run.done == run.participants {
+            let parts: Vec<ConnId> = run.participants.iter().copied().collect();
+            self.collectives.remove(&key);
+            for c in parts {
+                self.result(c, tag, op_id, Ok(()));
+            }
+        }
+    }
+
+    // -- shared state -------------------------------------------------------
+
+    fn sync_result(&mut self, conn: ConnId, sync_id: u64, outcome: Option<(FailCode, String)>) {
+        let (ok, code, reason) = match outcome {
+            None => (true, 0, String::new()),
+            Some((code, reason)) => (false, code, reason),
+        };
+        self.send(
+            conn,
+            MasterMsg::SyncResult {
+                sync_id,
+                ok,
+                code,
+                reason,
+            },
+        );
+    }
+
+    fn on_sync_vote(&mut self, conn: ConnId, vote: SyncVoteRec) {
+        let group = self.peers[&conn].group;
+        let round = self.syncs.entry(group).or_default();
+        if round.distributing.is_some() || round.votes.contains_key(&conn) {
+            let (code, reason) = code(Error::InvalidUsage(
+                "a shared-state sync is already in progress for this peer".into(),
+            ));
+            self.sync_result(conn, 0, Some((code, reason)));
+            return;
+        }
+        round.votes.insert(conn, vote);
+        self.check_sync_ready(group);
+    }
+
+    fn check_sync_ready(&mut self, group: u32) {
+        let members = self.group_members(group);
+        let Some(round) = self.syncs.get(&group) else {
+            return;
+        };
+        if round.distributing.is_some()
+            || round.votes.is_empty()
+            || round.votes.keys().copied().collect::<BTreeSet<_>>() != members
+        {
+            return;
+        }
+        let votes = round.votes.clone();
+        let sync_id = self.next_sync_id;
+        self.next_sync_id += 1;
+        let mut failed: BTreeMap<ConnId, (FailCode, String)> = BTreeMap::new();
+
+        // Revision rule: a peer that synced before must advance by exactly one.
+        for (c, v) in &votes {
+            if let Some(last) = self.peers[c].synced_revision {
+                if v.revision != last.wrapping_add(1) {
+                    failed.insert(
+                        *c,
+                        code(Error::InvalidUsage(format!(
+                            "shared-state revision must advance by exactly one per sync: \
+                             last synced {last}, got {}",
+                            v.revision
+                        ))),
+                    );
+                }
+            }
+        }
+
+        // Election among voters (receive-only peers never vote).
+        type Key = (u64, Vec<(String, u8, u64, Option<u64>)>);
+        let key_of = |v: &SyncVoteRec| -> Key {
+            let mut t: Vec<(String, u8, u64, Option<u64>)> = v
+                .tensors
+                .iter()
+                .map(|t| {
+                    let h = (!t.allow_content_inequality).then_some(t.hash);
+                    (t.name.clone(), t.datatype, t.count, h)
+                })
+                .collect();
+            t.sort();
+            (v.revision, t)
+        };
+        let mut tally: BTreeMap<Key, (usize, ConnId)> = BTreeMap::new();
+        for (c, v) in &votes {
+            if v.strategy == STRATEGY_RECEIVE_ONLY || failed.contains_key(c) {
+                continue;
+            }
+            let e = tally.entry(key_of(v)).or_insert((0, *c));
+            e.0 += 1;
+        }
+        // Most votes wins; ties go to the higher revision, then to the first key.
+        let popular = tally
+            .iter()
+            .max_by(|a, b| {
+                (a.1 .0, a.0 .0)
+                    .cmp(&(b.1 .0, b.0 .0))
+                    .then_with(|| b.0.cmp(a.0))
+            })
+            .map(|(k, (_, first))| (k.clone(), *first));
+
+        let Some((popular_key, reference_conn)) = popular else {
+            for c in votes.keys() {
+                failed.entry(*c).or_insert_with(|| {
+                    code(Error::NoSharedStateAvailable(
+                        "no peer offers shared state (all are receive-only)".into(),
+                    ))
+                });
+            }
+            self.finish_sync_immediately(group, sync_id, failed);
+            return;
+        };
+        let popular_revision = popular_key.0;
+        let reference = votes[&reference_conn].clone();
+        let holders: Vec<ConnId> = votes
+            .iter()
+            .filter(|(c, v)| {
+                v.strategy != STRATEGY_RECEIVE_ONLY
+                    && !failed.contains_key(c)
+                    && key_of(v) == popular_key
+            })
+            .map(|(c, _)| *c)
+            .collect();
+
+        let mut plans: BTreeMap<ConnId, Vec<FetchItem>> = BTreeMap::new();
+        for (c, v) in &votes {
+            if failed.contains_key(c) {
+                continue;
+            }
+            match fetch_list(&reference, v) {
+                Err(e) => {
+                    failed.insert(*c, code(e));
+                }
+                Ok(list) if !list.is_empty() && v.strategy == STRATEGY_SEND_ONLY => {
+                    failed.insert(
+                        *c,
+                        code(Error::InvalidUsage(format!(
+                            "send-only peer does not hold the popular shared state \
+                             ({} tensors differ)",
+                            list.len()
+                        ))),
+                    );
+                }
+                Ok(list) => {
+                    plans.insert(*c, list);
+                }
+            }
+        }
+
+        let mut receivers = BTreeSet::new();
+        for (c, list) in &plans {
+            let sources: Vec<PeerEntry> = holders
+                .iter()
+                .filter(|h| *h != c)
+                .filter_map(|h| self.entry_for(*c, *h))
+                .collect();
+            if !list.is_empty() {
+                receivers.insert(*c);
+            }
+            self.send(
+                *c,
+                MasterMsg::SyncPlan {
+                    sync_id,
+                    revision: popular_revision,
+                    fetch: list.clone(),
+                    sources,
+                },
+            );
+        }
+        for (c, f) in &failed {
+            self.sync_result(*c, sync_id, Some(f.clone()));
+        }
+        let members: BTreeSet<ConnId> = plans.keys().copied().collect();
+        if let Some(round) = self.syncs.get_mut(&group) {
+            round.votes.clear();
+            round.distributing = Some(Distributing {
+                sync_id,
+                members,
+                receivers,
+                failed: BTreeMap::new(),
+                revision: popular_revision,
+            });
+        }
+        self.check_sync_complete(group);
+    }
+
+    fn finish_sync_immediately(
+        &mut self,
+        group: u32,
+        sync_id: u64,
+        failed: BTreeMap<ConnId, (FailCode, String)>,
+    ) {
+        self.syncs.remove(&group);
+        for (c, f) in failed {
+            self.sync_result(c, sync_id, Some(f));
+        }
+    }
+
+    fn on_sync_transfer_done(&mut self, conn: ConnId, sync_id: u64, ok: bool) {
+        let group = self.peers[&conn].group;
+        let Some(dist) = self
+            .syncs
+            .get_mut(&group)
+            .and_then(|r| r.distributing.as_mut())
+            .filter(|d| d.sync_id == sync_id)
+        else {
+            return;
+        };
+        if !dist.receivers.remove(&conn) {
+            return;
+        }
+        if !ok {
+            dist.failed.insert(
+                conn,
+                code(Error::RankConnectionLost(
+                    "could not fetch the popular shared state from any holder".into(),
+                )),
+            );
+        }
+        self.check_sync_complete(group);
+    }
+
+    fn check_sync_complete(&mut self, group: u32) {
+        let Some(dist) = self.syncs.get(&group).and_then(|r| r.distributing.as_ref()) else {
+            return;
+        };
+        if !dist.receivers.is_empty() {
+            return;
+        }
+        let Some(round) = self.syncs.remove(&group) else {
+            return;
+        };
+        let Some(dist) = round.distributing else {
+            return;
+        };
+        for c in &dist.members {
+            let f = dist.failed.get(c).cloned();
+            if f.is_none() {
+                if let Some(p) = self.peers.get_mut(c) {
+                    p.synced_revision = Some(dist.revision);
+                }
+            }
+            self.sync_result(*c, dist.sync_id, f);
+        }
+    }
+
+    fn sync_member_removed(&mut self, group: u32, conn: ConnId, id: &PeerId, reason: &str) {
+        let Some(round) = self.syncs.get_mut(&group) else {
+            return;
+        };
+        round.votes.remove(&conn);
+        if let Some(dist) = round.distributing.as_mut() {
+            dist.members.remove(&conn);
+            dist.receivers.remove(&conn);
+            dist.failed.remove(&conn);
+            tracing::debug!(peer = %id, "left a shared-state sync: {reason}");
+            self.check_sync_complete(group);
+        } else if round.votes.is_empty() {
+            self.syncs.remove(&group);
+        } else {
+            self.check_sync_ready(group);
+        }
+    }
+}
+
+/// Tensors `mine` must fetch to match `popular`, or why it cannot.
+fn fetch_list(popular: &SyncVoteRec, mine: &SyncVoteRec) -> Result<Vec<FetchItem>, Error> {
+    let revision_differs = popular.revision != mine.revision;
+    let mut out = Vec::new();
+    for p in &popular.tensors {
+        let Some(m) = mine.tensors.iter().find(|t| t.name == p.name) else {
+            return Err(Error::InvalidArgument(format!(
+                "shared state lacks tensor '{}' that the popular state has",
+                p.name
+            )));
+        };
+        if m.datatype != p.datatype || m.count != p.count {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{}' has type {} x {} here but {} x {} in the popular state",
+                p.name, m.datatype, m.count, p.datatype, p.count
+            )));
+        }
+        let skip_inequality = p.allow_content_inequality && !revision_differs;
+        if m.hash != p.hash && !skip_inequality {
+            out.push(FetchItem {
+                name: p.name.clone(),
+                expected_hash: p.hash,
+            });
+        }
+    }
+    if mine.tensors.len() != popular.tensors.len() {
+        return Err(Error::InvalidArgument(format!(
+            "shared state has {} tensors, the popular state {}",
+            mine.tensors.len(),
+            popular.tensors.len()
+        )));
+    }
+    Ok(out)
+}

@@ -1,0 +1,140 @@
+//! TCP plumbing shared by the master and the peers: socket tuning, listeners
+//! that bump to the next free port, dialing with a deadline, greetings and
+//! control-frame I/O.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::wire::{check_control_len, Hello, WireError};
+
+/// Socket options applied to every TCP connection, dialed or accepted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketTuning {
+    /// Explicit `SO_SNDBUF`/`SO_RCVBUF`. `None` keeps kernel autotuning,
+    /// which grows up to `net.ipv4.tcp_{w,r}mem` max; an explicit size turns
+    /// autotuning off and is capped by `net.core.{w,r}mem_max`.
+    pub buffer_bytes: Option<usize>,
+}
+
+impl SocketTuning {
+    /// No-delay, keepalive and the configured buffers. Failures are logged,
+    /// not fatal: a connection without tuning still works.
+    pub fn apply(&self, s: &TcpStream) {
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::warn!("could not set TCP_NODELAY: {e}");
+        }
+        let sock = SockRef::from(s);
+        let ka = TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(2))
+            .with_retries(3);
+        if let Err(e) = sock.set_tcp_keepalive(&ka) {
+            tracing::debug!("could not enable keepalive: {e}");
+        }
+        if let Some(n) = self.buffer_bytes {
+            let _ = sock.set_send_buffer_size(n);
+            let _ = sock.set_recv_buffer_size(n);
+        }
+    }
+}
+
+/// Binds a listener on `ip:port`, trying `port+1`, `port+2`, ... up to
+/// `attempts` ports when taken. Port 0 asks the kernel for a free one.
+pub fn bind_listener(ip: IpAddr, port: u16, attempts: u16) -> io::Result<std::net::TcpListener> {
+    let attempts = if port == 0 { 1 } else { attempts.max(1) };
+    let mut last_err = None;
+    for i in 0..attempts {
+        let Some(p) = port.checked_add(i) else { break };
+        match bind_one(SocketAddr::new(ip, p)) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free port")))
+}
+
+/// Binds exactly `addr` (no bumping): `SO_REUSEADDR` so a restart is not
+/// blocked by TIME_WAIT, but never `SO_REUSEPORT`, so a second listener on
+/// the same port fails.
+pub fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Dials `addr` within `timeout` and tunes the socket.
+pub async fn dial(
+    addr: SocketAddr,
+    timeout: Duration,
+    tuning: SocketTuning,
+) -> io::Result<TcpStream> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out"),
+            )
+        })??;
+    tuning.apply(&s);
+    Ok(s)
+}
+
+/// Errors of framed I/O.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed: {0}")]
+    Wire(#[from] WireError),
+    #[error("connection closed")]
+    Closed,
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// Reads a greeting within `timeout`.
+pub async fn read_hello<R: AsyncRead + Unpin>(
+    r: &mut R,
+    timeout: Duration,
+) -> Result<Hello, FrameError> {
+    let mut b = [0u8; Hello::LEN];
+    match tokio::time::timeout(timeout, r.read_exact(&mut b)).await {
+        Err(_) => Err(FrameError::TimedOut),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Closed),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(_)) => Ok(Hello::decode(&b)?),
+    }
+}
+
+pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, h: &Hello) -> io::Result<()> {
+    w.write_all(&h.encode()).await
+}
+
+/// Reads one control frame body (type + payload). A clean EOF between frames
+/// is [`FrameError::Closed`].
+pub async fn read_control_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let n = check_control_len(u32::from_le_bytes(len))?;
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await?;
+    Ok(body)
+}

@@ -1,0 +1,1185 @@
+//! Wire protocol: connection greeting, control messages between peers and the
+//! master, and the fixed header of p2p data frames.
+//!
+//! Every TCP connection starts with a [`Hello`] (magic + version + kind) sent by
+//! the dialing side and echoed by the accepting side. Control frames are
+//! `[u32 LE length][u16 LE type][payload]`; lengths are bounded before any
+//! allocation. Decoders are total: any byte string yields a message or a
+//! [`WireError`], never a panic.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// First four bytes of every connection.
+pub const MAGIC: [u8; 4] = *b"PCRS";
+/// Protocol version; both sides must match exactly.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest control frame accepted (type + payload).
+pub const MAX_CONTROL_FRAME: usize = 16 << 20;
+/// Largest p2p data payload accepted in one frame.
+pub const MAX_DATA_PAYLOAD: usize = 64 << 20;
+/// Largest tensor name in a shared state.
+pub const MAX_NAME_LEN: usize = 1024;
+/// Largest number of entries in any list inside a control message.
+pub const MAX_LIST_LEN: usize = 1 << 16;
+
+/// Why a byte string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("truncated message: needed {needed} more bytes")]
+    Truncated { needed: usize },
+    #[error("bad magic {0:02x?}: not a PCCL-rs connection")]
+    BadMagic([u8; 4]),
+    #[error("protocol version {theirs} does not match ours ({ours})")]
+    VersionMismatch { theirs: u16, ours: u16 },
+    #[error("unknown {what} {value}")]
+    Unknown { what: &'static str, value: u64 },
+    #[error("{what} of {len} exceeds the limit of {max}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{0} trailing bytes after message")]
+    Trailing(usize),
+    #[error("invalid utf-8 in {0}")]
+    Utf8(&'static str),
+}
+
+/// Identity of a peer, chosen at random by the master at registration.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PeerId(pub [u8; 16]);
+
+impl PeerId {
+    pub fn random() -> Self {
+        PeerId(rand::random())
+    }
+}
+
+impl fmt::Debug for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for PeerId {
+    /// First 8 hex digits: enough to tell peers apart in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a connection is for, declared in its greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConnKind {
+    /// Peer to master control channel.
+    Control = 1,
+    /// Ring data, dialer sends and acceptor receives.
+    P2pData = 2,
+    /// Shared-state transfer: acceptor serves tensors to the dialer.
+    SharedState = 3,
+    /// Bandwidth probe.
+    Benchmark = 4,
+}
+
+impl ConnKind {
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        Ok(match v {
+            1 => ConnKind::Control,
+            2 => ConnKind::P2pData,
+            3 => ConnKind::SharedState,
+            4 => ConnKind::Benchmark,
+            _ => {
+                return Err(WireError::Unknown {
+                    what: "connection kind",
+                    value: v as u64,
+                })
+            }
+        })
+    }
+}
+
+/// Connection greeting: 40 bytes, sent by the dialer and echoed by the acceptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub kind: ConnKind,
+    /// Who dials (zero for control connections before registration).
+    pub from: PeerId,
+    /// Whom the dialer expects to reach (zero when it does not matter).
+    pub to: PeerId,
+}
+
+impl Hello {
+    pub const LEN: usize = 40;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..4].copy_from_slice(&MAGIC);
+        out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out[6] = self.kind as u8;
+        out[8..24].copy_from_slice(&self.from.0);
+        out[24..40].copy_from_slice(&self.to.0);
+        out
+    }
+
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        let magic = [b[0], b[1], b[2], b[3]];
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::VersionMismatch {
+                theirs: version,
+                ours: PROTOCOL_VERSION,
+            });
+        }
+        let kind = ConnKind::from_u8(b[6])?;
+        let mut from = [0u8; 16];
+        from.copy_from_slice(&b[8..24]);
+        let mut to = [0u8; 16];
+        to.copy_from_slice(&b[24..40]);
+        Ok(Hello {
+            kind,
+            from: PeerId(from),
+            to: PeerId(to),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Byte cursor helpers
+
+/// Append-only little-endian writer.
+#[derive(Default)]
+pub struct Enc(pub Vec<u8>);
+
+impl Enc {
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    pub fn bool(&mut self, v: bool) -> &mut Self {
+        self.u8(v as u8)
+    }
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn peer(&mut self, p: &PeerId) -> &mut Self {
+        self.0.extend_from_slice(&p.0);
+        self
+    }
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+        self
+    }
+    pub fn str(&mut self, s: &str) -> &mut Self {
+        self.bytes(s.as_bytes())
+    }
+    pub fn ip(&mut self, ip: &IpAddr) -> &mut Self {
+        match ip {
+            IpAddr::V4(v4) => {
+                self.u8(4);
+                self.0.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                self.u8(6);
+                self.0.extend_from_slice(&v6.octets());
+            }
+        }
+        self
+    }
+    pub fn opt_ip(&mut self, ip: &Option<IpAddr>) -> &mut Self {
+        match ip {
+            None => self.u8(0),
+            Some(ip) => self.ip(ip),
+        }
+    }
+    pub fn len_prefix(&mut self, n: usize) -> &mut Self {
+        self.u32(n as u32)
+    }
+}
+
+/// Bounds-checked little-endian reader.
+pub struct Dec<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Dec<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Dec { buf }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(WireError::Truncated {
+                needed: n - self.buf.len(),
+            });
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+    pub fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    pub fn bool(&mut self) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(WireError::Unknown {
+                what: "boolean",
+                value: v as u64,
+            }),
+        }
+    }
+    pub fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.arr()?))
+    }
+    pub fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    pub fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+    pub fn peer(&mut self) -> Result<PeerId, WireError> {
+        Ok(PeerId(self.arr()?))
+    }
+    pub fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], WireError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(WireError::TooLong { what, len: n, max });
+        }
+        self.take(n)
+    }
+    pub fn string(&mut self, what: &'static str, max: usize) -> Result<String, WireError> {
+        let b = self.bytes(what, max)?;
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| WireError::Utf8(what))
+    }
+    pub fn ip(&mut self) -> Result<IpAddr, WireError> {
+        match self.u8()? {
+            4 => Ok(IpAddr::V4(Ipv4Addr::from(self.arr::<4>()?))),
+            6 => Ok(IpAddr::V6(Ipv6Addr::from(self.arr::<16>()?))),
+            v => Err(WireError::Unknown {
+                what: "address family",
+                value: v as u64,
+            }),
+        }
+    }
+    pub fn opt_ip(&mut self) -> Result<Option<IpAddr>, WireError> {
+        match self.u8()? {
+            0 => Ok(None),
+            4 => Ok(Some(IpAddr::V4(Ipv4Addr::from(self.arr::<4>()?)))),
+            6 => Ok(Some(IpAddr::V6(Ipv6Addr::from(self.arr::<16>()?)))),
+            v => Err(WireError::Unknown {
+                what: "address family",
+                value: v as u64,
+            }),
+        }
+    }
+    /// A list length, bounded so a hostile count cannot make us allocate.
+    pub fn list_len(&mut self, what: &'static str) -> Result<usize, WireError> {
+        let n = self.u32()? as usize;
+        if n > MAX_LIST_LEN {
+            return Err(WireError::TooLong {
+                what,
+                len: n,
+                max: MAX_LIST_LEN,
+            });
+        }
+        Ok(n)
+    }
+    pub fn finish(self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing(self.buf.len()))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Control messages
+
+/// Operation fields that every participant of a collective must agree on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CollectiveSpec {
+    pub count: u64,
+    pub datatype: u8,
+    pub op: u8,
+    pub quant_datatype: u8,
+    pub quant_algorithm: u8,
+}
+
+/// A tensor's entry in a shared-state vote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMeta {
+    pub name: String,
+    pub datatype: u8,
+    pub count: u64,
+    pub hash: u64,
+    pub allow_content_inequality: bool,
+}
+
+/// A peer as another peer should reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEntry {
+    pub id: PeerId,
+    pub group: u32,
+    pub ip: IpAddr,
+    pub p2p_port: u16,
+    pub ss_port: u16,
+    pub bench_port: u16,
+}
+
+/// Membership numbers a peer reports as attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WorldInfo {
+    pub global_world: u32,
+    pub group_world: u32,
+    pub num_groups: u32,
+    pub largest_group: u32,
+}
+
+/// Why the master failed a collective, as a result code of [`crate::Error`].
+pub type FailCode = u8;
+
+/// A tensor a peer must fetch during a shared-state sync, and from whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchItem {
+    pub name: String,
+    pub expected_hash: u64,
+}
+
+/// Peer to master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMsg {
+    Register {
+        group: u32,
+        p2p_port: u16,
+        ss_port: u16,
+        bench_port: u16,
+        advertised_ip: Option<IpAddr>,
+    },
+    Heartbeat,
+    Leave,
+    VoteUpdateTopology,
+    ConnectionsEstablished {
+        round: u64,
+        ok: bool,
+    },
+    VoteArePeersPending,
+    VoteOptimizeTopology,
+    CollectiveInit {
+        tag: u64,
+        spec: CollectiveSpec,
+    },
+    CollectiveDone {
+        tag: u64,
+        op_id: u64,
+        ok: bool,
+    },
+    SyncVote {
+        revision: u64,
+        strategy: u8,
+        tensors: Vec<TensorMeta>,
+    },
+    SyncTransferDone {
+        sync_id: u64,
+        ok: bool,
+        /// The distributor that failed us, if the transfer broke.
+        failed_source: Option<PeerId>,
+    },
+}
+
+/// Master to peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterMsg {
+    RegisterAck {
+        id: PeerId,
+        heartbeat_interval_ms: u32,
+    },
+    Establish {
+        round: u64,
+        /// Ring order of the receiver's group.
+        ring: Vec<PeerId>,
+        /// Everyone in the receiver's group, with addresses the receiver can dial.
+        peers: Vec<PeerEntry>,
+    },
+    TopologyUpdated {
+        world: WorldInfo,
+    },
+    TopologyFailed {
+        reason: String,
+    },
+    World {
+        world: WorldInfo,
+    },
+    PendingAnswer {
+        pending: bool,
+    },
+    OptimizeDone {
+        ok: bool,
+    },
+    CollectiveCommence {
+        tag: u64,
+        op_id: u64,
+        ring: Vec<PeerId>,
+    },
+    CollectiveResult {
+        tag: u64,
+        op_id: u64,
+        ok: bool,
+        code: FailCode,
+        reason: String,
+    },
+    SyncPlan {
+        sync_id: u64,
+        revision: u64,
+        /// Empty when this peer is up to date.
+        fetch: Vec<FetchItem>,
+        /// Holders of the popular content, in preference order.
+        sources: Vec<PeerEntry>,
+    },
+    SyncResult {
+        sync_id: u64,
+        ok: bool,
+        code: FailCode,
+        reason: String,
+    },
+    Kick {
+        reason: String,
+    },
+}
+
+fn enc_world(e: &mut Enc, w: &WorldInfo) {
+    e.u32(w.global_world)
+        .u32(w.group_world)
+        .u32(w.num_groups)
+        .u32(w.largest_group);
+}
+
+fn dec_world(d: &mut Dec) -> Result<WorldInfo, WireError> {
+    Ok(WorldInfo {
+        global_world: d.u32()?,
+        group_world: d.u32()?,
+        num_groups: d.u32()?,
+        largest_group: d.u32()?,
+    })
+}
+
+fn enc_entry(e: &mut Enc, p: &PeerEntry) {
+    e.peer(&p.id)
+        .u32(p.group)
+        .ip(&p.ip)
+        .u16(p.p2p_port)
+        .u16(p.ss_port)
+        .u16(p.bench_port);
+}
+
+fn dec_entry(d: &mut Dec) -> Result<PeerEntry, WireError> {
+    Ok(PeerEntry {
+        id: d.peer()?,
+        group: d.u32()?,
+        ip: d.ip()?,
+        p2p_port: d.u16()?,
+        ss_port: d.u16()?,
+        bench_port: d.u16()?,
+    })
+}
+
+fn enc_peers(e: &mut Enc, ps: &[PeerId]) {
+    e.len_prefix(ps.len());
+    for p in ps {
+        e.peer(p);
+    }
+}
+
+fn dec_peers(d: &mut Dec) -> Result<Vec<PeerId>, WireError> {
+    let n = d.list_len("peer list")?;
+    (0..n).map(|_| d.peer()).collect()
+}
+
+fn enc_entries(e: &mut Enc, ps: &[PeerEntry]) {
+    e.len_prefix(ps.len());
+    for p in ps {
+        enc_entry(e, p);
+    }
+}
+
+fn dec_entries(d: &mut Dec) -> Result<Vec<PeerEntry>, WireError> {
+    let n = d.list_len("peer entries")?;
+    (0..n).map(|_| dec_entry(d)).collect()
+}
+
+impl PeerMsg {
+    pub fn type_id(&self) -> u16 {
+        match self {
+            PeerMsg::Register { .. } => 1,
+            PeerMsg::Heartbeat => 2,
+            PeerMsg::Leave => 3,
+            PeerMsg::VoteUpdateTopology => 4,
+            PeerMsg::ConnectionsEstablished { .. } => 5,
+            PeerMsg::VoteArePeersPending => 6,
+            PeerMsg::VoteOptimizeTopology => 7,
+            PeerMsg::CollectiveInit { .. } => 8,
+            PeerMsg::CollectiveDone { .. } => 9,
+            PeerMsg::SyncVote { .. } => 10,
+            PeerMsg::SyncTransferDone { .. } => 11,
+        }
+    }
+
+    /// Encodes as a complete control frame (length prefix included).
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut e = Enc(Vec::with_capacity(64));
+        e.u32(0).u16(self.type_id());
+        match self {
+            PeerMsg::Register {
+                group,
+                p2p_port,
+                ss_port,
+                bench_port,
+                advertised_ip,
+            } => {
+                e.u32(*group)
+                    .u16(*p2p_port)
+                    .u16(*ss_port)
+                    .u16(*bench_port)
+                    .opt_ip(advertised_ip);
+            }
+            PeerMsg::Heartbeat
+            | PeerMsg::Leave
+            | PeerMsg::VoteUpdateTopology
+            | PeerMsg::VoteArePeersPending
+            | PeerMsg::VoteOptimizeTopology => {}
+            PeerMsg::ConnectionsEstablished { round, ok } => {
+                e.u64(*round).bool(*ok);
+            }
+            PeerMsg::CollectiveInit { tag, spec } => {
+                e.u64(*tag)
+                    .u64(spec.count)
+                    .u8(spec.datatype)
+                    .u8(spec.op)
+                    .u8(spec.quant_datatype)
+                    .u8(spec.quant_algorithm);
+            }
+            PeerMsg::CollectiveDone { tag, op_id, ok } => {
+                e.u64(*tag).u64(*op_id).bool(*ok);
+            }
+            PeerMsg::SyncVote {
+                revision,
+                strategy,
+                tensors,
+            } => {
+                e.u64(*revision).u8(*strategy).len_prefix(tensors.len());
+                for t in tensors {
+                    e.str(&t.name)
+                        .u8(t.datatype)
+                        .u64(t.count)
+                        .u64(t.hash)
+                        .bool(t.allow_content_inequality);
+                }
+            }
+            PeerMsg::SyncTransferDone {
+                sync_id,
+                ok,
+                failed_source,
+            } => {
+                e.u64(*sync_id).bool(*ok);
+                match failed_source {
+                    None => e.u8(0),
+                    Some(p) => e.u8(1).peer(p),
+                };
+            }
+        }
+        finish_frame(e.0)
+    }
+
+    /// Decodes a frame body (type + payload, without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let mut d = Dec::new(body);
+        let ty = d.u16()?;
+        let msg = match ty {
+            1 => PeerMsg::Register {
+                group: d.u32()?,
+                p2p_port: d.u16()?,
+                ss_port: d.u16()?,
+                bench_port: d.u16()?,
+                advertised_ip: d.opt_ip()?,
+            },
+            2 => PeerMsg::Heartbeat,
+            3 => PeerMsg::Leave,
+            4 => PeerMsg::VoteUpdateTopology,
+            5 => PeerMsg::ConnectionsEstablished {
+                round: d.u64()?,
+                ok: d.bool()?,
+            },
+            6 => PeerMsg::VoteArePeersPending,
+            7 => PeerMsg::VoteOptimizeTopology,
+            8 => PeerMsg::CollectiveInit {
+                tag: d.u64()?,
+                spec: CollectiveSpec {
+                    count: d.u64()?,
+                    datatype: d.u8()?,
+                    op: d.u8()?,
+                    quant_datatype: d.u8()?,
+                    quant_algorithm: d.u8()?,
+                },
+            },
+            9 => PeerMsg::CollectiveDone {
+                tag: d.u64()?,
+                op_id: d.u64()?,
+                ok: d.bool()?,
+            },
+            10 => {
+                let revision = d.u64()?;
+                let strategy = d.u8()?;
+                let n = d.list_len("tensor list")?;
+                let mut tensors = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    tensors.push(TensorMeta {
+                        name: d.string("tensor name", MAX_NAME_LEN)?,
+                        datatype: d.u8()?,
+                        count: d.u64()?,
+                        hash: d.u64()?,
+                        allow_content_inequality: d.bool()?,
+                    });
+                }
+                PeerMsg::SyncVote {
+                    revision,
+                    strategy,
+                    tensors,
+                }
+            }
+            11 => PeerMsg::SyncTransferDone {
+                sync_id: d.u64()?,
+                ok: d.bool()?,
+                failed_source: match d.u8()? {
+                    0 => None,
+                    1 => Some(d.peer()?),
+                    v => {
+                        return Err(WireError::Unknown {
+                            what: "option tag",
+                            value: v as u64,
+                        })
+                    }
+                },
+            },
+            _ => {
+                return Err(WireError::Unknown {
+                    what: "peer message type",
+                    value: ty as u64,
+                })
+            }
+        };
+        d.finish()?;
+        Ok(msg)
+    }
+}
+
+impl MasterMsg {
+    pub fn type_id(&self) -> u16 {
+        match self {
+            MasterMsg::RegisterAck { .. } => 101,
+            MasterMsg::Establish { .. } => 102,
+            MasterMsg::TopologyUpdated { .. } => 103,
+            MasterMsg::TopologyFailed { .. } => 104,
+            MasterMsg::World { .. } => 105,
+            MasterMsg::PendingAnswer { .. } => 106,
+            MasterMsg::OptimizeDone { .. } => 107,
+            MasterMsg::CollectiveCommence { .. } => 108,
+            MasterMsg::CollectiveResult { .. } => 109,
+            MasterMsg::SyncPlan { .. } => 110,
+            MasterMsg::SyncResult { .. } => 111,
+            MasterMsg::Kick { .. } => 112,
+        }
+    }
+
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut e = Enc(Vec::with_capacity(64));
+        e.u32(0).u16(self.type_id());
+        match self {
+            MasterMsg::RegisterAck {
+                id,
+                heartbeat_interval_ms,
+            } => {
+                e.peer(id).u32(*heartbeat_interval_ms);
+            }
+            MasterMsg::Establish { round, ring, peers } => {
+                e.u64(*round);
+                enc_peers(&mut e, ring);
+                enc_entries(&mut e, peers);
+            }
+            MasterMsg::TopologyUpdated { world } | MasterMsg::World { world } => {
+                enc_world(&mut e, world)
+            }
+            MasterMsg::TopologyFailed { reason } | MasterMsg::Kick { reason } => {
+                e.str(reason);
+            }
+            MasterMsg::PendingAnswer { pending } => {
+                e.bool(*pending);
+            }
+            MasterMsg::OptimizeDone { ok } => {
+                e.bool(*ok);
+            }
+            MasterMsg::CollectiveCommence { tag, op_id, ring } => {
+                e.u64(*tag).u64(*op_id);
+                enc_peers(&mut e, ring);
+            }
+            MasterMsg::CollectiveResult {
+                tag,
+                op_id,
+                ok,
+                code,
+                reason,
+            } => {
+                e.u64(*tag).u64(*op_id).bool(*ok).u8(*code).str(reason);
+            }
+            MasterMsg::SyncPlan {
+                sync_id,
+                revision,
+                fetch,
+                sources,
+            } => {
+                e.u64(*sync_id).u64(*revision).len_prefix(fetch.len());
+                for f in fetch {
+                    e.str(&f.name).u64(f.expected_hash);
+                }
+                enc_entries(&mut e, sources);
+            }
+            MasterMsg::SyncResult {
+                sync_id,
+                ok,
+                code,
+                reason,
+            } => {
+                e.u64(*sync_id).bool(*ok).u8(*code).str(reason);
+            }
+        }
+        finish_frame(e.0)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let mut d = Dec::new(body);
+        let ty = d.u16()?;
+        let msg = match ty {
+            101 => MasterMsg::RegisterAck {
+                id: d.peer()?,
+                heartbeat_interval_ms: d.u32()?,
+            },
+            102 => MasterMsg::Establish {
+                round: d.u64()?,
+                ring: dec_peers(&mut d)?,
+                peers: dec_entries(&mut d)?,
+            },
+            103 => MasterMsg::TopologyUpdated {
+                world: dec_world(&mut d)?,
+            },
+            104 => MasterMsg::TopologyFailed {
+                reason: d.string("reason", MAX_CONTROL_FRAME)?,
+            },
+            105 => MasterMsg::World {
+                world: dec_world(&mut d)?,
+            },
+            106 => MasterMsg::PendingAnswer { pending: d.bool()? },
+            107 => MasterMsg::OptimizeDone { ok: d.bool()? },
+            108 => MasterMsg::CollectiveCommence {
+                tag: d.u64()?,
+                op_id: d.u64()?,
+                ring: dec_peers(&mut d)?,
+            },
+            109 => MasterMsg::CollectiveResult {
+                tag: d.u64()?,
+                op_id: d.u64()?,
+                ok: d.bool()?,
+                code: d.u8()?,
+                reason: d.string("reason", MAX_CONTROL_FRAME)?,
+            },
+            110 => {
+                let sync_id = d.u64()?;
+                let revision = d.u64()?;
+                let n = d.list_len("fetch list")?;
+                let mut fetch = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    fetch.push(FetchItem {
+                        name: d.string("tensor name", MAX_NAME_LEN)?,
+                        expected_hash: d.u64()?,
+                    });
+                }
+                MasterMsg::SyncPlan {
+                    sync_id,
+                    revision,
+                    fetch,
+                    sources: dec_entries(&mut d)?,
+                }
+            }
+            111 => MasterMsg::SyncResult {
+                sync_id: d.u64()?,
+                ok: d.bool()?,
+                code: d.u8()?,
+                reason: d.string("reason", MAX_CONTROL_FRAME)?,
+            },
+            112 => MasterMsg::Kick {
+                reason: d.string("reason", MAX_CONTROL_FRAME)?,
+            },
+            _ => {
+                return Err(WireError::Unknown {
+                    what: "master message type",
+                    value: ty as u64,
+                })
+            }
+        };
+        d.finish()?;
+        Ok(msg)
+    }
+}
+
+fn finish_frame(mut buf: Vec<u8>) -> Vec<u8> {
+    let body = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&body.to_le_bytes());
+    buf
+}
+
+/// Validates a control frame's length prefix before its body is read.
+pub fn check_control_len(len: u32) -> Result<usize, WireError> {
+    let len = len as usize;
+    if len < 2 {
+        return Err(WireError::Truncated { needed: 2 - len });
+    }
+    if len > MAX_CONTROL_FRAME {
+        return Err(WireError::TooLong {
+            what: "control frame",
+            len,
+            max: MAX_CONTROL_FRAME,
+        });
+    }
+    Ok(len)
+}
+
+// ---------------------------------------------------------------------------
+// P2P data frames
+
+/// How a data frame's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Encoding {
+    /// The elements' bytes, little-endian as in memory.
+    Raw = 0,
+    /// Blocks of quantized values with per-block metadata (see `quant`).
+    Quantized = 1,
+}
+
+/// Fixed 40-byte header in front of every ring data payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    /// Master-assigned id of the collective this frame belongs to.
+    pub op_id: u64,
+    /// Ring step: 0..w-1 reduce-scatter, w-1..2(w-1) all-gather.
+    pub step: u16,
+    pub encoding: Encoding,
+    /// Segment index (0..w).
+    pub segment: u32,
+    /// Sub-chunk index inside the segment.
+    pub chunk: u32,
+    /// First element of the sub-chunk in the whole buffer.
+    pub elem_offset: u64,
+    /// Number of elements in the sub-chunk.
+    pub elems: u32,
+    /// Payload bytes that follow.
+    pub payload_len: u32,
+}
+
+impl DataHeader {
+    pub const LEN: usize = 40;
+    const MARK: u16 = 0xD47A;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut o = [0u8; Self::LEN];
+        o[0..2].copy_from_slice(&Self::MARK.to_le_bytes());
+        o[2..4].copy_from_slice(&self.step.to_le_bytes());
+        o[4] = self.encoding as u8;
+        o[8..16].copy_from_slice(&self.op_id.to_le_bytes());
+        o[16..20].copy_from_slice(&self.segment.to_le_bytes());
+        o[20..24].copy_from_slice(&self.chunk.to_le_bytes());
+        o[24..32].copy_from_slice(&self.elem_offset.to_le_bytes());
+        o[32..36].copy_from_slice(&self.elems.to_le_bytes());
+        o[36..40].copy_from_slice(&self.payload_len.to_le_bytes());
+        o
+    }
+
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        let rd16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let rd32 = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let rd64 = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        if rd16(0) != Self::MARK {
+            return Err(WireError::Unknown {
+                what: "data frame mark",
+                value: rd16(0) as u64,
+            });
+        }
+        let encoding = match b[4] {
+            0 => Encoding::Raw,
+            1 => Encoding::Quantized,
+            v => {
+                return Err(WireError::Unknown {
+                    what: "data encoding",
+                    value: v as u64,
+                })
+            }
+        };
+        let payload_len = rd32(36);
+        if payload_len as usize > MAX_DATA_PAYLOAD {
+            return Err(WireError::TooLong {
+                what: "data payload",
+                len: payload_len as usize,
+                max: MAX_DATA_PAYLOAD,
+            });
+        }
+        Ok(DataHeader {
+            op_id: rd64(8),
+            step: rd16(2),
+            encoding,
+            segment: rd32(16),
+            chunk: rd32(20),
+            elem_offset: rd64(24),
+            elems: rd32(32),
+            payload_len,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn body(frame: &[u8]) -> &[u8] {
+        &frame[4..]
+    }
+
+    #[test]
+    fn peer_messages_round_trip() {
+        let msgs = vec![
+            PeerMsg::Register {
+                group: 7,
+                p2p_port: 1,
+                ss_port: 2,
+                bench_port: 3,
+                advertised_ip: Some("10.1.2.3".parse().unwrap()),
+            },
+            PeerMsg::Heartbeat,
+            PeerMsg::Leave,
+            PeerMsg::VoteUpdateTopology,
+            PeerMsg::ConnectionsEstablished { round: 9, ok: true },
+            PeerMsg::VoteArePeersPending,
+            PeerMsg::VoteOptimizeTopology,
+            PeerMsg::CollectiveInit {
+                tag: 5,
+                spec: CollectiveSpec {
+                    count: 1 << 40,
+                    datatype: 10,
+                    op: 1,
+                    quant_datatype: 0,
+                    quant_algorithm: 1,
+                },
+            },
+            PeerMsg::CollectiveDone {
+                tag: 5,
+                op_id: 77,
+                ok: false,
+            },
+            PeerMsg::SyncVote {
+                revision: 3,
+                strategy: 2,
+                tensors: vec![TensorMeta {
+                    name: "w.0".into(),
+                    datatype: 10,
+                    count: 12,
+                    hash: 0xdead,
+                    allow_content_inequality: true,
+                }],
+            },
+            PeerMsg::SyncTransferDone {
+                sync_id: 4,
+                ok: false,
+                failed_source: Some(PeerId([9; 16])),
+            },
+        ];
+        for m in msgs {
+            let f = m.to_frame();
+            assert_eq!(
+                u32::from_le_bytes([f[0], f[1], f[2], f[3]]) as usize,
+                f.len() - 4
+            );
+            assert_eq!(PeerMsg::decode(body(&f)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn master_messages_round_trip() {
+        let entry = PeerEntry {
+            id: PeerId([1; 16]),
+            group: 2,
+            ip: "::1".parse().unwrap(),
+            p2p_port: 4,
+            ss_port: 5,
+            bench_port: 6,
+        };
+        let msgs = vec![
+            MasterMsg::RegisterAck {
+                id: PeerId([3; 16]),
+                heartbeat_interval_ms: 250,
+            },
+            MasterMsg::Establish {
+                round: 2,
+                ring: vec![PeerId([1; 16]), PeerId([2; 16])],
+                peers: vec![entry.clone()],
+            },
+            MasterMsg::TopologyUpdated {
+                world: WorldInfo {
+                    global_world: 3,
+                    group_world: 2,
+                    num_groups: 2,
+                    largest_group: 2,
+                },
+            },
+            MasterMsg::TopologyFailed { reason: "x".into() },
+            MasterMsg::World {
+                world: WorldInfo::default(),
+            },
+            MasterMsg::PendingAnswer { pending: true },
+            MasterMsg::OptimizeDone { ok: true },
+            MasterMsg::CollectiveCommence {
+                tag: 1,
+                op_id: 2,
+                ring: vec![PeerId([7; 16])],
+            },
+            MasterMsg::CollectiveResult {
+                tag: 1,
+                op_id: 2,
+                ok: false,
+                code: 8,
+                reason: "peer died".into(),
+            },
+            MasterMsg::SyncPlan {
+                sync_id: 1,
+                revision: 9,
+                fetch: vec![FetchItem {
+                    name: "a".into(),
+                    expected_hash: 4,
+                }],
+                sources: vec![entry],
+            },
+            MasterMsg::SyncResult {
+                sync_id: 1,
+                ok: true,
+                code: 0,
+                reason: String::new(),
+            },
+            MasterMsg::Kick {
+                reason: "bye".into(),
+            },
+        ];
+        for m in msgs {
+            let f = m.to_frame();
+            assert_eq!(MasterMsg::decode(body(&f)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn hello_checks_magic_and_version() {
+        let h = Hello {
+            kind: ConnKind::P2pData,
+            from: PeerId([1; 16]),
+            to: PeerId([2; 16]),
+        };
+        let mut b = h.encode();
+        assert_eq!(Hello::decode(&b).unwrap(), h);
+        b[5] = 0x7f;
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(WireError::VersionMismatch { .. })
+        ));
+        b[0] = b'G';
+        assert!(matches!(Hello::decode(&b), Err(WireError::BadMagic(_))));
+    }
+
+    #[test]
+    fn data_header_round_trip_and_bounds() {
+        let h = DataHeader {
+            op_id: 1 << 50,
+            step: 3,
+            encoding: Encoding::Quantized,
+            segment: 2,
+            chunk: 9,
+            elem_offset: 1 << 33,
+            elems: 1000,
+            payload_len: 4000,
+        };
+        let mut b = h.encode();
+        assert_eq!(DataHeader::decode(&b).unwrap(), h);
+        b[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            DataHeader::decode(&b),
+            Err(WireError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_list_length_is_refused_without_allocating() {
+        let mut e = Enc::default();
+        e.u16(102).u64(1).u32(u32::MAX);
+        assert!(matches!(
+            MasterMsg::decode(&e.0),
+            Err(WireError::TooLong { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = PeerMsg::decode(&bytes);
+            let _ = MasterMsg::decode(&bytes);
+            if bytes.len() >= Hello::LEN {
+                let mut a = [0u8; Hello::LEN];
+                a.copy_from_slice(&bytes[..Hello::LEN]);
+                let _ = Hello::decode(&a);
+                let mut d = [0u8; DataHeader::LEN];
+                d.copy_from_slice(&bytes[..DataHeader::LEN]);
+                let _ = DataHeader::decode(&d);
+            }
+        }
+
+        #[test]
+        fn typed_prefix_fuzz(ty in prop_oneof![1u16..12, 101u16..113], tail in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut b = ty.to_le_bytes().to_vec();
+            b.extend_from_slice(&tail);
+            let _ = PeerMsg::decode(&b);
+            let _ = MasterMsg::decode(&b);
+        }
+    }
+}
