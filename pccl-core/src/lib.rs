@@ -19,11 +19,13 @@ pub mod kernels;
 pub mod logging;
 pub mod master;
 pub mod quant;
+pub mod shared_state;
 pub mod transport;
 pub mod wire;
 
 pub use comm::{AsyncReduceHandle, Communicator, CommunicatorConfig, Element, RawReduceOp};
 pub use master::{MasterConfig, MasterNode};
+pub use shared_state::{SharedState, SharedTensor};
 
 /// Default port of the master (`CCOIP_PROTOCOL_PORT_MASTER`).
 pub const DEFAULT_MASTER_PORT: u16 = 48148;

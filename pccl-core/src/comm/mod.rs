@@ -892,3 +892,22 @@ impl Drop for OpRegistration {
         self.p2p.unregister_op(self.op_id);
     }
 }
+
+impl Communicator {
+    /// Synchronizes `state` with the other peers of the group (collective):
+    /// checks the revision, elects the popular content by hash, and fetches
+    /// the tensors that differ from a peer that holds it. On success every
+    /// peer's tensors hold identical bytes and `state.revision` is the
+    /// group's; on failure each tensor is untouched or fully replaced with
+    /// verified popular content.
+    pub fn sync_shared_state(
+        &self,
+        state: &mut crate::SharedState<'_>,
+        strategy: crate::SyncStrategy,
+    ) -> Result<crate::SyncInfo> {
+        let _ = (state, strategy);
+        Err(Error::Internal(
+            "shared-state sync is not implemented yet".into(),
+        ))
+    }
+}
