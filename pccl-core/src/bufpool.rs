@@ -49,22 +49,9 @@ pub struct PooledBuf {
 }
 
 impl PooledBuf {
-    /// An unpooled buffer holding `v`.
-    pub fn from_vec(v: Vec<u8>) -> Self {
-        let len = v.len();
-        PooledBuf {
-            data: v,
-            len,
-            pool: None,
-        }
-    }
-
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 

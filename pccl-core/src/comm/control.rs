@@ -224,7 +224,7 @@ impl Control {
                     self.p2p.note_commenced(op_id);
                     return;
                 };
-                let (tx, inbox) = mpsc::channel(super::p2p_inbox_capacity());
+                let (tx, inbox) = mpsc::channel(super::p2p::INBOX_CAPACITY);
                 let route = Arc::new(OpRoute {
                     left: ring[(i + n - 1) % n],
                     right: ring[(i + 1) % n],
@@ -313,18 +313,6 @@ impl Control {
             .ok()
             .and_then(|d| d.get(&peer).map(|e| SocketAddr::new(e.ip, e.p2p_port)))
             .ok_or_else(|| Error::RankConnectionFailed(format!("no address known for peer {peer}")))
-    }
-
-    /// The directory entry of a peer of this group.
-    pub fn entry_of(&self, peer: PeerId) -> Option<PeerEntry> {
-        self.directory
-            .lock()
-            .ok()
-            .and_then(|d| d.get(&peer).cloned())
-    }
-
-    pub fn shutdown_token(&self) -> &CancellationToken {
-        &self.shutdown
     }
 }
 

@@ -25,10 +25,6 @@ use crate::wire::{CollectiveSpec, ConnKind, Hello, MasterMsg, PeerId, PeerMsg, W
 use control::{Control, Routed, WaitKey};
 use p2p::P2p;
 
-pub(crate) fn p2p_inbox_capacity() -> usize {
-    256
-}
-
 /// How to create a [`Communicator`].
 #[derive(Debug, Clone)]
 pub struct CommunicatorConfig {
@@ -95,6 +91,7 @@ pub struct Communicator {
     shutdown: CancellationToken,
     p2p: Arc<P2p>,
     ctl: Mutex<Option<Arc<Control>>>,
+    ss: Arc<crate::shared_state::SharedStateServer>,
     async_ops: Mutex<HashMap<u64, tokio::task::JoinHandle<Result<ReduceInfo>>>>,
 }
 
@@ -114,11 +111,17 @@ impl Communicator {
             cfg.connect_timeout,
             shutdown.clone(),
         );
+        let ss = crate::shared_state::SharedStateServer::new(
+            shutdown.clone(),
+            cfg.socket,
+            cfg.connect_timeout,
+        );
         Ok(Communicator {
             cfg,
             rt: Some(rt),
             shutdown,
             p2p,
+            ss,
             ctl: Mutex::new(None),
             async_ops: Mutex::new(HashMap::new()),
         })
@@ -188,6 +191,17 @@ impl Communicator {
         let p2p_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         let listener = TcpListener::from_std(listener)
             .map_err(|e| Error::Internal(format!("p2p listener: {e}")))?;
+        let ss_listener =
+            transport::bind_listener(cfg.bind_ip, cfg.shared_state_port, cfg.port_attempts)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "cannot bind the shared-state listener from port {}: {e}",
+                        cfg.shared_state_port
+                    ))
+                })?;
+        let ss_port = ss_listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let ss_listener = TcpListener::from_std(ss_listener)
+            .map_err(|e| Error::Internal(format!("shared-state listener: {e}")))?;
 
         let mut stream = transport::dial(cfg.master_addr, cfg.connect_timeout, cfg.socket)
             .await
@@ -222,7 +236,7 @@ impl Communicator {
         ctl.send(&PeerMsg::Register {
             group: cfg.peer_group,
             p2p_port,
-            ss_port: 0,
+            ss_port,
             bench_port: 0,
             advertised_ip: cfg.advertised_ip,
         })?;
@@ -239,6 +253,8 @@ impl Communicator {
         }
         self.p2p.set_me(id);
         self.p2p.spawn_listener(listener);
+        self.ss.set_me(id);
+        self.ss.spawn_listener(ss_listener);
         control::spawn_heartbeat(ctl.clone(), Duration::from_millis(hb.max(10) as u64));
         tracing::info!(peer = %id, master = %cfg.master_addr, p2p_port, "registered; waiting for admission");
         match topo.recv().await? {
@@ -896,18 +912,58 @@ impl Drop for OpRegistration {
 impl Communicator {
     /// Synchronizes `state` with the other peers of the group (collective):
     /// checks the revision, elects the popular content by hash, and fetches
-    /// the tensors that differ from a peer that holds it. On success every
-    /// peer's tensors hold identical bytes and `state.revision` is the
-    /// group's; on failure each tensor is untouched or fully replaced with
-    /// verified popular content.
+    /// the tensors that differ from a peer that holds it, verifying them by
+    /// hash. On success every peer's tensors hold identical bytes and
+    /// `state.revision` is the group's. On failure an error is returned and
+    /// each tensor is untouched, or (for a tensor whose transfer broke off)
+    /// left partially written, never silently.
     pub fn sync_shared_state(
         &self,
         state: &mut crate::SharedState<'_>,
         strategy: crate::SyncStrategy,
     ) -> Result<crate::SyncInfo> {
-        let _ = (state, strategy);
-        Err(Error::Internal(
-            "shared-state sync is not implemented yet".into(),
-        ))
+        let ctl = self.control()?;
+        self.ensure_no_async_ops()?;
+        let mut names = std::collections::HashSet::new();
+        for t in &state.tensors {
+            if t.name.is_empty() || t.name.len() > crate::wire::MAX_NAME_LEN {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor name '{}' is empty or too long",
+                    t.name
+                )));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor name '{}' appears twice",
+                    t.name
+                )));
+            }
+            if t.device != crate::DeviceType::Cpu {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor '{}' is in CUDA memory, which this build does not support",
+                    t.name
+                )));
+            }
+            if t.count > 0 && t.ptr.is_null() {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor '{}' has a NULL data pointer",
+                    t.name
+                )));
+            }
+        }
+        if state.tensors.len() > crate::wire::MAX_LIST_LEN {
+            return Err(Error::InvalidArgument(
+                "too many tensors in one shared state".into(),
+            ));
+        }
+        let slices: Vec<&[u8]> = state.tensors.iter().map(|t| t.bytes()).collect();
+        let hashes = crate::hash::tensor_hashes(&slices);
+        drop(slices);
+        let server = self.ss.clone();
+        let parallel = self.cfg.p2p_connection_pool_size.max(1) as usize;
+        let (tuning, timeout) = (self.cfg.socket, self.cfg.connect_timeout);
+        self.block_on(crate::shared_state::run_sync(
+            &ctl, &server, state, strategy, hashes, parallel, tuning, timeout,
+        ))?
     }
 }

@@ -22,7 +22,7 @@ use crate::transport::{self, SocketTuning};
 use crate::wire::{ConnKind, DataHeader, Hello, PeerId};
 
 /// Capacity of an operation's inbound frame queue (backpressure on readers).
-const INBOX_CAPACITY: usize = 256;
+pub(crate) const INBOX_CAPACITY: usize = 256;
 /// How long a reader holds a frame for an op the master has not announced yet.
 const EARLY_FRAME_WAIT: Duration = Duration::from_secs(30);
 
@@ -98,7 +98,6 @@ impl OutConn {
 
 /// The pool of connections to one right neighbour.
 pub struct OutPool {
-    pub peer: PeerId,
     pub conns: Vec<Arc<OutConn>>,
 }
 
@@ -162,10 +161,6 @@ impl P2p {
 
     pub fn me(&self) -> PeerId {
         self.me.lock().map(|m| *m).unwrap_or_default()
-    }
-
-    pub fn pool_size(&self) -> usize {
-        self.pool_size
     }
 
     /// Accepts ring connections until shutdown.
@@ -347,7 +342,7 @@ impl P2p {
             conns.push(r?);
         }
         tracing::debug!(peer = %me, to = %peer, %addr, n = conns.len(), "ring connection pool up");
-        let pool = Arc::new(OutPool { peer, conns });
+        let pool = Arc::new(OutPool { conns });
         if let Ok(mut pools) = self.out_pools.lock() {
             pools.insert(peer, pool.clone());
         }

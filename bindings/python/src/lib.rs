@@ -1,0 +1,739 @@
+//! `pccl._pccl`: the native half of the `pccl` Python package.
+//!
+//! This module is private. The public API (`pccl.Communicator`,
+//! `pccl.MasterNode`, tensor helpers, enums) is written in Python on top of
+//! it, in `python/pccl/`. The Python layer turns NumPy arrays and PyTorch
+//! tensors into raw `(address, element count, data type)` triples, checks
+//! them, and hands this module the owning Python objects as well ("keep"
+//! objects): this module holds those references until the Rust core has
+//! finished with the memory, even when the Python caller has moved on
+//! (interrupted wait, dropped handle).
+//!
+//! Every blocking call runs on a helper thread while the calling thread
+//! waits *without the GIL*, waking every [`POLL`] to run Python's signal
+//! handlers, so Ctrl-C raises `KeyboardInterrupt` within a fraction of a
+//! second. An interrupted membership call or synchronous collective closes
+//! the communicator (the core finishes the call in the background, then
+//! leaves the swarm); an interrupted `AsyncReduceHandle.wait()` leaves both
+//! the handle and the communicator usable.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pccl_core::{
+    Attribute, Communicator, CommunicatorConfig, DataType, DeviceType, DistributionHint,
+    MasterConfig, MasterNode, QuantizationAlgorithm, QuantizationOptions, RawReduceOp,
+    ReduceDescriptor, ReduceInfo, ReduceOp, SharedState, SharedTensor, SyncStrategy,
+};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+/// How long a blocking call sleeps without the GIL between signal checks.
+const POLL: Duration = Duration::from_millis(50);
+
+type CoreResult<T> = pccl_core::Result<T>;
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// Turns a core error into `pccl.PCCLError` (built by the Python layer so it
+/// carries a `pccl.Result` member); falls back to `RuntimeError` should the
+/// Python side be unavailable (interpreter shutting down).
+fn pccl_err(py: Python<'_>, func: &str, e: &pccl_core::Error) -> PyErr {
+    let make = || -> PyResult<PyErr> {
+        let module = py.import("pccl._errors")?;
+        let exc = module
+            .getattr("PCCLError")?
+            .call_method1("_from_native", (e.code(), func, e.to_string()))?;
+        Ok(PyErr::from_value(exc))
+    };
+    match make() {
+        Ok(err) => err,
+        Err(_) => PyRuntimeError::new_err(format!("{func} failed: {e} (code {})", e.code())),
+    }
+}
+
+fn internal(msg: impl Into<String>) -> pccl_core::Error {
+    pccl_core::Error::Internal(msg.into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked while holding it;
+    // the data here (options, flags) stays consistent, so carry on.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---------------------------------------------------------------------------
+// Background tasks with an interruptible, GIL-free wait
+// ---------------------------------------------------------------------------
+
+/// The result of work running on a helper thread.
+struct Slot<T> {
+    value: Mutex<Option<T>>,
+    cv: Condvar,
+    done: AtomicBool,
+}
+
+impl<T> Slot<T> {
+    fn new() -> Arc<Self> {
+        Arc::new(Slot {
+            value: Mutex::new(None),
+            cv: Condvar::new(),
+            done: AtomicBool::new(false),
+        })
+    }
+
+    fn put(&self, v: T) {
+        *lock(&self.value) = Some(v);
+        self.done.store(true, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `timeout`; takes the value if it is there.
+    fn take_timeout(&self, timeout: Duration) -> Option<T> {
+        let guard = lock(&self.value);
+        let (mut guard, _) = self
+            .cv
+            .wait_timeout_while(guard, timeout, |v| v.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        guard.take()
+    }
+}
+
+/// Runs `f` on a new thread; its result (or a panic, as an internal error)
+/// lands in the returned slot.
+fn spawn_task<T, F>(name: &str, f: F) -> CoreResult<Arc<Slot<CoreResult<T>>>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> CoreResult<T> + Send + 'static,
+{
+    let slot = Slot::new();
+    let out = slot.clone();
+    std::thread::Builder::new()
+        .name(format!("pccl-py-{name}"))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(AssertUnwindSafe(f))
+                .unwrap_or_else(|_| Err(internal("the pccl core panicked")));
+            out.put(r);
+        })
+        .map_err(|e| internal(format!("cannot start a helper thread: {e}")))?;
+    Ok(slot)
+}
+
+/// Waits for a slot without holding the GIL, running Python signal handlers
+/// every [`POLL`]. Returns `Err` (typically `KeyboardInterrupt`) when a
+/// handler raised; the slot is left untouched then.
+fn wait_slot<T: Send>(py: Python<'_>, slot: &Slot<T>) -> PyResult<T> {
+    loop {
+        if let Some(v) = py.detach(|| slot.take_timeout(POLL)) {
+            return Ok(v);
+        }
+        py.check_signals()?;
+    }
+}
+
+/// Python objects whose memory the core may still be using after their
+/// Python-side owner went away; dropped once the work is done.
+struct Orphan {
+    done: Arc<dyn Fn() -> bool + Send + Sync>,
+    keep: Py<PyAny>,
+}
+
+static ORPHANS: Mutex<Vec<Orphan>> = Mutex::new(Vec::new());
+
+fn adopt_orphan(done: Arc<dyn Fn() -> bool + Send + Sync>, keep: Py<PyAny>) {
+    lock(&ORPHANS).push(Orphan { done, keep });
+}
+
+/// Releases the references of finished orphans. The references are dropped
+/// after the lock is released: freeing a tensor may run arbitrary Python.
+fn prune_orphans(_py: Python<'_>) {
+    let finished: Vec<Orphan> = {
+        let mut all = lock(&ORPHANS);
+        let (done, pending): (Vec<Orphan>, Vec<Orphan>) = all.drain(..).partition(|o| (o.done)());
+        *all = pending;
+        done
+    };
+    drop(finished);
+}
+
+// ---------------------------------------------------------------------------
+// Argument conversion
+// ---------------------------------------------------------------------------
+
+fn resolve(addr: &str) -> PyResult<SocketAddr> {
+    let mut it = addr.to_socket_addrs().map_err(|e| {
+        PyValueError::new_err(format!(
+            "invalid address {addr:?} (expected \"ip:port\" or \"host:port\"): {e}"
+        ))
+    })?;
+    it.next()
+        .ok_or_else(|| PyValueError::new_err(format!("address {addr:?} resolves to nothing")))
+}
+
+/// A reduce descriptor as the Python layer passes it:
+/// `(count, datatype, op, tag, distribution_hint, quantized_datatype, quantization_algorithm)`.
+type DescTuple = (usize, u32, u32, u64, u32, u32, u32);
+
+fn descriptor(py: Python<'_>, func: &str, d: DescTuple) -> PyResult<ReduceDescriptor> {
+    let (count, dtype, op, tag, hint, qdtype, qalgo) = d;
+    let conv = || -> CoreResult<ReduceDescriptor> {
+        let datatype = DataType::from_raw(dtype)?;
+        let algorithm = QuantizationAlgorithm::from_raw(qalgo)?;
+        let quantized_datatype = if algorithm == QuantizationAlgorithm::None {
+            // Ignored by the core; PCCL 1.0 callers pass the operand type here.
+            DataType::from_raw(qdtype).unwrap_or(DataType::U8)
+        } else {
+            DataType::from_raw(qdtype)?
+        };
+        Ok(ReduceDescriptor {
+            count,
+            op: ReduceOp::from_raw(op)?,
+            tag,
+            datatype,
+            distribution_hint: DistributionHint::from_raw(hint)?,
+            quantization: QuantizationOptions {
+                quantized_datatype,
+                algorithm,
+            },
+        })
+    };
+    conv().map_err(|e| pccl_err(py, func, &e))
+}
+
+fn info_tuple(i: ReduceInfo) -> (u32, u64, u64) {
+    (i.local_world_size, i.tx_bytes, i.rx_bytes)
+}
+
+// ---------------------------------------------------------------------------
+// Communicator
+// ---------------------------------------------------------------------------
+
+/// Native communicator; see `pccl.Communicator` for the public API.
+#[pyclass(frozen, module = "pccl._pccl")]
+struct NativeCommunicator {
+    inner: Mutex<Option<Arc<Communicator>>>,
+}
+
+impl NativeCommunicator {
+    fn get(&self, py: Python<'_>, func: &str) -> PyResult<Arc<Communicator>> {
+        lock(&self.inner).clone().ok_or_else(|| {
+            pccl_err(
+                py,
+                func,
+                &pccl_core::Error::InvalidUsage("the communicator is closed".into()),
+            )
+        })
+    }
+
+    /// Drops this object's reference; the core leaves the swarm once the
+    /// last helper thread using it is done.
+    fn close_inner(&self, py: Python<'_>) {
+        let comm = lock(&self.inner).take();
+        if let Some(comm) = comm {
+            // Dropping the last reference sends `Leave` and stops the runtime.
+            py.detach(move || drop(comm));
+        }
+    }
+
+    /// Runs a blocking call on a helper thread; Ctrl-C closes the communicator.
+    fn blocking<T, F>(&self, py: Python<'_>, func: &str, keep: Option<Py<PyAny>>, f: F) -> PyResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Communicator) -> CoreResult<T> + Send + 'static,
+    {
+        prune_orphans(py);
+        let comm = self.get(py, func)?;
+        let slot = spawn_task(func, move || f(&comm)).map_err(|e| pccl_err(py, func, &e))?;
+        match wait_slot(py, &slot) {
+            Ok(r) => {
+                drop(keep);
+                r.map_err(|e| pccl_err(py, func, &e))
+            }
+            Err(interrupt) => {
+                if let Some(keep) = keep {
+                    let s = slot.clone();
+                    adopt_orphan(Arc::new(move || s.is_done()), keep);
+                }
+                self.close_inner(py);
+                Err(interrupt)
+            }
+        }
+    }
+
+    /// Starts an all-reduce; the returned slot fills when it is over.
+    fn start_all_reduce(
+        &self,
+        py: Python<'_>,
+        func: &str,
+        send: usize,
+        recv: usize,
+        desc: DescTuple,
+    ) -> PyResult<Arc<Slot<CoreResult<ReduceInfo>>>> {
+        prune_orphans(py);
+        let comm = self.get(py, func)?;
+        let desc = descriptor(py, func, desc)?;
+        // SAFETY: the Python layer derived `send`/`recv` from live, contiguous,
+        // CPU-resident buffers of at least `desc.count` elements of
+        // `desc.datatype` (checked there) and passed the owning objects as
+        // `keep`, which the caller holds (directly, or via the orphan list)
+        // until the returned slot is filled, i.e. until the core is done with
+        // the memory. A null or overlapping pair is rejected by the core.
+        let handle = unsafe { comm.all_reduce_async_raw(send as *const u8, recv as *mut u8, &desc) }
+            .map_err(|e| pccl_err(py, func, &e))?;
+        spawn_task("await", move || comm.await_handle(handle)).map_err(|e| pccl_err(py, func, &e))
+    }
+}
+
+#[pymethods]
+impl NativeCommunicator {
+    /// `NativeCommunicator(master_addr, peer_group, p2p_connection_pool_size,
+    /// shared_state_port, p2p_port, benchmark_port, advertised_ip=None)`;
+    /// a port of 0 means "any free port".
+    #[new]
+    #[pyo3(signature = (master_addr, peer_group=0, p2p_connection_pool_size=0, shared_state_port=pccl_core::DEFAULT_SHARED_STATE_PORT, p2p_port=pccl_core::DEFAULT_P2P_PORT, benchmark_port=pccl_core::DEFAULT_BENCHMARK_PORT, advertised_ip=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        master_addr: &str,
+        peer_group: u32,
+        p2p_connection_pool_size: u32,
+        shared_state_port: u16,
+        p2p_port: u16,
+        benchmark_port: u16,
+        advertised_ip: Option<&str>,
+    ) -> PyResult<Self> {
+        let addr = resolve(master_addr)?;
+        let mut cfg = CommunicatorConfig::new(addr);
+        cfg.peer_group = peer_group;
+        cfg.p2p_connection_pool_size = p2p_connection_pool_size.max(1);
+        cfg.shared_state_port = shared_state_port;
+        cfg.p2p_port = p2p_port;
+        cfg.benchmark_port = benchmark_port;
+        if let Some(ip) = advertised_ip {
+            cfg.advertised_ip = Some(ip.parse().map_err(|e| {
+                PyValueError::new_err(format!("invalid advertised_ip {ip:?}: {e}"))
+            })?);
+        }
+        let comm = Communicator::new(cfg).map_err(|e| pccl_err(py, "pcclCreateCommunicator", &e))?;
+        Ok(NativeCommunicator {
+            inner: Mutex::new(Some(Arc::new(comm))),
+        })
+    }
+
+    /// Registers with the master; blocks until the existing peers accept us.
+    fn connect(&self, py: Python<'_>) -> PyResult<()> {
+        self.blocking(py, "pcclConnect", None, |c| c.connect())
+    }
+
+    fn update_topology(&self, py: Python<'_>) -> PyResult<()> {
+        self.blocking(py, "pcclUpdateTopology", None, |c| c.update_topology())
+    }
+
+    fn are_peers_pending(&self, py: Python<'_>) -> PyResult<bool> {
+        self.blocking(py, "pcclArePeersPending", None, |c| c.are_peers_pending())
+    }
+
+    fn optimize_topology(&self, py: Python<'_>) -> PyResult<()> {
+        self.blocking(py, "pcclOptimizeTopology", None, |c| c.optimize_topology())
+    }
+
+    fn get_attribute(&self, py: Python<'_>, attribute: u32) -> PyResult<u32> {
+        let func = "pcclGetAttribute";
+        let comm = self.get(py, func)?;
+        Attribute::from_raw(attribute)
+            .and_then(|a| comm.attribute(a))
+            .map_err(|e| pccl_err(py, func, &e))
+    }
+
+    /// Blocking all-reduce; returns `(local_world_size, tx_bytes, rx_bytes)`.
+    fn all_reduce(
+        &self,
+        py: Python<'_>,
+        send: usize,
+        recv: usize,
+        desc: DescTuple,
+        keep: Py<PyAny>,
+    ) -> PyResult<(u32, u64, u64)> {
+        let func = "pcclAllReduce";
+        let slot = self.start_all_reduce(py, func, send, recv, desc)?;
+        match wait_slot(py, &slot) {
+            Ok(r) => {
+                drop(keep);
+                r.map(info_tuple).map_err(|e| pccl_err(py, func, &e))
+            }
+            Err(interrupt) => {
+                let s = slot.clone();
+                adopt_orphan(Arc::new(move || s.is_done()), keep);
+                self.close_inner(py);
+                Err(interrupt)
+            }
+        }
+    }
+
+    /// Starts an all-reduce and returns a handle at once.
+    fn all_reduce_async(
+        &self,
+        py: Python<'_>,
+        send: usize,
+        recv: usize,
+        desc: DescTuple,
+        keep: Py<PyAny>,
+    ) -> PyResult<NativeHandle> {
+        let tag = desc.3;
+        let slot = self.start_all_reduce(py, "pcclAllReduceAsync", send, recv, desc)?;
+        Ok(NativeHandle {
+            tag,
+            slot,
+            keep: Mutex::new(Some(keep)),
+            outcome: Mutex::new(None),
+        })
+    }
+
+    /// Many all-reduces with retry; `ops` holds `(send, recv, descriptor)`.
+    fn all_reduce_multiple_with_retry(
+        &self,
+        py: Python<'_>,
+        ops: Vec<(usize, usize, DescTuple)>,
+        max_in_flight: usize,
+        keep: Py<PyAny>,
+    ) -> PyResult<(u32, u64, u64)> {
+        let func = "pcclAllReduceMultipleWithRetry";
+        let mut raw: Vec<(usize, usize, ReduceDescriptor)> = Vec::with_capacity(ops.len());
+        for (send, recv, d) in ops {
+            raw.push((send, recv, descriptor(py, func, d)?));
+        }
+        let info = self.blocking(py, func, Some(keep), move |c| {
+            let ops: Vec<RawReduceOp> = raw
+                .iter()
+                .map(|&(send, recv, desc)| RawReduceOp {
+                    send: send as *const u8,
+                    recv: recv as *mut u8,
+                    desc,
+                })
+                .collect();
+            // SAFETY: as for `start_all_reduce`: every pointer comes from a
+            // live buffer the Python layer checked, whose owner is in `keep`,
+            // held until this task ends (or by the orphan list on Ctrl-C).
+            unsafe { c.all_reduce_multiple_with_retry_raw(&ops, max_in_flight) }
+        })?;
+        Ok(info_tuple(info))
+    }
+
+    /// Shared-state sync. `tensors` holds `(name, address, count, datatype,
+    /// device_type, allow_content_inequality)`; returns
+    /// `(revision, tx_bytes, rx_bytes)`.
+    #[allow(clippy::type_complexity)]
+    fn sync_shared_state(
+        &self,
+        py: Python<'_>,
+        tensors: Vec<(String, usize, usize, u32, u32, bool)>,
+        revision: u64,
+        strategy: u32,
+        keep: Py<PyAny>,
+    ) -> PyResult<(u64, u64, u64)> {
+        let func = "pcclSynchronizeSharedState";
+        let check = || -> CoreResult<(SyncStrategy, Vec<(String, usize, usize, DataType, bool)>)> {
+            let strategy = SyncStrategy::from_raw(strategy)?;
+            let mut out = Vec::with_capacity(tensors.len());
+            for (name, ptr, count, dtype, device, allow) in tensors {
+                let dtype = DataType::from_raw(dtype)?;
+                if DeviceType::from_raw(device)? != DeviceType::Cpu {
+                    return Err(pccl_core::Error::InvalidArgument(format!(
+                        "tensor {name:?} lives on a CUDA device; this build of pccl supports CPU memory only"
+                    )));
+                }
+                if ptr == 0 || count == 0 {
+                    return Err(pccl_core::Error::InvalidArgument(format!(
+                        "tensor {name:?} is empty or has no data pointer"
+                    )));
+                }
+                count.checked_mul(dtype.size()).ok_or_else(|| {
+                    pccl_core::Error::InvalidArgument(format!("tensor {name:?} is too large"))
+                })?;
+                out.push((name, ptr, count, dtype, allow));
+            }
+            Ok((strategy, out))
+        };
+        let (strategy, tensors) = check().map_err(|e| pccl_err(py, func, &e))?;
+        self.blocking(py, func, Some(keep), move |c| {
+            let shared: Vec<SharedTensor<'_>> = tensors
+                .iter()
+                .map(|(name, ptr, count, dtype, allow)| {
+                    // SAFETY: the Python layer derived each address from a
+                    // live, writable, contiguous CPU buffer of `count`
+                    // elements of `dtype` (checked there) whose owner is in
+                    // `keep`, held until this task ends.
+                    unsafe {
+                        SharedTensor::from_raw(
+                            name.clone(),
+                            *ptr as *mut u8,
+                            *count,
+                            *dtype,
+                            DeviceType::Cpu,
+                        )
+                    }
+                    .allow_content_inequality(*allow)
+                })
+                .collect();
+            let mut state = SharedState::new(revision, shared);
+            let info = c.sync_shared_state(&mut state, strategy)?;
+            Ok((state.revision, info.tx_bytes, info.rx_bytes))
+        })
+    }
+
+    /// Leaves the swarm (gracefully) and releases the communicator.
+    fn close(&self, py: Python<'_>) {
+        self.close_inner(py);
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.inner).is_none()
+    }
+
+    /// This peer's identity as assigned by the master (`None` before connect).
+    #[getter]
+    fn peer_id(&self) -> Option<String> {
+        let comm = lock(&self.inner).clone()?;
+        let id = comm.peer_id();
+        (id != pccl_core::wire::PeerId::default())
+            .then(|| id.0.iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Async handle
+// ---------------------------------------------------------------------------
+
+/// `(is_success, result code, local_world_size, tx_bytes, rx_bytes, message)`.
+type Outcome = (bool, i32, u32, u64, u64, String);
+
+/// An all-reduce in flight; see `pccl.AsyncReduceHandle`.
+#[pyclass(frozen, module = "pccl._pccl")]
+struct NativeHandle {
+    tag: u64,
+    slot: Arc<Slot<CoreResult<ReduceInfo>>>,
+    keep: Mutex<Option<Py<PyAny>>>,
+    outcome: Mutex<Option<Outcome>>,
+}
+
+#[pymethods]
+impl NativeHandle {
+    #[getter]
+    fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Whether the operation is over (`wait()` will not block).
+    fn is_finished(&self) -> bool {
+        lock(&self.outcome).is_some() || self.slot.is_done()
+    }
+
+    /// Blocks (without the GIL) until the operation is over. Ctrl-C raises
+    /// `KeyboardInterrupt` and leaves the handle waitable.
+    fn wait(&self, py: Python<'_>) -> PyResult<Outcome> {
+        loop {
+            if let Some(o) = lock(&self.outcome).clone() {
+                return Ok(o);
+            }
+            // Another thread may take the value first; it then stores the
+            // outcome, which the next round sees.
+            if let Some(r) = py.detach(|| self.slot.take_timeout(POLL)) {
+                let outcome = match r {
+                    Ok(i) => (true, 0, i.local_world_size, i.tx_bytes, i.rx_bytes, String::new()),
+                    Err(e) => (false, e.code(), 0, 0, 0, e.to_string()),
+                };
+                *lock(&self.outcome) = Some(outcome.clone());
+                let keep = lock(&self.keep).take();
+                drop(keep);
+                return Ok(outcome);
+            }
+            py.check_signals()?;
+        }
+    }
+}
+
+impl Drop for NativeHandle {
+    fn drop(&mut self) {
+        let keep = lock(&self.keep).take();
+        if let Some(keep) = keep {
+            if !self.slot.is_done() {
+                let s = self.slot.clone();
+                adopt_orphan(Arc::new(move || s.is_done()), keep);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Master
+// ---------------------------------------------------------------------------
+
+/// Native master; see `pccl.MasterNode`.
+#[pyclass(frozen, module = "pccl._pccl")]
+struct NativeMaster {
+    inner: Mutex<Option<MasterNode>>,
+    local_addr: SocketAddr,
+    running: AtomicBool,
+    stop: Arc<Slot<()>>,
+}
+
+impl NativeMaster {
+    fn with<T>(
+        &self,
+        py: Python<'_>,
+        func: &str,
+        f: impl FnOnce(&mut MasterNode) -> CoreResult<T>,
+    ) -> PyResult<T> {
+        let mut guard = lock(&self.inner);
+        match guard.as_mut() {
+            Some(m) => f(m).map_err(|e| pccl_err(py, func, &e)),
+            None => Err(pccl_err(
+                py,
+                func,
+                &pccl_core::Error::InvalidUsage("the master was closed".into()),
+            )),
+        }
+    }
+}
+
+#[pymethods]
+impl NativeMaster {
+    /// Binds the listening socket at once (a taken port fails here).
+    #[new]
+    #[pyo3(signature = (listen_address, peer_timeout_ms=None))]
+    fn new(py: Python<'_>, listen_address: &str, peer_timeout_ms: Option<u64>) -> PyResult<Self> {
+        let addr = resolve(listen_address)?;
+        let mut cfg = MasterConfig::default();
+        if let Some(t) = peer_timeout_ms {
+            cfg.peer_timeout_ms = t.max(1);
+        }
+        let node = MasterNode::bind(addr, cfg).map_err(|e| pccl_err(py, "pcclCreateMaster", &e))?;
+        Ok(NativeMaster {
+            local_addr: node.local_addr(),
+            inner: Mutex::new(Some(node)),
+            running: AtomicBool::new(false),
+            stop: Slot::new(),
+        })
+    }
+
+    /// Starts serving in the background; returns at once.
+    fn run(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, "pcclRunMaster", |m| m.run())?;
+        self.running.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Asks the master to stop; returns at once.
+    fn interrupt(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, "pcclInterruptMaster", |m| {
+            m.interrupt();
+            Ok(())
+        })?;
+        self.stop.put(());
+        Ok(())
+    }
+
+    /// Blocks (without the GIL; Ctrl-C raises `KeyboardInterrupt`) until
+    /// `interrupt()` was called and the master has stopped.
+    fn await_termination(&self, py: Python<'_>) -> PyResult<()> {
+        let func = "pcclMasterAwaitTermination";
+        if !self.running.load(Ordering::Acquire) {
+            return Err(pccl_err(
+                py,
+                func,
+                &pccl_core::Error::InvalidUsage("the master is not running".into()),
+            ));
+        }
+        loop {
+            if self.stop.is_done() {
+                break;
+            }
+            py.detach(|| self.stop.take_timeout(POLL));
+            if self.stop.is_done() {
+                break;
+            }
+            py.check_signals()?;
+        }
+        let node = lock(&self.inner).take();
+        if let Some(mut node) = node {
+            self.running.store(false, Ordering::Release);
+            let r = py.detach(move || {
+                let r = node.await_termination();
+                drop(node);
+                r
+            });
+            r.map_err(|e| pccl_err(py, func, &e))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the master (if running) and frees its resources.
+    fn close(&self, py: Python<'_>) {
+        let node = lock(&self.inner).take();
+        self.stop.put(());
+        if let Some(node) = node {
+            py.detach(move || drop(node));
+        }
+    }
+
+    /// The address actually bound, as `"ip:port"`.
+    #[getter]
+    fn local_addr(&self) -> String {
+        self.local_addr.to_string()
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.inner).is_none()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Module
+// ---------------------------------------------------------------------------
+
+/// Installs the stderr logger (`PCCL_LOG`/`RUST_LOG`, default `warn`), or
+/// changes its level when `level` is given (`"info"`, `"pccl_core=debug"`...).
+#[pyfunction]
+#[pyo3(signature = (level=None))]
+fn init_logging(level: Option<&str>) {
+    pccl_core::logging::init(level);
+}
+
+/// Number of Python objects still held for operations whose owners went away.
+#[pyfunction]
+fn _orphan_count(py: Python<'_>) -> usize {
+    prune_orphans(py);
+    lock(&ORPHANS).len()
+}
+
+#[pymodule]
+fn _pccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeCommunicator>()?;
+    m.add_class::<NativeHandle>()?;
+    m.add_class::<NativeMaster>()?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(_orphan_count, m)?)?;
+    m.add("DEFAULT_MASTER_PORT", pccl_core::DEFAULT_MASTER_PORT)?;
+    m.add("DEFAULT_SHARED_STATE_PORT", pccl_core::DEFAULT_SHARED_STATE_PORT)?;
+    m.add("DEFAULT_P2P_PORT", pccl_core::DEFAULT_P2P_PORT)?;
+    m.add("DEFAULT_BENCHMARK_PORT", pccl_core::DEFAULT_BENCHMARK_PORT)?;
+    m.add("HAS_CUDA_SUPPORT", false)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
