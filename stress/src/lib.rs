@@ -1,1 +1,3 @@
 //! Shared helpers of the stress and benchmark binaries.
+
+pub mod bench;

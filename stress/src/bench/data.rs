@@ -82,12 +82,7 @@ impl Workload {
         let kind = match op {
             ReduceOp::Sum | ReduceOp::Avg => {
                 // |sum| <= amplitude * world must stay exact.
-                let a = if unsigned {
-                    (lim / w + 1) / 2
-                } else {
-                    lim / w
-                }
-                .min(8);
+                let a = if unsigned { (lim / w + 1) / 2 } else { lim / w }.min(8);
                 if a == 0 {
                     return Err(format!(
                         "{} peers are too many for an exact {} sum; use a wider --dtype",
@@ -204,7 +199,11 @@ impl Workload {
             _ => 1e-15,
         };
         let round = w * mag * w * rel;
-        let avg_div = if self.op == ReduceOp::Avg { 1.0 / w } else { 1.0 };
+        let avg_div = if self.op == ReduceOp::Avg {
+            1.0 / w
+        } else {
+            1.0
+        };
         2.0 * (steps + round) * avg_div + 1e-12
     }
 }

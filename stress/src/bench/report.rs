@@ -73,15 +73,37 @@ impl Row {
 pub fn header(quant: bool) -> String {
     let mut h = format!(
         "# {:>12} {:>11} {:>7} {:>5} {:>4} {:>4} {:>12} {:>12} {:>8} {:>8} {:>12} {:>12} {:>7}",
-        "size", "count", "type", "redop", "pool", "conc", "time(us)", "min(us)", "algbw", "busbw",
-        "tx(B)", "rx(B)", "#wrong"
+        "size",
+        "count",
+        "type",
+        "redop",
+        "pool",
+        "conc",
+        "time(us)",
+        "min(us)",
+        "algbw",
+        "busbw",
+        "tx(B)",
+        "rx(B)",
+        "#wrong"
     );
     if quant {
         h.push_str(&format!(" {:>8} {:>10}", "wirebw", "maxerr"));
     }
     let mut u = format!(
         "# {:>12} {:>11} {:>7} {:>5} {:>4} {:>4} {:>12} {:>12} {:>8} {:>8} {:>12} {:>12} {:>7}",
-        "(B)", "(elements)", "", "", "", "", "median", "", "(GB/s)", "(GB/s)", "per peer", "per peer",
+        "(B)",
+        "(elements)",
+        "",
+        "",
+        "",
+        "",
+        "median",
+        "",
+        "(GB/s)",
+        "(GB/s)",
+        "per peer",
+        "per peer",
         ""
     );
     if quant {
@@ -109,7 +131,9 @@ pub fn format_row(r: &Row, quant: bool) -> String {
         r.errors()
     );
     if quant {
-        let e = r.max_err.map_or_else(|| "-".to_string(), |e| format!("{e:.3e}"));
+        let e = r
+            .max_err
+            .map_or_else(|| "-".to_string(), |e| format!("{e:.3e}"));
         s.push_str(&format!(" {:>8.3} {:>10}", r.wirebw(), e));
     }
     s

@@ -1,0 +1,221 @@
+//! Shared-state sync among in-process peers on loopback.
+
+mod common;
+
+use common::*;
+use pccl_core::{Error, SharedState, SharedTensor, SyncStrategy};
+
+fn weights(seed: u32, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|k| ((k as u32).wrapping_mul(2654435761) ^ seed) as f32 * 1e-6)
+        .collect()
+}
+
+#[test]
+fn newcomer_receives_state_and_steady_state_moves_nothing() {
+    let m = master();
+    let peers = connect_peers(m.local_addr(), 3, |_| 0);
+    let n = 3_000_001usize;
+    let results = on_all(&peers, move |i, c| {
+        // Peers 0 and 1 agree; peer 2 is stale (different weights, revision 0).
+        let mut w = weights(if i == 2 { 99 } else { 7 }, n);
+        let mut bias = vec![if i == 2 { 9.0 } else { 0.0 }; 17];
+        let mut local = vec![i as u8; 5];
+        let rev = if i == 2 { 0 } else { 5 };
+        let mut st = SharedState::new(
+            rev,
+            vec![
+                SharedTensor::new("w", &mut w),
+                SharedTensor::new("b", &mut bias),
+                SharedTensor::new("local", &mut local).allow_content_inequality(true),
+            ],
+        );
+        let first = c
+            .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+            .expect("sync 1");
+        let rev1 = st.revision;
+        // Steady state: everyone advances by one with identical content.
+        st.revision += 1;
+        let second = c
+            .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+            .expect("sync 2");
+        let rev2 = st.revision;
+        drop(st);
+        (first, second, rev1, rev2, w, bias, local)
+    });
+    let want = weights(7, n);
+    for (i, (first, second, rev1, rev2, w, bias, local)) in results.iter().enumerate() {
+        assert_eq!(*rev1, 5, "peer {i} adopts the group's revision");
+        assert_eq!(*rev2, 6);
+        assert!(
+            w.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "peer {i} weights"
+        );
+        assert_eq!(second.rx_bytes, 0, "steady state receives nothing");
+        assert_eq!(second.tx_bytes, 0, "steady state sends nothing");
+        if i == 2 {
+            assert!(
+                first.rx_bytes >= (n * 4) as u64,
+                "newcomer fetched the weights"
+            );
+            // The revision lagged, so even the unequal tensor came over.
+            assert_eq!(bias, &vec![0.0f64; 17]);
+            assert!(local.iter().all(|&x| x == local[0]) && local[0] < 2);
+        } else {
+            assert_eq!(first.rx_bytes, 0);
+            assert_eq!(local, &vec![i as u8; 5], "unequal tensors are left alone");
+        }
+    }
+    let sent: u64 = results.iter().map(|r| r.0.tx_bytes).sum();
+    assert!(sent >= (n * 4) as u64, "someone served the weights");
+}
+
+#[test]
+fn a_flipped_bit_is_repaired() {
+    let m = master();
+    let peers = connect_peers(m.local_addr(), 3, |_| 0);
+    let results = on_all(&peers, |i, c| {
+        let mut a = vec![1.25f32; 100_000];
+        let mut b = vec![7u16; 1000];
+        if i == 1 {
+            a[4242] = f32::from_bits(a[4242].to_bits() ^ 1);
+        }
+        let mut st = SharedState::new(
+            1,
+            vec![
+                SharedTensor::new("a", &mut a),
+                SharedTensor::new("b", &mut b),
+            ],
+        );
+        let info = c
+            .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+            .expect("sync");
+        drop(st);
+        (info, a, b)
+    });
+    for (i, (info, a, b)) in results.iter().enumerate() {
+        assert!(a.iter().all(|x| *x == 1.25), "peer {i}");
+        assert!(b.iter().all(|x| *x == 7));
+        if i == 1 {
+            // Only the differing tensor moved.
+            assert!(
+                info.rx_bytes >= 400_000 && info.rx_bytes < 410_000,
+                "rx {}",
+                info.rx_bytes
+            );
+        } else {
+            assert_eq!(info.rx_bytes, 0);
+        }
+    }
+}
+
+#[test]
+fn revision_rule_and_strategies() {
+    let m = master();
+    let peers = connect_peers(m.local_addr(), 2, |_| 0);
+    // First sync at revision 10 for both.
+    let r = on_all(&peers, |i, c| {
+        let mut x = vec![3u32; 64];
+        let mut st = SharedState::new(10, vec![SharedTensor::new("x", &mut x)]);
+        c.sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+            .map(|_| i)
+    });
+    assert!(r.iter().all(|x| x.is_ok()));
+    // Peer 0 skips a revision (12): error for it; peer 1 (11) is fine.
+    let r = on_all(&peers, |i, c| {
+        let mut x = vec![3u32; 64];
+        let mut st = SharedState::new(
+            if i == 0 { 12 } else { 11 },
+            vec![SharedTensor::new("x", &mut x)],
+        );
+        c.sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+    });
+    assert!(matches!(r[0], Err(Error::InvalidUsage(_))), "{:?}", r[0]);
+    assert!(r[1].is_ok(), "{:?}", r[1]);
+    // Peer 0 retries with the right revision after the others moved on.
+    // Send-only peer with non-popular content fails; receive-only peer receives.
+    let r = on_all(&peers, |i, c| {
+        let mut x = vec![if i == 0 { 9u32 } else { 3 }; 64];
+        let rev = if i == 0 { 11 } else { 12 };
+        let mut st = SharedState::new(rev, vec![SharedTensor::new("x", &mut x)]);
+        let strategy = if i == 0 {
+            SyncStrategy::ReceiveOnly
+        } else {
+            SyncStrategy::SendOnly
+        };
+        let res = c
+            .sync_shared_state(&mut st, strategy)
+            .map(|info| (info, st.revision));
+        drop(st);
+        (res, x)
+    });
+    let (res0, x0) = &r[0];
+    let (res1, _) = &r[1];
+    assert!(res1.is_ok(), "send-only holder: {res1:?}");
+    let (info0, rev0) = res0.as_ref().expect("receive-only peer syncs");
+    assert_eq!(*rev0, 12);
+    assert!(info0.rx_bytes > 0);
+    assert_eq!(x0, &vec![3u32; 64]);
+
+    // All receive-only: nobody offers state.
+    let r = on_all(&peers, |_, c| {
+        let mut x = vec![3u32; 64];
+        let mut st = SharedState::new(13, vec![SharedTensor::new("x", &mut x)]);
+        c.sync_shared_state(&mut st, SyncStrategy::ReceiveOnly)
+    });
+    for x in &r {
+        assert!(matches!(x, Err(Error::NoSharedStateAvailable(_))), "{x:?}");
+    }
+}
+
+#[test]
+fn send_only_with_stale_content_fails() {
+    let m = master();
+    let peers = connect_peers(m.local_addr(), 3, |_| 0);
+    let r = on_all(&peers, |i, c| {
+        let mut x = vec![if i == 2 { 1u8 } else { 2 }; 64];
+        let mut st = SharedState::new(1, vec![SharedTensor::new("x", &mut x)]);
+        let s = if i == 2 {
+            SyncStrategy::SendOnly
+        } else {
+            SyncStrategy::EnforcePopular
+        };
+        let res = c.sync_shared_state(&mut st, s);
+        drop(st);
+        (res, x)
+    });
+    assert!(r[0].0.is_ok() && r[1].0.is_ok());
+    assert!(
+        matches!(r[2].0, Err(Error::InvalidUsage(_))),
+        "{:?}",
+        r[2].0
+    );
+    assert_eq!(r[2].1, vec![1u8; 64], "send-only never receives");
+}
+
+#[test]
+fn mismatched_tensor_sets_are_invalid_arguments() {
+    let m = master();
+    let peers = connect_peers(m.local_addr(), 3, |_| 0);
+    let r = on_all(&peers, |i, c| {
+        let mut x = vec![0f32; if i == 2 { 10 } else { 11 }];
+        let mut st = SharedState::new(1, vec![SharedTensor::new("x", &mut x)]);
+        c.sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+    });
+    assert!(r[0].is_ok() && r[1].is_ok());
+    assert!(matches!(r[2], Err(Error::InvalidArgument(_))), "{:?}", r[2]);
+    // Duplicate names are refused locally.
+    let mut a = vec![0u8; 4];
+    let mut b = vec![0u8; 4];
+    let mut st = SharedState::new(
+        2,
+        vec![
+            SharedTensor::new("d", &mut a),
+            SharedTensor::new("d", &mut b),
+        ],
+    );
+    let e = peers[0]
+        .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)));
+}
