@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use pccl_core::{MasterConfig, MasterNode};
 
-use super::proto::{self, Msg};
-use super::report::{self, ProbeFigure, Row};
+use super::proto::Msg;
+use super::report::{self, Row};
 use super::{human_bytes, op_name, probe, Args, Context, Result};
 
 /// What a child's stdout reader reports.

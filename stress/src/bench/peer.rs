@@ -117,7 +117,7 @@ fn run_inner(args: &Args) -> Result<()> {
     };
     let quant = args.quant.map(|q| (args.quant_dtype, q.algorithm()));
     let dtype_label = match args.quant {
-        Some(q) => format!("{}>{}", args.dtype.name(), args.quant_dtype.name()),
+        Some(_) => format!("{}>{}", args.dtype.name(), args.quant_dtype.name()),
         None => args.dtype.name().to_string(),
     };
     if args.machine {
