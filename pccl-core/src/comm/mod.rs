@@ -591,7 +591,7 @@ impl Communicator {
         }
         self.shutdown.cancel();
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_millis(200));
+            rt.shutdown_timeout(Duration::from_secs(2));
         }
     }
 }
@@ -738,25 +738,26 @@ pub(crate) fn error_from_code(code: u8, reason: String) -> Error {
 async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
     let me = job.ctl.me();
     let tag = job.desc.tag;
-    let (op_id, ring, route, mut inbox) = match waiter.recv().await? {
-        Routed::Commence {
-            op_id,
-            ring,
-            route,
-            inbox,
-        } => (op_id, ring, route, inbox),
-        Routed::Msg(MasterMsg::CollectiveResult {
-            ok: false,
-            code,
-            reason,
-            ..
-        }) => {
-            return Err(error_from_code(code, reason));
-        }
-        Routed::Msg(_) => {
-            return Err(Error::Internal(
-                "unexpected answer to all-reduce init".into(),
-            ))
+    let (op_id, ring, route, mut inbox) = loop {
+        match waiter.recv().await? {
+            Routed::Commence {
+                op_id,
+                ring,
+                route,
+                inbox,
+            } => break (op_id, ring, route, inbox),
+            // Before "commence" only a refusal (op id 0) can concern this call;
+            // a verdict with an op id is a late one for an earlier attempt.
+            Routed::Msg(MasterMsg::CollectiveResult {
+                ok: false,
+                code,
+                reason,
+                op_id: 0,
+                ..
+            }) => {
+                return Err(error_from_code(code, reason));
+            }
+            Routed::Msg(_) => continue,
         }
     };
     let _unregister = OpRegistration {
@@ -819,14 +820,16 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
         .await
     };
     tokio::pin!(ring_fut);
-    let mut verdict: Option<Routed> = None;
+    // The ring future is always driven to completion (never dropped early):
+    // its tasks read and write the caller's buffers until they are joined.
+    let mut verdict: Option<Result<(bool, u8, String)>> = None;
     let ring_result = tokio::select! {
         r = &mut ring_fut => r,
-        m = waiter.recv() => {
-            // The master decided before we finished (a peer failed): stop the
-            // ring cleanly, then honour the verdict.
+        v = next_verdict(&mut waiter, op_id) => {
+            // The master decided before we finished (a peer failed or the
+            // master is gone): stop the ring, then honour the verdict.
             abort.cancel();
-            verdict = Some(m?);
+            verdict = Some(v);
             (&mut ring_fut).await
         }
     };
@@ -837,34 +840,21 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
                 tx_bytes: tx,
                 rx_bytes: rx,
             };
-            if verdict.is_none() {
-                job.ctl.send(&PeerMsg::CollectiveDone {
+            let v = match verdict {
+                Some(v) => v,
+                None => match job.ctl.send(&PeerMsg::CollectiveDone {
                     tag,
                     op_id,
                     ok: true,
-                })?;
-            }
-            loop {
-                let m = match verdict.take() {
-                    Some(m) => m,
-                    None => waiter.recv().await?,
-                };
-                match m {
-                    Routed::Msg(MasterMsg::CollectiveResult {
-                        op_id: id,
-                        ok,
-                        code,
-                        reason,
-                        ..
-                    }) if id == op_id => {
-                        break if ok {
-                            Ok(info)
-                        } else {
-                            Err(error_from_code(code, reason))
-                        };
-                    }
-                    _ => continue,
-                }
+                }) {
+                    Ok(()) => next_verdict(&mut waiter, op_id).await,
+                    Err(e) => Err(e),
+                },
+            };
+            match v {
+                Ok((true, _, _)) => Ok(info),
+                Ok((false, code, reason)) => Err(error_from_code(code, reason)),
+                Err(e) => Err(e),
             }
         }
         Err(e) => {
@@ -876,12 +866,8 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
                 });
             }
             match verdict {
-                Some(Routed::Msg(MasterMsg::CollectiveResult {
-                    ok: false,
-                    code,
-                    reason,
-                    ..
-                })) => Err(error_from_code(code, reason)),
+                Some(Ok((false, code, reason))) => Err(error_from_code(code, reason)),
+                Some(Err(master_err)) => Err(master_err),
                 _ => Err(e),
             }
         }
@@ -896,6 +882,24 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
         }
     }
     outcome
+}
+
+/// Waits for the master's verdict on `op_id`: (ok, code, reason).
+async fn next_verdict(waiter: &mut control::Waiter, op_id: u64) -> Result<(bool, u8, String)> {
+    loop {
+        if let Routed::Msg(MasterMsg::CollectiveResult {
+            op_id: id,
+            ok,
+            code,
+            reason,
+            ..
+        }) = waiter.recv().await?
+        {
+            if id == op_id {
+                return Ok((ok, code, reason));
+            }
+        }
+    }
 }
 
 struct OpRegistration {

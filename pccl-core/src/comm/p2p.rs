@@ -54,6 +54,8 @@ impl OpRoute {
 /// One outgoing data connection.
 pub struct OutConn {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// The socket, to shut it down synchronously when a frame is abandoned.
+    fd: std::os::fd::RawFd,
     broken: AtomicBool,
     closed: CancellationToken,
 }
@@ -67,6 +69,14 @@ impl Drop for WriteGuard<'_> {
         if !self.1 {
             self.0.broken.store(true, Ordering::SeqCst);
             self.0.closed.cancel();
+            // The receiver must see the stream end now, not a truncated frame
+            // followed by whatever the next op writes.
+            // SAFETY: the fd belongs to the write half still owned by this
+            // OutConn (we are inside its write), so it is open; shutdown does
+            // not close or invalidate it.
+            unsafe {
+                libc::shutdown(self.0.fd, libc::SHUT_RDWR);
+            }
         }
     }
 }
@@ -383,10 +393,12 @@ impl P2p {
         if echo != hello {
             return Err(fail("peer answered with a different greeting".into()));
         }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
         let (mut rd, wr) = s.into_split();
         let closed = self.shutdown.child_token();
         let conn = Arc::new(OutConn {
             writer: tokio::sync::Mutex::new(wr),
+            fd,
             broken: AtomicBool::new(false),
             closed: closed.clone(),
         });
