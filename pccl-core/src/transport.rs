@@ -138,3 +138,20 @@ pub async fn read_control_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u
     r.read_exact(&mut body).await?;
     Ok(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taken_ports_are_bumped_upward_and_exact_binds_fail() {
+        let first = bind_listener("127.0.0.1".parse().unwrap(), 0, 1).unwrap();
+        let port = first.local_addr().unwrap().port();
+        // Starting at a taken port finds the next free one.
+        let second = bind_listener("127.0.0.1".parse().unwrap(), port, 16).unwrap();
+        assert!(second.local_addr().unwrap().port() > port);
+        // Binding exactly a taken port (as the master does) fails.
+        let e = bind_one(SocketAddr::new("127.0.0.1".parse().unwrap(), port)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+    }
+}

@@ -343,3 +343,70 @@ fn garbage_on_master_and_p2p_ports_is_survived() {
     });
     assert_eq!(r, vec![3, 3]);
 }
+
+#[test]
+fn quantized_all_reduce_is_bit_identical_and_compressed() {
+    use pccl_core::{QuantizationAlgorithm, QuantizationOptions};
+    let m = master();
+    let peers = connect_peers(m.local_addr(), 3, |_| 0);
+    let n = 300_000usize;
+    for algo in [
+        QuantizationAlgorithm::MinMax,
+        QuantizationAlgorithm::ZeroPointScale,
+    ] {
+        for q in [DataType::U8, DataType::I8, DataType::U16, DataType::I16] {
+            let results = on_all(&peers, move |i, c| {
+                let send: Vec<f32> = (0..n)
+                    .map(|k| (((k * 37 + i * 11) % 1000) as f32 - 500.0) * 0.01)
+                    .collect();
+                let mut recv = vec![0f32; n];
+                let desc = ReduceDescriptor::new(n, DataType::F32, ReduceOp::Sum)
+                    .with_quantization(QuantizationOptions {
+                        quantized_datatype: q,
+                        algorithm: algo,
+                    });
+                let info = c
+                    .all_reduce(&send, &mut recv, &desc)
+                    .expect("quantized all-reduce");
+                (info, recv)
+            });
+            let exact: Vec<f32> = (0..n)
+                .map(|k| {
+                    (0..3)
+                        .map(|i| (((k * 37 + i * 11) % 1000) as f32 - 500.0) * 0.01)
+                        .sum()
+                })
+                .collect();
+            let bits0: Vec<u32> = results[0].1.iter().map(|v| v.to_bits()).collect();
+            for (info, r) in &results {
+                let bits: Vec<u32> = r.iter().map(|v| v.to_bits()).collect();
+                assert!(bits == bits0, "{algo:?} {q:?}: peers differ");
+                // Each block's range is about 20 (per peer) to 30 (sums); 8-bit steps
+                // plus accumulation over 2 hops stay well under 0.5.
+                let tol = if q.size() == 1 { 0.5 } else { 0.01 };
+                let worst = r
+                    .iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < tol, "{algo:?} {q:?}: error {worst}");
+                let raw = (2 * 2 * n * 4 / 3) as u64;
+                let ratio = info.tx_bytes as f64 / raw as f64;
+                let want = q.size() as f64 / 4.0;
+                assert!(
+                    (ratio - want).abs() < 0.03,
+                    "{algo:?} {q:?}: wire ratio {ratio}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_second_master_on_a_taken_port_fails_clearly() {
+    let m = master();
+    let e = pccl_core::MasterNode::bind(m.local_addr(), pccl_core::MasterConfig::default())
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert!(e.to_string().contains("cannot listen"), "{e}");
+}

@@ -144,13 +144,14 @@ fn wait_slot<T: Send>(py: Python<'_>, slot: &Slot<T>) -> PyResult<T> {
 /// Python-side owner went away; dropped once the work is done.
 struct Orphan {
     done: Arc<dyn Fn() -> bool + Send + Sync>,
-    keep: Py<PyAny>,
+    // Held only to keep the objects (and their memory) alive.
+    _keep: Py<PyAny>,
 }
 
 static ORPHANS: Mutex<Vec<Orphan>> = Mutex::new(Vec::new());
 
 fn adopt_orphan(done: Arc<dyn Fn() -> bool + Send + Sync>, keep: Py<PyAny>) {
-    lock(&ORPHANS).push(Orphan { done, keep });
+    lock(&ORPHANS).push(Orphan { done, _keep: keep });
 }
 
 /// Releases the references of finished orphans. The references are dropped

@@ -92,6 +92,8 @@ pub struct Communicator {
     p2p: Arc<P2p>,
     ctl: Mutex<Option<Arc<Control>>>,
     ss: Arc<crate::shared_state::SharedStateServer>,
+    /// (p2p, shared-state) ports actually bound, once connected.
+    ports: Mutex<(u16, u16)>,
     async_ops: Mutex<HashMap<u64, tokio::task::JoinHandle<Result<ReduceInfo>>>>,
 }
 
@@ -122,6 +124,7 @@ impl Communicator {
             shutdown,
             p2p,
             ss,
+            ports: Mutex::new((0, 0)),
             ctl: Mutex::new(None),
             async_ops: Mutex::new(HashMap::new()),
         })
@@ -157,6 +160,11 @@ impl Communicator {
                 Error::InvalidUsage("communicator is not connected; call connect() first".into())
             })?;
         Ok(ctl)
+    }
+
+    /// The (p2p, shared-state) listening ports this peer bound (zeros before `connect`).
+    pub fn listen_ports(&self) -> (u16, u16) {
+        self.ports.lock().map(|p| *p).unwrap_or_default()
     }
 
     /// This peer's identity (zero before `connect`).
@@ -254,6 +262,9 @@ impl Communicator {
         self.p2p.set_me(id);
         self.p2p.spawn_listener(listener);
         self.ss.set_me(id);
+        if let Ok(mut p) = self.ports.lock() {
+            *p = (p2p_port, ss_port);
+        }
         self.ss.spawn_listener(ss_listener);
         control::spawn_heartbeat(ctl.clone(), Duration::from_millis(hb.max(10) as u64));
         tracing::info!(peer = %id, master = %cfg.master_addr, p2p_port, "registered; waiting for admission");

@@ -1130,3 +1130,7 @@ fn fetch_list(popular: &SyncVoteRec, mine: &SyncVoteRec) -> Result<Vec<FetchItem
     }
     Ok(out)
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -82,7 +82,12 @@ impl Workload {
         let kind = match op {
             ReduceOp::Sum | ReduceOp::Avg => {
                 // |sum| <= amplitude * world must stay exact.
-                let a = if unsigned { (lim / w + 1) / 2 } else { lim / w }.min(8);
+                let a = if unsigned {
+                    (lim / w).div_ceil(2)
+                } else {
+                    lim / w
+                }
+                .min(8);
                 if a == 0 {
                     return Err(format!(
                         "{} peers are too many for an exact {} sum; use a wider --dtype",

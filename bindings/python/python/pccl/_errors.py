@@ -1,0 +1,39 @@
+"""The exception type of the PCCL API."""
+
+from __future__ import annotations
+
+from ._enums import Result
+
+__all__ = ["PCCLError"]
+
+
+class PCCLError(Exception):
+    """A PCCL call failed. ``result`` is the :class:`pccl.Result` code; ``message`` the cause.
+
+    Compatible with PCCL 1.0: ``PCCLError(result, func_name)``.
+    """
+
+    result: Result
+    func_name: str
+    message: str
+
+    def __init__(self, result: Result | int, func_name: str = "", message: str = "") -> None:
+        try:
+            result = Result(result)
+        except ValueError:
+            result = Result.INTERNAL_ERROR
+        self.result = result
+        self.func_name = func_name
+        self.message = message
+        head = f"{func_name} failed with error: {result.name}" if func_name else f"PCCL error: {result.name}"
+        super().__init__(f"{head}: {message}" if message else head)
+
+    @staticmethod
+    def check(result: int, func_name: str) -> None:
+        """Raises :class:`PCCLError` unless ``result`` is ``Result.SUCCESS`` (PCCL 1.0 helper)."""
+        if result != Result.SUCCESS:
+            raise PCCLError(result, func_name)
+
+    @classmethod
+    def _from_native(cls, code: int, func_name: str, message: str) -> "PCCLError":
+        return cls(code, func_name, message)

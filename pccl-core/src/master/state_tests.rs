@@ -1,0 +1,1567 @@
+//! Tests of the master's state machine with simulated peers: no sockets, no
+//! clocks. Unit tests pin the exact messages of each consensus round; the
+//! property test at the end drives random interleavings of joins, calls,
+//! leaves, deaths and time with peers that follow the protocol, and checks
+//! the invariants the micro-consensus promises.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::wire::{
+    CollectiveSpec, FetchItem, MasterMsg, PeerEntry, PeerId, PeerMsg, TensorMeta, WorldInfo,
+};
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+const MASTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+
+/// Result codes (see `crate::Error::code`).
+const INVALID_ARGUMENT: u8 = 3;
+const INVALID_USAGE: u8 = 4;
+const TOO_FEW_PEERS: u8 = 5;
+const RANK_CONNECTION_LOST: u8 = 8;
+const NO_SHARED_STATE: u8 = 9;
+
+const ENFORCE_POPULAR: u8 = 0;
+const RECEIVE_ONLY: u8 = 1;
+const SEND_ONLY: u8 = 2;
+
+fn pid(conn: ConnId) -> PeerId {
+    let mut b = [0u8; 16];
+    b[0] = 0xAB;
+    b[8..].copy_from_slice(&conn.to_be_bytes());
+    PeerId(b)
+}
+
+fn peer_ip(conn: ConnId) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 1, conn as u8))
+}
+
+fn connected_from(conn: ConnId, remote: IpAddr) -> Event {
+    Event::Connected {
+        conn,
+        id: pid(conn),
+        remote: SocketAddr::new(remote, 40_000 + conn as u16),
+        local: SocketAddr::new(IpAddr::V4(MASTER_IP), 48148),
+    }
+}
+
+fn register_msg(conn: ConnId, group: u32) -> PeerMsg {
+    PeerMsg::Register {
+        group,
+        p2p_port: 50_000 + conn as u16,
+        ss_port: 51_000 + conn as u16,
+        bench_port: 52_000 + conn as u16,
+        advertised_ip: None,
+    }
+}
+
+fn entry(conn: ConnId, group: u32) -> PeerEntry {
+    PeerEntry {
+        id: pid(conn),
+        group,
+        ip: peer_ip(conn),
+        p2p_port: 50_000 + conn as u16,
+        ss_port: 51_000 + conn as u16,
+        bench_port: 52_000 + conn as u16,
+    }
+}
+
+fn world(global_world: u32, group_world: u32, num_groups: u32, largest_group: u32) -> WorldInfo {
+    WorldInfo {
+        global_world,
+        group_world,
+        num_groups,
+        largest_group,
+    }
+}
+
+fn spec(count: u64) -> CollectiveSpec {
+    CollectiveSpec {
+        count,
+        datatype: 10,
+        op: 0,
+        quant_datatype: 0,
+        quant_algorithm: 0,
+    }
+}
+
+fn init(tag: u64) -> PeerMsg {
+    PeerMsg::CollectiveInit {
+        tag,
+        spec: spec(1024),
+    }
+}
+
+fn done(tag: u64, op_id: u64, ok: bool) -> PeerMsg {
+    PeerMsg::CollectiveDone { tag, op_id, ok }
+}
+
+fn established(round: u64, ok: bool) -> PeerMsg {
+    PeerMsg::ConnectionsEstablished { round, ok }
+}
+
+fn tm(name: &str, hash: u64, allow_content_inequality: bool) -> TensorMeta {
+    TensorMeta {
+        name: name.into(),
+        datatype: 10,
+        count: 4,
+        hash,
+        allow_content_inequality,
+    }
+}
+
+/// Shared state of three tensors; "c" may differ in content between peers.
+fn tensors(h: [u64; 3]) -> Vec<TensorMeta> {
+    vec![
+        tm("a", h[0], false),
+        tm("b", h[1], false),
+        tm("c", h[2], true),
+    ]
+}
+
+fn vote(revision: u64, h: [u64; 3], strategy: u8) -> PeerMsg {
+    PeerMsg::SyncVote {
+        revision,
+        strategy,
+        tensors: tensors(h),
+    }
+}
+
+fn transfer_done(sync_id: u64, ok: bool) -> PeerMsg {
+    PeerMsg::SyncTransferDone {
+        sync_id,
+        ok,
+        failed_source: None,
+    }
+}
+
+fn fetch(name: &str, expected_hash: u64) -> FetchItem {
+    FetchItem {
+        name: name.into(),
+        expected_hash,
+    }
+}
+
+/// Messages sent to `conn`, in order.
+fn to(acts: &[Action], conn: ConnId) -> Vec<MasterMsg> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Send { conn: c, msg } if *c == conn => Some(msg.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The single message sent to `conn`.
+fn only(acts: &[Action], conn: ConnId) -> MasterMsg {
+    let msgs = to(acts, conn);
+    assert_eq!(
+        msgs.len(),
+        1,
+        "expected one message to {conn}, got {acts:#?}"
+    );
+    msgs.into_iter().next().unwrap_or_else(|| unreachable!())
+}
+
+/// Connections the actions close.
+fn closed(acts: &[Action]) -> Vec<ConnId> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Close { conn, .. } => Some(*conn),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connections that receive at least one message.
+fn recipients(acts: &[Action]) -> BTreeSet<ConnId> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Send { conn, .. } => Some(*conn),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The round of the Establish messages in `acts` (all must agree).
+fn establish_round(acts: &[Action]) -> u64 {
+    let rounds: BTreeSet<u64> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                msg: MasterMsg::Establish { round, .. },
+                ..
+            } => Some(*round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rounds.len(), 1, "expected one establish round in {acts:#?}");
+    rounds.into_iter().next().unwrap_or_default()
+}
+
+fn establish_targets(acts: &[Action]) -> Vec<ConnId> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                conn,
+                msg: MasterMsg::Establish { .. },
+            } => Some(*conn),
+            _ => None,
+        })
+        .collect()
+}
+
+/// (tag, op_id, ok, code) of a collective result; failures carry a reason.
+fn verdict(msg: &MasterMsg) -> (u64, u64, bool, u8) {
+    match msg {
+        MasterMsg::CollectiveResult {
+            tag,
+            op_id,
+            ok,
+            code,
+            reason,
+        } => {
+            assert_eq!(*ok, reason.is_empty(), "reason iff failure: {msg:?}");
+            (*tag, *op_id, *ok, *code)
+        }
+        other => panic!("expected a collective result, got {other:?}"),
+    }
+}
+
+/// (sync_id, ok, code) of a sync result.
+fn sync_verdict(msg: &MasterMsg) -> (u64, bool, u8) {
+    match msg {
+        MasterMsg::SyncResult {
+            sync_id, ok, code, ..
+        } => (*sync_id, *ok, *code),
+        other => panic!("expected a sync result, got {other:?}"),
+    }
+}
+
+/// (tag, op_id, ring) of a commence message.
+fn commence(msg: &MasterMsg) -> (u64, u64, Vec<PeerId>) {
+    match msg {
+        MasterMsg::CollectiveCommence { tag, op_id, ring } => (*tag, *op_id, ring.clone()),
+        other => panic!("expected a commence, got {other:?}"),
+    }
+}
+
+/// (sync_id, revision, fetch, sources) of a sync plan.
+fn plan(msg: &MasterMsg) -> (u64, u64, Vec<FetchItem>, Vec<PeerEntry>) {
+    match msg {
+        MasterMsg::SyncPlan {
+            sync_id,
+            revision,
+            fetch,
+            sources,
+        } => (*sync_id, *revision, fetch.clone(), sources.clone()),
+        other => panic!("expected a sync plan, got {other:?}"),
+    }
+}
+
+fn ids(conns: &[ConnId]) -> Vec<PeerId> {
+    conns.iter().map(|c| pid(*c)).collect()
+}
+
+/// A master driven by hand.
+struct M {
+    m: MasterState,
+}
+
+impl M {
+    fn new() -> Self {
+        Self::with(MasterConfig::default())
+    }
+
+    fn with(cfg: MasterConfig) -> Self {
+        M {
+            m: MasterState::new(cfg),
+        }
+    }
+
+    fn ev(&mut self, e: Event) -> Vec<Action> {
+        self.m.handle(e)
+    }
+
+    fn join(&mut self, conn: ConnId) -> Vec<Action> {
+        self.ev(connected_from(conn, peer_ip(conn)))
+    }
+
+    fn msg(&mut self, conn: ConnId, msg: PeerMsg) -> Vec<Action> {
+        self.ev(Event::Message { conn, msg })
+    }
+
+    /// Connects and registers; returns the actions of the registration.
+    fn register(&mut self, conn: ConnId, group: u32) -> Vec<Action> {
+        assert!(self.join(conn).is_empty());
+        self.msg(conn, register_msg(conn, group))
+    }
+
+    fn disconnect(&mut self, conn: ConnId) -> Vec<Action> {
+        self.ev(Event::Disconnected { conn })
+    }
+
+    fn tick(&mut self, now_ms: u64) -> Vec<Action> {
+        self.ev(Event::Tick { now_ms })
+    }
+
+    fn accepted(&self) -> BTreeSet<ConnId> {
+        self.m
+            .peers
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Accepted)
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// Every conn in `voters` votes update topology, then every recipient of
+    /// the establish round reports success. Returns the last report's actions.
+    fn update_topology(&mut self, voters: &[ConnId]) -> Vec<Action> {
+        let mut acts = Vec::new();
+        for &c in voters {
+            acts = self.msg(c, PeerMsg::VoteUpdateTopology);
+        }
+        let round = establish_round(&acts);
+        let mut last = Vec::new();
+        for c in establish_targets(&acts) {
+            last = self.msg(c, established(round, true));
+        }
+        last
+    }
+
+    /// An accepted swarm: conn `i + 1` in group `groups[i]`, ring in conn order.
+    fn swarm(groups: &[u32]) -> Self {
+        let mut m = M::new();
+        let acts = m.register(1, groups[0]);
+        let round = establish_round(&acts);
+        m.msg(1, established(round, true));
+        for (i, &g) in groups.iter().enumerate().skip(1) {
+            m.register(i as u64 + 1, g);
+        }
+        if groups.len() > 1 {
+            m.update_topology(&[1]);
+        }
+        assert_eq!(m.m.accepted_count(), groups.len());
+        assert_eq!(m.m.pending_count(), 0);
+        m
+    }
+
+    /// Runs one all-reduce of `tag` over `conns` to success; returns its op id.
+    fn all_reduce_ok(&mut self, tag: u64, conns: &[ConnId]) -> u64 {
+        let mut acts = Vec::new();
+        for &c in conns {
+            acts = self.msg(c, init(tag));
+        }
+        let (_, op_id, _) = commence(&only(&acts, conns[0]));
+        for &c in conns {
+            acts = self.msg(c, done(tag, op_id, true));
+        }
+        for &c in conns {
+            assert_eq!(verdict(&only(&acts, c)), (tag, op_id, true, 0));
+        }
+        op_id
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Registration
+// ---------------------------------------------------------------------------
+
+#[test]
+fn register_ack_carries_the_id_from_connected() {
+    let mut m = M::new();
+    let id = PeerId([7; 16]);
+    let acts = m.ev(Event::Connected {
+        conn: 9,
+        id,
+        remote: SocketAddr::new(peer_ip(9), 4000),
+        local: SocketAddr::new(IpAddr::V4(MASTER_IP), 48148),
+    });
+    assert!(acts.is_empty());
+    assert_eq!(m.m.peer_id(9), None, "no identity before registering");
+    let acts = m.msg(9, register_msg(9, 0));
+    assert_eq!(
+        to(&acts, 9)[0],
+        MasterMsg::RegisterAck {
+            id,
+            heartbeat_interval_ms: MasterConfig::default().heartbeat_interval_ms(),
+        }
+    );
+    assert_eq!(MasterConfig::default().heartbeat_interval_ms(), 1_000);
+    assert_eq!(m.m.peer_id(9), Some(id));
+}
+
+#[test]
+fn message_before_register_is_kicked_and_closed() {
+    for msg in [
+        PeerMsg::VoteUpdateTopology,
+        PeerMsg::Heartbeat,
+        init(1),
+        PeerMsg::Leave,
+    ] {
+        let mut m = M::new();
+        assert!(m.join(1).is_empty());
+        let acts = m.msg(1, msg.clone());
+        assert_eq!(acts.len(), 2, "{msg:?}: {acts:#?}");
+        match &acts[0] {
+            Action::Send {
+                conn: 1,
+                msg: MasterMsg::Kick { reason },
+            } => assert!(reason.contains("before registration"), "{reason}"),
+            other => panic!("expected a kick, got {other:?}"),
+        }
+        assert!(matches!(&acts[1], Action::Close { conn: 1, .. }));
+        // The connection is forgotten: later messages do nothing.
+        assert!(m.msg(1, register_msg(1, 0)).is_empty());
+        assert_eq!(m.m.peers.len(), 0);
+    }
+}
+
+#[test]
+fn double_register_is_a_violation() {
+    // Twice while pending.
+    let mut m = M::swarm(&[0, 0]);
+    m.register(3, 0);
+    let acts = m.msg(3, register_msg(3, 0));
+    assert!(matches!(
+        &acts[0],
+        Action::Send { conn: 3, msg: MasterMsg::Kick { reason } } if reason.contains("twice")
+    ));
+    assert_eq!(closed(&acts), vec![3]);
+    assert_eq!(m.m.pending_count(), 0);
+
+    // Twice once accepted: kicked, and the others learn the new world size.
+    let acts = m.msg(2, register_msg(2, 0));
+    assert!(matches!(
+        &acts[0],
+        Action::Send {
+            conn: 2,
+            msg: MasterMsg::Kick { .. }
+        }
+    ));
+    assert_eq!(closed(&acts), vec![2]);
+    assert_eq!(
+        only(&acts, 1),
+        MasterMsg::World {
+            world: world(1, 1, 1, 1)
+        }
+    );
+    assert_eq!(m.accepted(), BTreeSet::from([1]));
+}
+
+#[test]
+fn unknown_connection_events_are_ignored() {
+    let mut m = M::swarm(&[0, 0]);
+    assert!(m.msg(42, PeerMsg::VoteUpdateTopology).is_empty());
+    assert!(m.disconnect(42).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// 2. Bootstrap
+// ---------------------------------------------------------------------------
+
+#[test]
+fn first_peer_is_accepted_at_once() {
+    let mut m = M::new();
+    let acts = m.register(1, 0);
+    assert_eq!(acts.len(), 2, "{acts:#?}");
+    assert!(matches!(
+        &acts[0],
+        Action::Send {
+            conn: 1,
+            msg: MasterMsg::RegisterAck { .. }
+        }
+    ));
+    assert_eq!(
+        acts[1],
+        Action::Send {
+            conn: 1,
+            msg: MasterMsg::Establish {
+                round: 1,
+                ring: ids(&[1]),
+                peers: vec![entry(1, 0)],
+            }
+        }
+    );
+    let acts = m.msg(1, established(1, true));
+    assert_eq!(
+        acts,
+        vec![Action::Send {
+            conn: 1,
+            msg: MasterMsg::TopologyUpdated {
+                world: world(1, 1, 1, 1)
+            }
+        }]
+    );
+}
+
+#[test]
+fn peers_registering_during_the_bootstrap_round_stay_pending() {
+    let mut m = M::new();
+    m.register(1, 0);
+    let acts = m.register(2, 0);
+    assert_eq!(acts.len(), 1, "only the ack: {acts:#?}");
+    assert_eq!(m.m.pending_count(), 1);
+    let acts = m.msg(1, established(1, true));
+    assert_eq!(recipients(&acts), BTreeSet::from([1]));
+    assert_eq!(m.m.pending_count(), 1, "admission needs a vote");
+}
+
+#[test]
+fn bootstrap_accepts_every_pending_peer_together() {
+    let mut m = M::new();
+    m.register(1, 0); // accepted alone, establish round 1 open
+    m.register(2, 0);
+    m.register(3, 1);
+    m.register(4, 0);
+    assert_eq!(m.m.pending_count(), 3);
+    // The first peer dies before its round completes: nobody is accepted any
+    // more, so the three pending peers are accepted together.
+    let acts = m.disconnect(1);
+    assert!(closed(&acts).is_empty(), "the driver closed it already");
+    assert_eq!(m.m.pending_count(), 0);
+    assert_eq!(m.accepted(), BTreeSet::from([2, 3, 4]));
+    assert_eq!(
+        only(&acts, 2),
+        MasterMsg::Establish {
+            round: 2,
+            ring: ids(&[2, 4]),
+            peers: vec![entry(2, 0), entry(4, 0)],
+        }
+    );
+    assert_eq!(
+        only(&acts, 4),
+        MasterMsg::Establish {
+            round: 2,
+            ring: ids(&[2, 4]),
+            peers: vec![entry(2, 0), entry(4, 0)],
+        }
+    );
+    assert_eq!(
+        only(&acts, 3),
+        MasterMsg::Establish {
+            round: 2,
+            ring: ids(&[3]),
+            peers: vec![entry(3, 1)],
+        }
+    );
+    // A report for the stale round is ignored.
+    assert!(m.msg(2, established(1, true)).is_empty());
+    assert!(m.msg(3, established(1, true)).is_empty());
+    assert!(m.msg(4, established(1, true)).is_empty());
+    assert!(m.msg(2, established(2, true)).is_empty());
+    assert!(m.msg(3, established(2, true)).is_empty());
+    let acts = m.msg(4, established(2, true));
+    assert_eq!(acts.len(), 3);
+    for (c, w) in [
+        (2, world(3, 2, 2, 2)),
+        (3, world(3, 1, 2, 2)),
+        (4, world(3, 2, 2, 2)),
+    ] {
+        assert_eq!(only(&acts, c), MasterMsg::TopologyUpdated { world: w });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Admission
+// ---------------------------------------------------------------------------
+
+#[test]
+fn admission_waits_for_every_accepted_vote() {
+    let mut m = M::swarm(&[0, 0]);
+    let acts = m.register(3, 0);
+    assert_eq!(acts.len(), 1);
+    assert!(matches!(only(&acts, 3), MasterMsg::RegisterAck { .. }));
+    assert!(m.msg(1, PeerMsg::VoteUpdateTopology).is_empty());
+    assert_eq!(m.m.pending_count(), 1);
+    let acts = m.msg(2, PeerMsg::VoteUpdateTopology);
+    let round = establish_round(&acts);
+    for c in [1, 2, 3] {
+        assert_eq!(
+            only(&acts, c),
+            MasterMsg::Establish {
+                round,
+                ring: ids(&[1, 2, 3]),
+                peers: vec![entry(1, 0), entry(2, 0), entry(3, 0)],
+            }
+        );
+    }
+    assert!(m.msg(1, established(round, true)).is_empty());
+    assert!(m.msg(3, established(round, true)).is_empty());
+    let acts = m.msg(2, established(round, true));
+    assert_eq!(acts.len(), 3);
+    for c in [1, 2, 3] {
+        assert_eq!(
+            only(&acts, c),
+            MasterMsg::TopologyUpdated {
+                world: world(3, 3, 1, 3)
+            }
+        );
+    }
+    // Votes are reset: a new round needs everyone again.
+    assert!(m.msg(1, PeerMsg::VoteUpdateTopology).is_empty());
+    assert!(m.msg(2, PeerMsg::VoteUpdateTopology).is_empty());
+    let acts = m.msg(3, PeerMsg::VoteUpdateTopology);
+    assert_eq!(establish_targets(&acts), vec![1, 2, 3]);
+}
+
+#[test]
+fn admission_without_pending_peers_still_runs_a_round() {
+    let mut m = M::swarm(&[0, 1]);
+    let acts = m.update_topology(&[1, 2]);
+    assert_eq!(
+        only(&acts, 1),
+        MasterMsg::TopologyUpdated {
+            world: world(2, 1, 2, 1)
+        }
+    );
+    assert_eq!(
+        only(&acts, 2),
+        MasterMsg::TopologyUpdated {
+            world: world(2, 1, 2, 1)
+        }
+    );
+}
+
+#[test]
+fn failed_establish_is_retried_then_topology_fails() {
+    let mut m = M::swarm(&[0, 0]);
+    m.register(3, 0);
+    m.msg(1, PeerMsg::VoteUpdateTopology);
+    let mut acts = m.msg(2, PeerMsg::VoteUpdateTopology);
+    let attempts = MasterConfig::default().max_establish_attempts;
+    assert_eq!(attempts, 3);
+    let mut rounds = Vec::new();
+    for attempt in 0..attempts {
+        let round = establish_round(&acts);
+        rounds.push(round);
+        assert_eq!(establish_targets(&acts), vec![1, 2, 3]);
+        assert!(m.msg(1, established(round, true)).is_empty());
+        assert!(m.msg(2, established(round, false)).is_empty());
+        acts = m.msg(3, established(round, true));
+        if attempt + 1 < attempts {
+            // A stale report of the previous round changes nothing.
+            let next = establish_round(&acts);
+            assert!(m.msg(2, established(round, true)).is_empty());
+            assert_ne!(next, round);
+        }
+    }
+    assert_eq!(rounds.len(), 3);
+    assert_eq!(acts.len(), 3, "{acts:#?}");
+    for c in [1, 2, 3] {
+        assert!(matches!(only(&acts, c), MasterMsg::TopologyFailed { .. }));
+    }
+    // Votes were reset: one vote is not enough for a new round.
+    assert!(m.msg(1, PeerMsg::VoteUpdateTopology).is_empty());
+    assert!(m.msg(2, PeerMsg::VoteUpdateTopology).is_empty());
+    let acts = m.msg(3, PeerMsg::VoteUpdateTopology);
+    assert_eq!(establish_targets(&acts), vec![1, 2, 3]);
+}
+
+#[test]
+fn establish_succeeds_on_a_retry() {
+    let mut m = M::swarm(&[0, 0]);
+    m.register(3, 0);
+    m.msg(1, PeerMsg::VoteUpdateTopology);
+    let acts = m.msg(2, PeerMsg::VoteUpdateTopology);
+    let r1 = establish_round(&acts);
+    m.msg(1, established(r1, false));
+    m.msg(2, established(r1, true));
+    let acts = m.msg(3, established(r1, true));
+    let r2 = establish_round(&acts);
+    m.msg(1, established(r2, true));
+    m.msg(2, established(r2, true));
+    let acts = m.msg(3, established(r2, true));
+    for c in [1, 2, 3] {
+        assert_eq!(
+            only(&acts, c),
+            MasterMsg::TopologyUpdated {
+                world: world(3, 3, 1, 3)
+            }
+        );
+    }
+}
+
+#[test]
+fn death_during_establish_restarts_the_round_with_the_survivors() {
+    let mut m = M::swarm(&[0, 0]);
+    m.register(3, 0);
+    m.msg(1, PeerMsg::VoteUpdateTopology);
+    let acts = m.msg(2, PeerMsg::VoteUpdateTopology);
+    let r1 = establish_round(&acts);
+    m.msg(1, established(r1, true));
+    m.msg(3, established(r1, true));
+    let acts = m.disconnect(2);
+    let r2 = establish_round(&acts);
+    assert_ne!(r1, r2);
+    for c in [1, 3] {
+        let msgs = to(&acts, c);
+        assert_eq!(
+            msgs,
+            vec![
+                MasterMsg::World {
+                    world: world(2, 2, 1, 2)
+                },
+                MasterMsg::Establish {
+                    round: r2,
+                    ring: ids(&[1, 3]),
+                    peers: vec![entry(1, 0), entry(3, 0)],
+                }
+            ]
+        );
+    }
+    assert!(m.msg(1, established(r1, true)).is_empty(), "stale round");
+    assert!(m.msg(1, established(r2, true)).is_empty());
+    let acts = m.msg(3, established(r2, true));
+    assert_eq!(recipients(&acts), BTreeSet::from([1, 3]));
+}
+
+#[test]
+fn a_voter_dying_lets_the_remaining_votes_admit() {
+    let mut m = M::swarm(&[0, 0]);
+    m.register(3, 0);
+    assert!(m.msg(1, PeerMsg::VoteUpdateTopology).is_empty());
+    let acts = m.disconnect(2);
+    assert_eq!(establish_targets(&acts), vec![1, 3]);
+}
+
+#[test]
+fn pending_peer_calls_are_violations() {
+    for msg in [
+        PeerMsg::VoteUpdateTopology,
+        PeerMsg::VoteArePeersPending,
+        init(0),
+        vote(1, [1, 2, 3], ENFORCE_POPULAR),
+        established(1, true),
+    ] {
+        let mut m = M::swarm(&[0]);
+        m.register(2, 0);
+        let acts = m.msg(2, msg.clone());
+        assert!(
+            matches!(
+                &acts[0],
+                Action::Send {
+                    conn: 2,
+                    msg: MasterMsg::Kick { .. }
+                }
+            ),
+            "{msg:?}: {acts:#?}"
+        );
+        assert_eq!(closed(&acts), vec![2]);
+        assert_eq!(m.m.pending_count(), 0);
+    }
+}
+
+#[test]
+fn addresses_never_hand_out_loopback_to_remote_peers() {
+    let mut m = M::new();
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let adv = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+    m.ev(connected_from(1, lo));
+    let r = establish_round(&m.msg(1, register_msg(1, 0)));
+    m.msg(1, established(r, true));
+    m.ev(connected_from(2, peer_ip(2)));
+    m.msg(2, register_msg(2, 0));
+    m.ev(connected_from(3, lo));
+    m.msg(
+        3,
+        PeerMsg::Register {
+            group: 0,
+            p2p_port: 1,
+            ss_port: 2,
+            bench_port: 3,
+            advertised_ip: Some(adv),
+        },
+    );
+    let acts = m.msg(1, PeerMsg::VoteUpdateTopology);
+    let ips = |c: ConnId| -> Vec<IpAddr> {
+        match only(&acts, c) {
+            MasterMsg::Establish { peers, .. } => peers.iter().map(|p| p.ip).collect(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // The remote peer sees the local one at the master's address.
+    assert_eq!(ips(2), vec![IpAddr::V4(MASTER_IP), peer_ip(2), adv]);
+    // A loopback peer may dial another loopback peer on loopback.
+    assert_eq!(ips(1), vec![lo, peer_ip(2), adv]);
+    assert_eq!(ips(3), vec![lo, peer_ip(2), adv]);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Are peers pending / optimize topology
+// ---------------------------------------------------------------------------
+
+#[test]
+fn are_peers_pending_answers_everyone_alike() {
+    let mut m = M::swarm(&[0, 0, 1]);
+    assert!(m.msg(1, PeerMsg::VoteArePeersPending).is_empty());
+    assert!(m.msg(3, PeerMsg::VoteArePeersPending).is_empty());
+    let acts = m.msg(2, PeerMsg::VoteArePeersPending);
+    assert_eq!(acts.len(), 3);
+    for c in [1, 2, 3] {
+        assert_eq!(only(&acts, c), MasterMsg::PendingAnswer { pending: false });
+    }
+    // Someone registers: the next answer is true, again for everyone.
+    m.register(4, 1);
+    assert!(m.msg(1, PeerMsg::VoteArePeersPending).is_empty());
+    assert!(m.msg(2, PeerMsg::VoteArePeersPending).is_empty());
+    let acts = m.msg(3, PeerMsg::VoteArePeersPending);
+    assert_eq!(acts.len(), 3);
+    for c in [1, 2, 3] {
+        assert_eq!(only(&acts, c), MasterMsg::PendingAnswer { pending: true });
+    }
+    assert!(to(&acts, 4).is_empty(), "pending peers do not vote");
+}
+
+#[test]
+fn are_peers_pending_completes_when_a_non_voter_dies() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, PeerMsg::VoteArePeersPending);
+    m.msg(2, PeerMsg::VoteArePeersPending);
+    let acts = m.disconnect(3);
+    for c in [1, 2] {
+        assert_eq!(
+            to(&acts, c),
+            vec![
+                MasterMsg::World {
+                    world: world(2, 2, 1, 2)
+                },
+                MasterMsg::PendingAnswer { pending: false }
+            ]
+        );
+    }
+}
+
+#[test]
+fn optimize_topology_is_a_vote_of_all() {
+    let mut m = M::swarm(&[0, 1]);
+    assert!(m.msg(1, PeerMsg::VoteOptimizeTopology).is_empty());
+    let acts = m.msg(2, PeerMsg::VoteOptimizeTopology);
+    for c in [1, 2] {
+        assert_eq!(only(&acts, c), MasterMsg::OptimizeDone { ok: true });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 5. Collectives
+// ---------------------------------------------------------------------------
+
+#[test]
+fn commence_waits_for_every_group_member() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    assert!(m.msg(1, init(5)).is_empty());
+    assert!(m.msg(3, init(5)).is_empty());
+    let acts = m.msg(2, init(5));
+    assert_eq!(acts.len(), 3);
+    for c in [1, 2, 3] {
+        assert_eq!(
+            only(&acts, c),
+            MasterMsg::CollectiveCommence {
+                tag: 5,
+                op_id: 1,
+                ring: ids(&[1, 2, 3]),
+            }
+        );
+    }
+}
+
+#[test]
+fn all_done_succeeds_for_everyone_only_after_the_last_report() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    for c in [1, 2, 3] {
+        m.msg(c, init(0));
+    }
+    assert!(m.msg(1, done(0, 1, true)).is_empty());
+    assert!(m.msg(3, done(0, 1, true)).is_empty());
+    let acts = m.msg(2, done(0, 1, true));
+    assert_eq!(acts.len(), 3);
+    for c in [1, 2, 3] {
+        assert_eq!(
+            only(&acts, c),
+            MasterMsg::CollectiveResult {
+                tag: 0,
+                op_id: 1,
+                ok: true,
+                code: 0,
+                reason: String::new(),
+            }
+        );
+    }
+    // The tag is free again; op ids are never reused.
+    assert_eq!(m.all_reduce_ok(0, &[1, 2, 3]), 2);
+}
+
+#[test]
+fn groups_are_isolated() {
+    let mut m = M::swarm(&[0, 1, 0, 1]);
+    assert!(m.msg(1, init(5)).is_empty());
+    assert!(m.msg(2, init(5)).is_empty());
+    let acts = m.msg(4, init(5));
+    assert_eq!(recipients(&acts), BTreeSet::from([2, 4]));
+    for c in [2, 4] {
+        assert_eq!(commence(&only(&acts, c)), (5, 1, ids(&[2, 4])));
+    }
+    let acts = m.msg(3, init(5));
+    assert_eq!(recipients(&acts), BTreeSet::from([1, 3]));
+    for c in [1, 3] {
+        assert_eq!(commence(&only(&acts, c)), (5, 2, ids(&[1, 3])));
+    }
+    // A failure in group 1 does not touch group 0's op with the same tag.
+    let acts = m.msg(2, done(5, 1, false));
+    assert_eq!(recipients(&acts), BTreeSet::from([2, 4]));
+    m.msg(1, done(5, 2, true));
+    let acts = m.msg(3, done(5, 2, true));
+    for c in [1, 3] {
+        assert_eq!(verdict(&only(&acts, c)), (5, 2, true, 0));
+    }
+}
+
+#[test]
+fn several_tags_in_flight_at_once() {
+    let mut m = M::swarm(&[0, 0]);
+    m.msg(1, init(1));
+    m.msg(1, init(2));
+    let a2 = m.msg(2, init(2));
+    let a1 = m.msg(2, init(1));
+    let (_, op2, _) = commence(&only(&a2, 1));
+    let (_, op1, _) = commence(&only(&a1, 1));
+    assert_ne!(op1, op2);
+    // Reports for one tag do not complete the other.
+    m.msg(1, done(1, op1, true));
+    let acts = m.msg(2, done(1, op1, true));
+    assert_eq!(verdict(&only(&acts, 2)), (1, op1, true, 0));
+    // Are-peers-pending may overlap an async all-reduce.
+    m.msg(1, PeerMsg::VoteArePeersPending);
+    let acts = m.msg(2, PeerMsg::VoteArePeersPending);
+    assert_eq!(recipients(&acts), BTreeSet::from([1, 2]));
+    m.msg(2, done(2, op2, true));
+    let acts = m.msg(1, done(2, op2, true));
+    assert_eq!(verdict(&only(&acts, 1)), (2, op2, true, 0));
+}
+
+#[test]
+fn spec_mismatch_fails_every_voter_with_invalid_usage() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    assert!(m.msg(1, init(3)).is_empty());
+    let acts = m.msg(
+        2,
+        PeerMsg::CollectiveInit {
+            tag: 3,
+            spec: spec(99),
+        },
+    );
+    assert_eq!(recipients(&acts), BTreeSet::from([1, 2]));
+    assert_eq!(verdict(&only(&acts, 1)), (3, 0, false, INVALID_USAGE));
+    assert_eq!(verdict(&only(&acts, 2)), (3, 0, false, INVALID_USAGE));
+    // The tag is free again.
+    assert_eq!(m.all_reduce_ok(3, &[1, 2, 3]), 1);
+}
+
+#[test]
+fn duplicate_tag_is_invalid_usage() {
+    let mut m = M::swarm(&[0, 0]);
+    m.msg(1, init(7));
+    let acts = m.msg(1, init(7));
+    assert_eq!(acts.len(), 1);
+    assert_eq!(verdict(&only(&acts, 1)), (7, 0, false, INVALID_USAGE));
+    // The first init still counts.
+    let acts = m.msg(2, init(7));
+    let (_, op_id, ring) = commence(&only(&acts, 1));
+    assert_eq!(ring, ids(&[1, 2]));
+    // The same tag again while it runs.
+    let acts = m.msg(2, init(7));
+    assert_eq!(verdict(&only(&acts, 2)), (7, 0, false, INVALID_USAGE));
+    m.msg(1, done(7, op_id, true));
+    let acts = m.msg(2, done(7, op_id, true));
+    assert_eq!(verdict(&only(&acts, 1)), (7, op_id, true, 0));
+}
+
+#[test]
+fn single_member_group_is_too_few_peers() {
+    let mut m = M::swarm(&[0, 1, 0]);
+    let acts = m.msg(2, init(1));
+    assert_eq!(acts.len(), 1);
+    assert_eq!(verdict(&only(&acts, 2)), (1, 0, false, TOO_FEW_PEERS));
+    // Nothing is left behind: the same call fails the same way again.
+    let acts = m.msg(2, init(1));
+    assert_eq!(verdict(&only(&acts, 2)), (1, 0, false, TOO_FEW_PEERS));
+}
+
+#[test]
+fn one_failed_report_fails_every_participant() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    for c in [1, 2, 3] {
+        m.msg(c, init(0));
+    }
+    assert!(m.msg(1, done(0, 1, true)).is_empty());
+    let acts = m.msg(2, done(0, 1, false));
+    assert_eq!(acts.len(), 3);
+    for c in [1, 2, 3] {
+        assert_eq!(
+            verdict(&only(&acts, c)),
+            (0, 1, false, RANK_CONNECTION_LOST)
+        );
+    }
+    // Late reports of the decided op are ignored.
+    assert!(m.msg(3, done(0, 1, true)).is_empty());
+    assert!(m.msg(3, done(0, 1, false)).is_empty());
+}
+
+#[test]
+fn reports_for_unknown_ops_are_ignored() {
+    let mut m = M::swarm(&[0, 0]);
+    assert!(m.msg(1, done(0, 1, true)).is_empty());
+    m.msg(1, init(0));
+    assert!(m.msg(1, done(0, 1, false)).is_empty(), "not commenced yet");
+    let acts = m.msg(2, init(0));
+    let (_, op_id, _) = commence(&only(&acts, 1));
+    assert!(m.msg(1, done(0, op_id + 7, false)).is_empty());
+    assert!(m.msg(1, done(9, op_id, false)).is_empty());
+}
+
+#[test]
+fn participant_death_fails_the_survivors_at_once() {
+    let mut m = M::swarm(&[0, 0, 0, 1]);
+    for c in [1, 2, 3] {
+        m.msg(c, init(4));
+    }
+    m.msg(1, done(4, 1, true));
+    let acts = m.disconnect(2);
+    assert!(closed(&acts).is_empty());
+    for c in [1, 3] {
+        let msgs = to(&acts, c);
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert_eq!(verdict(&msgs[0]), (4, 1, false, RANK_CONNECTION_LOST));
+        assert_eq!(
+            msgs[1],
+            MasterMsg::World {
+                world: world(3, 2, 2, 2)
+            }
+        );
+    }
+    assert_eq!(
+        to(&acts, 4),
+        vec![MasterMsg::World {
+            world: world(3, 1, 2, 2)
+        }]
+    );
+    // A retry among the survivors succeeds.
+    assert_eq!(m.all_reduce_ok(4, &[1, 3]), 2);
+}
+
+#[test]
+fn death_during_gathering_commences_with_the_survivors() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, init(2));
+    m.msg(3, init(2));
+    let acts = m.disconnect(2);
+    for c in [1, 3] {
+        let msgs = to(&acts, c);
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert_eq!(commence(&msgs[0]), (2, 1, ids(&[1, 3])));
+        assert!(matches!(msgs[1], MasterMsg::World { .. }));
+    }
+    m.msg(1, done(2, 1, true));
+    let acts = m.msg(3, done(2, 1, true));
+    assert_eq!(verdict(&only(&acts, 1)), (2, 1, true, 0));
+}
+
+#[test]
+fn death_during_gathering_leaving_one_peer_is_too_few_peers() {
+    let mut m = M::swarm(&[0, 0]);
+    m.msg(1, init(2));
+    let acts = m.disconnect(2);
+    let msgs = to(&acts, 1);
+    assert_eq!(verdict(&msgs[0]), (2, 0, false, TOO_FEW_PEERS));
+}
+
+#[test]
+fn death_of_the_only_voter_drops_the_gathering() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, init(2));
+    m.disconnect(1);
+    assert!(m.m.collectives.is_empty());
+    m.msg(2, init(2));
+    let acts = m.msg(3, init(2));
+    assert_eq!(commence(&only(&acts, 2)).2, ids(&[2, 3]));
+}
+
+// ---------------------------------------------------------------------------
+// 6. Liveness
+// ---------------------------------------------------------------------------
+
+#[test]
+fn silent_peer_is_evicted_and_its_ops_fail() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    for c in [1, 2, 3] {
+        m.msg(c, init(0));
+    }
+    assert!(m.tick(4_000).is_empty());
+    m.msg(1, PeerMsg::Heartbeat);
+    m.msg(2, done(0, 1, true)); // any message counts as a sign of life
+    assert!(
+        m.tick(5_000).is_empty(),
+        "exactly the timeout is still alive"
+    );
+    let acts = m.tick(5_001);
+    assert!(matches!(&acts[0], Action::Close { conn: 3, reason } if reason.contains("evicted")));
+    for c in [1, 2] {
+        let msgs = to(&acts, c);
+        assert_eq!(verdict(&msgs[0]), (0, 1, false, RANK_CONNECTION_LOST));
+        assert_eq!(
+            msgs[1],
+            MasterMsg::World {
+                world: world(2, 2, 1, 2)
+            }
+        );
+    }
+    assert_eq!(m.accepted(), BTreeSet::from([1, 2]));
+    // Heartbeats keep the others alive for as long as they come.
+    for t in (6_000..30_000).step_by(1_000) {
+        m.msg(1, PeerMsg::Heartbeat);
+        m.msg(2, PeerMsg::Heartbeat);
+        assert!(m.tick(t).is_empty());
+    }
+    assert_eq!(m.accepted(), BTreeSet::from([1, 2]));
+}
+
+#[test]
+fn unregistered_and_pending_connections_time_out_too() {
+    let mut m = M::swarm(&[0]);
+    m.register(2, 0); // pending
+    assert!(m.join(3).is_empty()); // never registers
+    let acts = m.tick(6_000);
+    assert_eq!(closed(&acts), vec![1, 2, 3]);
+    assert!(m.m.peers.is_empty());
+    // Time never runs backwards.
+    let mut m = M::swarm(&[0]);
+    m.tick(4_000);
+    m.msg(1, PeerMsg::Heartbeat);
+    assert!(m.tick(1_000).is_empty());
+    assert!(m.tick(9_000).is_empty());
+    assert_eq!(closed(&m.tick(9_001)), vec![1]);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Graceful leave
+// ---------------------------------------------------------------------------
+
+#[test]
+fn leave_before_an_op_starts_is_not_an_error_for_the_others() {
+    let mut m = M::swarm(&[0, 0, 0, 1]);
+    m.msg(1, init(6));
+    m.msg(2, init(6));
+    let acts = m.msg(3, PeerMsg::Leave);
+    assert!(matches!(&acts[0], Action::Close { conn: 3, reason } if reason.contains("left")));
+    assert!(to(&acts, 3).is_empty());
+    for c in [1, 2] {
+        let msgs = to(&acts, c);
+        assert_eq!(
+            msgs,
+            vec![
+                MasterMsg::CollectiveCommence {
+                    tag: 6,
+                    op_id: 1,
+                    ring: ids(&[1, 2]),
+                },
+                MasterMsg::World {
+                    world: world(3, 2, 2, 2)
+                }
+            ]
+        );
+    }
+    assert_eq!(
+        to(&acts, 4),
+        vec![MasterMsg::World {
+            world: world(3, 1, 2, 2)
+        }]
+    );
+}
+
+#[test]
+fn leave_of_a_non_voter_lets_later_calls_proceed() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, init(6));
+    let acts = m.msg(3, PeerMsg::Leave);
+    assert_eq!(closed(&acts), vec![3]);
+    assert!(to(&acts, 1)
+        .iter()
+        .all(|m| matches!(m, MasterMsg::World { .. })));
+    let acts = m.msg(2, init(6));
+    assert_eq!(commence(&only(&acts, 1)).2, ids(&[1, 2]));
+}
+
+#[test]
+fn leave_of_a_running_participant_fails_the_op() {
+    let mut m = M::swarm(&[0, 0]);
+    m.msg(1, init(6));
+    m.msg(2, init(6));
+    let acts = m.msg(2, PeerMsg::Leave);
+    assert_eq!(
+        verdict(&to(&acts, 1)[0]),
+        (6, 1, false, RANK_CONNECTION_LOST)
+    );
+}
+
+#[test]
+fn leave_of_a_pending_peer_tells_nobody() {
+    let mut m = M::swarm(&[0, 0]);
+    m.register(3, 0);
+    let acts = m.msg(3, PeerMsg::Leave);
+    assert_eq!(acts.len(), 1);
+    assert_eq!(closed(&acts), vec![3]);
+    m.msg(1, PeerMsg::VoteArePeersPending);
+    let acts = m.msg(2, PeerMsg::VoteArePeersPending);
+    assert_eq!(only(&acts, 1), MasterMsg::PendingAnswer { pending: false });
+}
+
+// ---------------------------------------------------------------------------
+// 8. Shared-state sync
+// ---------------------------------------------------------------------------
+
+const H: [u64; 3] = [11, 22, 33];
+
+/// Runs a sync where everyone holds the same content at `revision`.
+fn sync_all_equal(m: &mut M, conns: &[ConnId], revision: u64) -> u64 {
+    let mut acts = Vec::new();
+    for &c in conns {
+        acts = m.msg(c, vote(revision, H, ENFORCE_POPULAR));
+    }
+    let mut sync_id = 0;
+    for &c in conns {
+        let msgs = to(&acts, c);
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        let (id, rev, fetch, _) = plan(&msgs[0]);
+        assert_eq!((rev, fetch), (revision, vec![]));
+        assert_eq!(sync_verdict(&msgs[1]), (id, true, 0));
+        sync_id = id;
+    }
+    sync_id
+}
+
+#[test]
+fn up_to_date_peers_get_empty_plans_and_succeed_at_once() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    assert!(m.msg(1, vote(1, H, ENFORCE_POPULAR)).is_empty());
+    assert!(m.msg(2, vote(1, H, ENFORCE_POPULAR)).is_empty());
+    let acts = m.msg(3, vote(1, H, ENFORCE_POPULAR));
+    for c in [1u64, 2, 3] {
+        let others: Vec<PeerEntry> = [1u64, 2, 3]
+            .into_iter()
+            .filter(|o| *o != c)
+            .map(|o| entry(o, 0))
+            .collect();
+        assert_eq!(
+            to(&acts, c),
+            vec![
+                MasterMsg::SyncPlan {
+                    sync_id: 1,
+                    revision: 1,
+                    fetch: vec![],
+                    sources: others,
+                },
+                MasterMsg::SyncResult {
+                    sync_id: 1,
+                    ok: true,
+                    code: 0,
+                    reason: String::new(),
+                }
+            ]
+        );
+    }
+    assert_eq!(sync_all_equal(&mut m, &[1, 2, 3], 2), 2);
+}
+
+#[test]
+fn popular_content_wins_and_the_outlier_fetches_exactly_the_differing_tensor() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, [11, 99, 33], ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(1, H, ENFORCE_POPULAR));
+    assert_eq!(
+        to(&acts, 2),
+        vec![MasterMsg::SyncPlan {
+            sync_id: 1,
+            revision: 1,
+            fetch: vec![fetch("b", 22)],
+            sources: vec![entry(1, 0), entry(3, 0)],
+        }]
+    );
+    assert_eq!(plan(&only(&acts, 1)).3, vec![entry(3, 0)]);
+    assert_eq!(plan(&only(&acts, 3)).3, vec![entry(1, 0)]);
+    assert!(plan(&only(&acts, 1)).2.is_empty());
+    // Nobody succeeds before the receiver reports.
+    assert!(
+        m.msg(1, transfer_done(1, true)).is_empty(),
+        "not a receiver"
+    );
+    assert!(m.msg(2, transfer_done(7, true)).is_empty(), "wrong sync id");
+    let acts = m.msg(2, transfer_done(1, true));
+    assert_eq!(acts.len(), 3);
+    for c in [1, 2, 3] {
+        assert_eq!(sync_verdict(&only(&acts, c)), (1, true, 0));
+    }
+    // Everyone synced at revision 1 and must now vote 2.
+    sync_all_equal(&mut m, &[1, 2, 3], 2);
+}
+
+#[test]
+fn a_failed_transfer_fails_only_that_receiver() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, [0, 0, 33], ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(1, H, ENFORCE_POPULAR));
+    assert_eq!(
+        plan(&only(&acts, 2)).2,
+        vec![fetch("a", 11), fetch("b", 22)]
+    );
+    let acts = m.msg(2, transfer_done(1, false));
+    assert_eq!(sync_verdict(&only(&acts, 1)), (1, true, 0));
+    assert_eq!(sync_verdict(&only(&acts, 3)), (1, true, 0));
+    assert_eq!(
+        sync_verdict(&only(&acts, 2)),
+        (1, false, RANK_CONNECTION_LOST)
+    );
+    // Peer 2 never synced, so it may still vote anything; 1 and 3 must vote 2.
+    m.msg(1, vote(2, H, ENFORCE_POPULAR));
+    m.msg(2, vote(0, [0, 0, 0], ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(2, H, ENFORCE_POPULAR));
+    assert_eq!(
+        plan(&only(&acts, 2)).2,
+        vec![fetch("a", 11), fetch("b", 22), fetch("c", 33)]
+    );
+}
+
+#[test]
+fn receive_only_peers_never_vote() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    let other = [1, 2, 3];
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, other, RECEIVE_ONLY));
+    let acts = m.msg(3, vote(1, other, RECEIVE_ONLY));
+    for c in [2, 3] {
+        let (_, rev, fetch_list, sources) = plan(&only(&acts, c));
+        assert_eq!(rev, 1);
+        assert_eq!(fetch_list, vec![fetch("a", 11), fetch("b", 22)]);
+        assert_eq!(sources, vec![entry(1, 0)], "receive-only peers never send");
+    }
+    let (_, _, fetch_list, sources) = plan(&only(&acts, 1));
+    assert!(fetch_list.is_empty());
+    assert!(sources.is_empty());
+    m.msg(2, transfer_done(1, true));
+    let acts = m.msg(3, transfer_done(1, true));
+    assert_eq!(recipients(&acts), BTreeSet::from([1, 2, 3]));
+}
+
+#[test]
+fn receive_only_peer_already_up_to_date_succeeds() {
+    let mut m = M::swarm(&[0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    let acts = m.msg(2, vote(1, H, RECEIVE_ONLY));
+    assert_eq!(sync_verdict(&to(&acts, 2)[1]), (1, true, 0));
+}
+
+#[test]
+fn send_only_with_unpopular_content_fails_with_invalid_usage() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, [5, 22, 33], SEND_ONLY));
+    let acts = m.msg(3, vote(1, H, ENFORCE_POPULAR));
+    assert_eq!(sync_verdict(&only(&acts, 2)), (1, false, INVALID_USAGE));
+    for c in [1, 3] {
+        let msgs = to(&acts, c);
+        assert_eq!(plan(&msgs[0]).2, vec![]);
+        assert_eq!(sync_verdict(&msgs[1]), (1, true, 0));
+    }
+}
+
+#[test]
+fn send_only_with_popular_content_succeeds_and_serves() {
+    let mut m = M::swarm(&[0, 0]);
+    m.msg(1, vote(1, H, SEND_ONLY));
+    let acts = m.msg(2, vote(1, [0, 22, 33], RECEIVE_ONLY));
+    let (_, _, f, sources) = plan(&only(&acts, 2));
+    assert_eq!((f, sources), (vec![fetch("a", 11)], vec![entry(1, 0)]));
+    let acts = m.msg(2, transfer_done(1, true));
+    assert_eq!(sync_verdict(&only(&acts, 1)), (1, true, 0));
+}
+
+#[test]
+fn revision_must_advance_by_exactly_one() {
+    for bad in [0u64, 1, 3, 100] {
+        let mut m = M::swarm(&[0, 0, 0]);
+        sync_all_equal(&mut m, &[1, 2, 3], 1);
+        m.msg(1, vote(2, H, ENFORCE_POPULAR));
+        m.msg(2, vote(2, H, ENFORCE_POPULAR));
+        let acts = m.msg(3, vote(bad, H, ENFORCE_POPULAR));
+        let (_, ok, code) = sync_verdict(&only(&acts, 3));
+        assert_eq!((ok, code), (false, INVALID_USAGE), "revision {bad}");
+        for c in [1, 2] {
+            let msgs = to(&acts, c);
+            assert_eq!(plan(&msgs[0]).1, 2);
+            assert!(sync_verdict(&msgs[1]).1);
+        }
+        // Peer 3 last synced at 1, so it must vote 2 even though the others
+        // are at 2 now; it then catches up to the popular revision 3.
+        m.msg(1, vote(3, H, ENFORCE_POPULAR));
+        m.msg(2, vote(3, H, ENFORCE_POPULAR));
+        let acts = m.msg(3, vote(2, H, ENFORCE_POPULAR));
+        let msgs = to(&acts, 3);
+        let (_, rev, f, _) = plan(&msgs[0]);
+        assert_eq!((rev, f), (3, vec![]));
+        assert!(sync_verdict(&msgs[1]).1);
+        sync_all_equal(&mut m, &[1, 2, 3], 4);
+    }
+}
+
+#[test]
+fn a_newcomer_adopts_the_group_revision() {
+    let mut m = M::swarm(&[0, 0]);
+    sync_all_equal(&mut m, &[1, 2], 5);
+    m.register(3, 0);
+    let acts = m.update_topology(&[1, 2]);
+    assert_eq!(recipients(&acts), BTreeSet::from([1, 2, 3]));
+    m.msg(1, vote(6, H, ENFORCE_POPULAR));
+    m.msg(2, vote(6, H, ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(0, [1, 2, 3], ENFORCE_POPULAR));
+    let (sync_id, rev, f, sources) = plan(&only(&acts, 3));
+    assert_eq!(rev, 6);
+    // The revision differs, so even the content-unequal tensor is fetched.
+    assert_eq!(f, vec![fetch("a", 11), fetch("b", 22), fetch("c", 33)]);
+    assert_eq!(sources, vec![entry(1, 0), entry(2, 0)]);
+    let acts = m.msg(3, transfer_done(sync_id, true));
+    assert_eq!(sync_verdict(&only(&acts, 3)), (sync_id, true, 0));
+    // It synced at 6 now: the revision rule applies to it too.
+    sync_all_equal(&mut m, &[1, 2, 3], 7);
+}
+
+#[test]
+fn content_inequality_is_allowed_only_at_the_same_revision() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, H, ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(1, [11, 22, 77], ENFORCE_POPULAR));
+    let msgs = to(&acts, 3);
+    assert_eq!(plan(&msgs[0]).2, vec![], "c may differ");
+    assert!(sync_verdict(&msgs[1]).1);
+    // c does not split the election either: with three different c's, the
+    // strict tensors decide.
+    m.msg(1, vote(2, [11, 22, 1], ENFORCE_POPULAR));
+    m.msg(2, vote(2, [11, 22, 2], ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(2, [11, 5, 3], ENFORCE_POPULAR));
+    assert_eq!(plan(&to(&acts, 3)[0]).2, vec![fetch("b", 22)]);
+}
+
+#[test]
+fn mismatched_tensor_sets_are_invalid_arguments() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, H, ENFORCE_POPULAR));
+    let acts = m.msg(
+        3,
+        PeerMsg::SyncVote {
+            revision: 1,
+            strategy: ENFORCE_POPULAR,
+            tensors: vec![tm("a", 11, false)],
+        },
+    );
+    assert_eq!(sync_verdict(&only(&acts, 3)), (1, false, INVALID_ARGUMENT));
+}
+
+#[test]
+fn all_receive_only_is_no_shared_state_available() {
+    let mut m = M::swarm(&[0, 0]);
+    m.msg(1, vote(1, H, RECEIVE_ONLY));
+    let acts = m.msg(2, vote(1, H, RECEIVE_ONLY));
+    assert_eq!(acts.len(), 2);
+    for c in [1, 2] {
+        let (_, ok, code) = sync_verdict(&only(&acts, c));
+        assert_eq!((ok, code), (false, NO_SHARED_STATE));
+    }
+    assert!(m.m.syncs.is_empty());
+    // A later sync works.
+    sync_all_equal(&mut m, &[1, 2], 1);
+}
+
+#[test]
+fn receiver_death_does_not_hang_the_round() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, H, ENFORCE_POPULAR));
+    m.msg(3, vote(1, [0, 22, 33], ENFORCE_POPULAR));
+    let acts = m.disconnect(3);
+    for c in [1, 2] {
+        let msgs = to(&acts, c);
+        assert_eq!(sync_verdict(&msgs[0]), (1, true, 0));
+        assert!(matches!(msgs[1], MasterMsg::World { .. }));
+    }
+}
+
+#[test]
+fn distributor_death_does_not_hang_the_round() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, H, ENFORCE_POPULAR));
+    m.msg(3, vote(1, [0, 22, 33], ENFORCE_POPULAR));
+    // A holder dies: the receiver fetches from the other one.
+    let acts = m.disconnect(1);
+    assert!(acts.iter().all(|a| matches!(
+        a,
+        Action::Send {
+            msg: MasterMsg::World { .. },
+            ..
+        }
+    )));
+    let acts = m.msg(3, transfer_done(1, true));
+    assert_eq!(recipients(&acts), BTreeSet::from([2, 3]));
+    assert!(sync_verdict(&only(&acts, 3)).1);
+
+    // The only holder dies: the receiver reports failure, nobody hangs.
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, [0, 22, 33], RECEIVE_ONLY));
+    m.msg(3, vote(1, [0, 0, 33], RECEIVE_ONLY));
+    m.disconnect(1);
+    assert!(m.msg(2, transfer_done(1, false)).is_empty());
+    let acts = m.msg(3, transfer_done(1, false));
+    for c in [2, 3] {
+        let (_, ok, code) = sync_verdict(&only(&acts, c));
+        assert_eq!((ok, code), (false, RANK_CONNECTION_LOST));
+    }
+    assert!(m.m.syncs.is_empty());
+}
+
+#[test]
+fn death_during_sync_voting_lets_the_others_proceed() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, H, ENFORCE_POPULAR));
+    let acts = m.disconnect(3);
+    for c in [1, 2] {
+        let msgs = to(&acts, c);
+        assert!(matches!(msgs[0], MasterMsg::SyncPlan { .. }));
+        assert!(sync_verdict(&msgs[1]).1);
+    }
+    // The only voter dying drops the round.
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.disconnect(1);
+    assert!(m.m.syncs.is_empty());
+}
+
+#[test]
+fn sync_is_per_group_and_rejects_a_second_vote() {
+    let mut m = M::swarm(&[0, 1, 0, 1]);
+    m.msg(2, vote(1, H, ENFORCE_POPULAR));
+    let acts = m.msg(2, vote(1, H, ENFORCE_POPULAR));
+    assert_eq!(sync_verdict(&only(&acts, 2)), (0, false, INVALID_USAGE));
+    let acts = m.msg(4, vote(9, [1, 1, 1], ENFORCE_POPULAR));
+    assert_eq!(recipients(&acts), BTreeSet::from([2, 4]));
+    sync_all_equal(&mut m, &[1, 3], 1);
+}
