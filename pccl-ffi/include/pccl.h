@@ -32,6 +32,12 @@
  *    call on the same communicator returns pcclInvalidUsage and changes
  *    nothing. Distinct communicators and master instances are independent and
  *    may be used from different threads.
+ *  - Handles (pcclComm_t *, pcclMasterInstance_t *) are looked up in the
+ *    library's table of live handles and never dereferenced: NULL, a handle
+ *    that was already destroyed (e.g. destroyed twice) or a pointer the
+ *    library did not create yields pcclInvalidArgument, not a crash. (The
+ *    address of a destroyed handle may be reused by a later create; a stale
+ *    pointer with that address then names the new object.)
  *  - Collective calls (marked "Collective") must be made by every peer they
  *    name; the master moves those peers forward together. They block until
  *    that happens, until the call fails on this peer, or until the peer
@@ -384,13 +390,16 @@ PCCL_EXPORT pcclResult_t pcclGetAttribute(const pcclComm_t *communicator, pcclAt
  * timeout), so caller buffers may be freed once it returns.
  *
  * After this call the communicator pointer, and every pcclAsyncReduceOp_t that
- * refers to it, are invalid, whatever the result.
+ * refers to it, are invalid, whatever the result (except pcclInvalidUsage).
  *
  * @param communicator The communicator; must not be NULL.
  *
  * @return pcclSuccess on success.
  * @return pcclNotInitialized if pcclInit has not been called.
- * @return pcclInvalidArgument if communicator is NULL.
+ * @return pcclInvalidArgument if communicator is NULL or not a live
+ *         communicator (e.g. destroyed already).
+ * @return pcclInvalidUsage if another call on the communicator is in progress
+ *         on another thread; nothing is destroyed then.
  */
 PCCL_EXPORT pcclResult_t pcclDestroyCommunicator(pcclComm_t *communicator);
 
@@ -710,7 +719,8 @@ PCCL_EXPORT pcclResult_t pcclMasterAwaitTermination(pcclMasterInstance_t *master
  * @param master_instance The instance; must not be NULL.
  *
  * @return pcclSuccess on success.
- * @return pcclInvalidArgument if master_instance is NULL.
+ * @return pcclInvalidArgument if master_instance is NULL or not a live
+ *         master instance (e.g. destroyed twice).
  */
 PCCL_EXPORT pcclResult_t pcclDestroyMaster(pcclMasterInstance_t *master_instance);
 
@@ -765,6 +775,11 @@ PCCL_EXPORT pcclResult_t pcclSetLogLevel(pcclLogLevel_t level);
  * @param connect_timeout_ms Limit for establishing one connection (master or
  *        peer). 0 keeps the default.
  *
+ * Note: in this version a silent peer is removed by the master after its
+ * own timeout (pcclSetMasterPeerTimeout, default 5000 ms), which fails the
+ * collectives it took part in; peer_liveness_timeout_ms is accepted and
+ * recorded but does not yet shorten or lengthen that on the peer side.
+ *
  * @return pcclSuccess on success.
  * @return pcclNotInitialized if pcclInit has not been called.
  * @return pcclInvalidArgument if comm is NULL.
@@ -800,6 +815,52 @@ PCCL_EXPORT pcclResult_t pcclSetMasterPeerTimeout(pcclMasterInstance_t *master, 
  *         (*out is then left unchanged).
  */
 PCCL_EXPORT pcclResult_t pcclGetResultString(pcclResult_t result, const char **out);
+
+/**
+ * Extension. Sets the first port tried for each of the communicator's
+ * listeners (see ccoip.h; a taken port is bumped upward, and the actual ports
+ * are reported to the master). 0 lets the operating system pick any free
+ * port, which is what tests and several peers on one host want. Must be
+ * called before pcclConnect. Does not block.
+ *
+ * The same can be set without code changes through the environment variable
+ * PCCL_PEER_PORT_BASE, read by pcclCreateCommunicator: "0" means any free
+ * ports; a number N (at most 65533) means shared state N, p2p N+1, benchmark
+ * N+2. Other values are ignored with a logged warning. This function
+ * overrides the variable.
+ *
+ * @param comm The communicator; must not be NULL.
+ * @param shared_state_port First port of the shared-state listener
+ *        (default CCOIP_PROTOCOL_PORT_SHARED_STATE), or 0.
+ * @param p2p_port First port of the p2p listener (default
+ *        CCOIP_PROTOCOL_PORT_P2P), or 0.
+ * @param benchmark_port First port of the bandwidth-benchmark listener
+ *        (default CCOIP_PROTOCOL_PORT_BANDWIDTH_BENCHMARK), or 0.
+ *
+ * @return pcclSuccess on success.
+ * @return pcclNotInitialized if pcclInit has not been called.
+ * @return pcclInvalidArgument if comm is NULL or not a live communicator.
+ * @return pcclInvalidUsage if the communicator is already connected.
+ */
+PCCL_EXPORT pcclResult_t pcclSetCommunicatorPorts(pcclComm_t *comm, uint16_t shared_state_port,
+                                                  uint16_t p2p_port, uint16_t benchmark_port);
+
+/**
+ * Extension. The address a running master listens on, with the port actually
+ * bound: create the master with port 0 to let the operating system pick a
+ * free one, run it, then read the port here. Does not block; needs no
+ * pcclInit.
+ *
+ * @param master_instance The instance; must not be NULL.
+ * @param address_out Receives the address; must not be NULL.
+ *
+ * @return pcclSuccess on success.
+ * @return pcclInvalidArgument if a pointer is NULL or master_instance is not
+ *         a live master instance.
+ * @return pcclInvalidUsage if the master has not been run (pcclRunMaster).
+ */
+PCCL_EXPORT pcclResult_t pcclGetMasterListenAddress(const pcclMasterInstance_t *master_instance,
+                                                    ccoip_socket_address_t *address_out);
 
 #ifdef __cplusplus
 } /* extern "C" */

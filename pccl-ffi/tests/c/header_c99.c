@@ -42,6 +42,8 @@ typedef pcclResult_t (*set_log_level_fn)(pcclLogLevel_t);
 typedef pcclResult_t (*set_comm_timeouts_fn)(pcclComm_t *, uint32_t, uint32_t);
 typedef pcclResult_t (*set_master_timeout_fn)(pcclMasterInstance_t *, uint32_t);
 typedef pcclResult_t (*result_string_fn)(pcclResult_t, const char **);
+typedef pcclResult_t (*set_comm_ports_fn)(pcclComm_t *, uint16_t, uint16_t, uint16_t);
+typedef pcclResult_t (*master_address_fn)(const pcclMasterInstance_t *, ccoip_socket_address_t *);
 
 int pccl_header_c99_check(void) {
     init_fn f_init = pcclInit;
@@ -68,6 +70,8 @@ int pccl_header_c99_check(void) {
     set_comm_timeouts_fn f_comm_timeouts = pcclSetCommunicatorTimeouts;
     set_master_timeout_fn f_master_timeout = pcclSetMasterPeerTimeout;
     result_string_fn f_result_string = pcclGetResultString;
+    set_comm_ports_fn f_comm_ports = pcclSetCommunicatorPorts;
+    master_address_fn f_master_address = pcclGetMasterListenAddress;
 
     /* Every enumerator, in a variable of its enum type. */
     ccoip_inet_protocol_t protocols[] = {inetIPv4, inetIPv6};
@@ -197,6 +201,8 @@ int pccl_header_c99_check(void) {
     (void)f_comm_timeouts;
     (void)f_master_timeout;
     (void)f_result_string;
+    (void)f_comm_ports;
+    (void)f_master_address;
     if (sum < 0) {
         /* Never executed; type-checks realistic calls, NULL for the nullable
          * parameters included (compile-only test). */
@@ -207,6 +213,7 @@ int pccl_header_c99_check(void) {
         sum += (int)pcclCreateCommunicator(&params, &comm);
         sum += (int)pcclGetAttribute(comm, PCCL_ATTRIBUTE_GLOBAL_WORLD_SIZE, &attr);
         sum += (int)pcclSetCommunicatorTimeouts(comm, 0, 0);
+        sum += (int)pcclSetCommunicatorPorts(comm, 0, 0, 0);
         sum += (int)pcclConnect(comm);
         sum += (int)pcclUpdateTopology(comm);
         sum += (int)pcclArePeersPending(comm, &pending);
@@ -221,6 +228,7 @@ int pccl_header_c99_check(void) {
         sum += (int)pcclCreateMaster(sock, &master);
         sum += (int)pcclSetMasterPeerTimeout(master, 0);
         sum += (int)pcclRunMaster(master);
+        sum += (int)pcclGetMasterListenAddress(master, &sock);
         sum += (int)pcclInterruptMaster(master);
         sum += (int)pcclMasterAwaitTermination(master);
         sum += (int)pcclDestroyMaster(master);

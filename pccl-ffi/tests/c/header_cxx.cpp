@@ -44,6 +44,8 @@ SAME_TYPE(pcclSetLogLevel, pcclResult_t(pcclLogLevel_t));
 SAME_TYPE(pcclSetCommunicatorTimeouts, pcclResult_t(pcclComm_t *, uint32_t, uint32_t));
 SAME_TYPE(pcclSetMasterPeerTimeout, pcclResult_t(pcclMasterInstance_t *, uint32_t));
 SAME_TYPE(pcclGetResultString, pcclResult_t(pcclResult_t, const char **));
+SAME_TYPE(pcclSetCommunicatorPorts, pcclResult_t(pcclComm_t *, uint16_t, uint16_t, uint16_t));
+SAME_TYPE(pcclGetMasterListenAddress, pcclResult_t(const pcclMasterInstance_t *, ccoip_socket_address_t *));
 
 // Type names and typedef relations.
 static_assert(std::is_same<pcclReduceOpDescriptor_t, struct pcclReduceSingleDescriptor_t>::value, "");
