@@ -102,6 +102,15 @@ impl MasterNode {
     }
 }
 
+impl std::fmt::Debug for MasterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterNode")
+            .field("local_addr", &self.local_addr)
+            .field("running", &self.task.is_some())
+            .finish()
+    }
+}
+
 impl Drop for MasterNode {
     fn drop(&mut self) {
         self.stop.notify_one();

@@ -1565,3 +1565,1118 @@ fn sync_is_per_group_and_rejects_a_second_vote() {
     assert_eq!(recipients(&acts), BTreeSet::from([2, 4]));
     sync_all_equal(&mut m, &[1, 3], 1);
 }
+
+// ---------------------------------------------------------------------------
+// 9. Random interleavings with simulated peers
+// ---------------------------------------------------------------------------
+
+/// One collective call of the program every accepted peer runs, in order.
+/// Newcomers join the program right after the update topology that admitted
+/// them, so correct peers always make the same calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    UpdateTopology,
+    ArePeersPending,
+    OptimizeTopology,
+    /// Async all-reduces with these tags in flight at once, optionally
+    /// overlapped with an are-peers-pending vote.
+    AllReduce {
+        tags: Vec<u64>,
+        with_pending: bool,
+    },
+    Sync,
+}
+
+/// One random event; the selectors pick among the peers it applies to.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A new peer connects (its registration is queued behind it).
+    Join(u8),
+    /// The master reads one message from a peer.
+    ToMaster(u8),
+    /// A peer reads one message from the master.
+    ToPeer(u8),
+    /// A peer finishes some local work (ring connections, an all-reduce, a
+    /// fetch) and reports it: (peer, which work, outcome roll).
+    Progress(u8, u8, u8),
+    /// An idle peer makes its next call: (peer, choices roll).
+    Start(u8, u8),
+    /// An idle peer leaves gracefully.
+    Leave(u8),
+    /// A peer's connection breaks.
+    Crash(u8),
+    /// A peer hangs: it stops reading, working and heartbeating.
+    Freeze(u8),
+    /// Time passes; live peers heartbeat first.
+    Tick(u16),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimPhase {
+    /// Register sent, no ack yet.
+    Registering,
+    /// Acked, waiting to be accepted (inside `connect`).
+    Connecting,
+    Established,
+    /// Leave sent; ignores everything until closed.
+    Leaving,
+    Dead,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagState {
+    WaitCommence,
+    Running(u64),
+}
+
+#[derive(Debug, Clone)]
+enum SyncState {
+    WaitPlan,
+    WaitResult {
+        sync_id: u64,
+        revision: u64,
+        fetch: Vec<FetchItem>,
+    },
+}
+
+/// What a peer waits for inside its current call.
+#[derive(Debug, Default)]
+struct Call {
+    topology: bool,
+    pending: bool,
+    optimize: bool,
+    tags: BTreeMap<u64, TagState>,
+    sync: Option<SyncState>,
+}
+
+impl Call {
+    fn finished(&self) -> bool {
+        !self.topology
+            && !self.pending
+            && !self.optimize
+            && self.tags.is_empty()
+            && self.sync.is_none()
+    }
+}
+
+/// Local work a peer does between messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Work {
+    Establish { round: u64, alone: bool },
+    Done { tag: u64, op_id: u64 },
+    Transfer { sync_id: u64 },
+}
+
+#[derive(Debug)]
+struct SimPeer {
+    conn: ConnId,
+    group: u32,
+    phase: SimPhase,
+    frozen: bool,
+    acked: bool,
+    /// Index of the next (or current) program step.
+    pc: u64,
+    /// Where the program starts for this peer, fixed when it is admitted.
+    start_pc: Option<u64>,
+    call: Option<Call>,
+    outbox: VecDeque<PeerMsg>,
+    inbox: VecDeque<MasterMsg>,
+    work: Vec<Work>,
+    /// Revision of the last successful sync.
+    synced: Option<u64>,
+    hashes: [u64; 3],
+}
+
+impl SimPeer {
+    fn alive(&self) -> bool {
+        self.phase != SimPhase::Dead
+    }
+
+    fn idle(&self) -> bool {
+        self.phase == SimPhase::Established
+            && !self.frozen
+            && self.call.is_none()
+            && self.work.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct OpInfo {
+    group: u32,
+    tag: u64,
+    participants: BTreeSet<ConnId>,
+    verdict: Option<(bool, u8)>,
+    told: BTreeSet<ConnId>,
+}
+
+/// How much of the protocol a run exercised.
+#[derive(Debug, Default, Clone)]
+struct Stats {
+    admitted: u64,
+    topology_failed: u64,
+    pending_true: u64,
+    commenced: u64,
+    succeeded: u64,
+    failed_ops: u64,
+    too_few: u64,
+    syncs_ok: u64,
+    syncs_failed: u64,
+    fetches: u64,
+    evicted: u64,
+    left: u64,
+    crashed: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.admitted += o.admitted;
+        self.topology_failed += o.topology_failed;
+        self.pending_true += o.pending_true;
+        self.commenced += o.commenced;
+        self.succeeded += o.succeeded;
+        self.failed_ops += o.failed_ops;
+        self.too_few += o.too_few;
+        self.syncs_ok += o.syncs_ok;
+        self.syncs_failed += o.syncs_failed;
+        self.fetches += o.fetches;
+        self.evicted += o.evicted;
+        self.left += o.left;
+        self.crashed += o.crashed;
+    }
+}
+
+const SIM_TIMEOUT_MS: u64 = 5_000;
+const MAX_PEERS: usize = 6;
+/// A quiet choice for the drain: every report succeeds, nobody diverges.
+const CALM: u8 = 3;
+
+struct Sim {
+    m: MasterState,
+    program: Vec<Step>,
+    groups: u32,
+    now: u64,
+    next_conn: ConnId,
+    peers: Vec<SimPeer>,
+    /// Connections the master may still talk to.
+    open: BTreeSet<ConnId>,
+    /// Op running per (group, tag), from commence to verdict.
+    running: BTreeMap<(u32, u64), u64>,
+    ops: BTreeMap<u64, OpInfo>,
+    /// (revision, strict hashes) every successful member of a sync ends with.
+    sync_content: BTreeMap<u64, (u64, [u64; 2])>,
+    stats: Stats,
+}
+
+impl Sim {
+    fn new(program: Vec<Step>, groups: u32) -> Self {
+        Sim {
+            m: MasterState::new(MasterConfig {
+                peer_timeout_ms: SIM_TIMEOUT_MS,
+                max_establish_attempts: 3,
+            }),
+            program,
+            groups,
+            now: 0,
+            next_conn: 1,
+            peers: Vec::new(),
+            open: BTreeSet::new(),
+            running: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            sync_content: BTreeMap::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    fn idx(&self, conn: ConnId) -> usize {
+        self.peers
+            .iter()
+            .position(|p| p.conn == conn)
+            .unwrap_or_else(|| panic!("unknown conn {conn}"))
+    }
+
+    fn pick(&self, sel: u8, f: impl Fn(&SimPeer) -> bool) -> Option<usize> {
+        let c: Vec<usize> = (0..self.peers.len())
+            .filter(|i| f(&self.peers[*i]))
+            .collect();
+        (!c.is_empty()).then(|| c[sel as usize % c.len()])
+    }
+
+    fn step_at(&self, pc: u64) -> Step {
+        self.program[(pc % self.program.len() as u64) as usize].clone()
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Join(sel) => {
+                if self.peers.iter().filter(|p| p.alive()).count() >= MAX_PEERS {
+                    return;
+                }
+                let conn = self.next_conn;
+                self.next_conn += 1;
+                let group = sel as u32 % self.groups;
+                self.peers.push(SimPeer {
+                    conn,
+                    group,
+                    phase: SimPhase::Registering,
+                    frozen: false,
+                    acked: false,
+                    pc: 0,
+                    start_pc: None,
+                    call: None,
+                    outbox: VecDeque::from([register_msg(conn, group)]),
+                    inbox: VecDeque::new(),
+                    work: Vec::new(),
+                    synced: None,
+                    // Newcomers often start from the same initial content.
+                    hashes: [(sel / 2 % 2) as u64, 0, conn],
+                });
+                self.handle(connected_from(conn, peer_ip(conn)));
+            }
+            Op::ToMaster(sel) => {
+                if let Some(i) = self.pick(sel, |p| p.alive() && !p.outbox.is_empty()) {
+                    self.deliver_to_master(i);
+                }
+            }
+            Op::ToPeer(sel) => {
+                if let Some(i) = self.pick(sel, |p| p.alive() && !p.frozen && !p.inbox.is_empty()) {
+                    self.deliver_to_peer(i);
+                }
+            }
+            Op::Progress(sel, w, roll) => {
+                if let Some(i) = self.pick(sel, |p| p.alive() && !p.frozen && !p.work.is_empty()) {
+                    self.progress(i, w, roll);
+                }
+            }
+            Op::Start(sel, roll) => {
+                if let Some(i) = self.pick(sel, SimPeer::idle) {
+                    self.start(i, roll);
+                }
+            }
+            Op::Leave(sel) => {
+                if let Some(i) = self.pick(sel, SimPeer::idle) {
+                    let p = &mut self.peers[i];
+                    p.outbox.push_back(PeerMsg::Leave);
+                    p.phase = SimPhase::Leaving;
+                    self.stats.left += 1;
+                }
+            }
+            Op::Crash(sel) => {
+                if let Some(i) = self.pick(sel, SimPeer::alive) {
+                    self.crash(i);
+                }
+            }
+            Op::Freeze(sel) => {
+                let frozen = self.peers.iter().filter(|p| p.alive() && p.frozen).count();
+                if frozen < 2 {
+                    if let Some(i) = self.pick(sel, |p| p.alive() && !p.frozen) {
+                        self.peers[i].frozen = true;
+                    }
+                }
+            }
+            Op::Tick(delta) => self.tick(delta as u64),
+        }
+    }
+
+    fn tick(&mut self, delta: u64) {
+        let beating: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|p| p.alive() && p.acked && !p.frozen)
+            .map(|p| p.conn)
+            .collect();
+        for conn in beating {
+            self.handle(Event::Message {
+                conn,
+                msg: PeerMsg::Heartbeat,
+            });
+        }
+        self.now += delta;
+        self.handle(Event::Tick { now_ms: self.now });
+    }
+
+    fn crash(&mut self, i: usize) {
+        let p = &mut self.peers[i];
+        p.phase = SimPhase::Dead;
+        p.call = None;
+        p.work.clear();
+        p.inbox.clear();
+        p.outbox.clear();
+        let conn = p.conn;
+        self.stats.crashed += 1;
+        self.handle(Event::Disconnected { conn });
+    }
+
+    fn deliver_to_master(&mut self, i: usize) {
+        let conn = self.peers[i].conn;
+        if let Some(msg) = self.peers[i].outbox.pop_front() {
+            self.handle(Event::Message { conn, msg });
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match &ev {
+            Event::Connected { conn, .. } => {
+                self.open.insert(*conn);
+            }
+            Event::Disconnected { conn } => {
+                self.open.remove(conn);
+            }
+            _ => {}
+        }
+        let acts = self.m.handle(ev);
+        self.check(&acts);
+        for a in acts {
+            match a {
+                Action::Send { conn, msg } => {
+                    let i = self.idx(conn);
+                    self.peers[i].inbox.push_back(msg);
+                }
+                Action::Close { conn, reason } => {
+                    let i = self.idx(conn);
+                    let p = &mut self.peers[i];
+                    p.phase = SimPhase::Dead;
+                    p.call = None;
+                    p.work.clear();
+                    p.inbox.clear();
+                    p.outbox.clear();
+                    if reason.contains("evicted") {
+                        self.stats.evicted += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn accepted_of(&self, group: Option<u32>) -> BTreeSet<ConnId> {
+        self.m
+            .peers
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Accepted && group.map_or(true, |g| p.group == g))
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    fn expected_world(&self, group: u32) -> WorldInfo {
+        let mut sizes: BTreeMap<u32, u32> = BTreeMap::new();
+        for (_, p) in self
+            .m
+            .peers
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Accepted)
+        {
+            *sizes.entry(p.group).or_default() += 1;
+        }
+        world(
+            sizes.values().sum(),
+            sizes.get(&group).copied().unwrap_or(0),
+            sizes.len() as u32,
+            sizes.values().copied().max().unwrap_or(0),
+        )
+    }
+
+    /// Invariants over one batch of actions, checked right after `handle`.
+    fn check(&mut self, acts: &[Action]) {
+        let mut answers: BTreeMap<ConnId, bool> = BTreeMap::new();
+        let mut updated: Vec<ConnId> = Vec::new();
+        let mut decided: Vec<u64> = Vec::new();
+        for a in acts {
+            match a {
+                Action::Close { conn, .. } => {
+                    assert!(self.open.remove(conn), "close of unknown conn {conn}");
+                }
+                Action::Send { conn, msg } => {
+                    assert!(
+                        self.open.contains(conn),
+                        "message to an unknown or closed conn {conn}: {msg:?}"
+                    );
+                    let group = self.peers[self.idx(*conn)].group;
+                    match msg {
+                        MasterMsg::Kick { reason } => {
+                            panic!("a correct peer {conn} was kicked: {reason}")
+                        }
+                        MasterMsg::CollectiveCommence { tag, op_id, ring } => {
+                            self.check_commence(*conn, group, *tag, *op_id, ring)
+                        }
+                        MasterMsg::CollectiveResult {
+                            tag,
+                            op_id,
+                            ok,
+                            code,
+                            reason,
+                        } => {
+                            assert_eq!(*ok, reason.is_empty());
+                            assert_eq!(*ok, *code == 0);
+                            if *op_id == 0 {
+                                assert!(!ok, "success without an op id");
+                                assert_eq!(*code, TOO_FEW_PEERS, "{reason}");
+                                self.stats.too_few += 1;
+                            } else if self.check_result(*conn, group, *tag, *op_id, (*ok, *code)) {
+                                decided.push(*op_id);
+                            }
+                        }
+                        MasterMsg::PendingAnswer { pending } => {
+                            assert!(answers.insert(*conn, *pending).is_none());
+                        }
+                        MasterMsg::TopologyUpdated { world } => {
+                            updated.push(*conn);
+                            assert_eq!(*world, self.expected_world(group));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for op_id in decided {
+            // Every surviving participant learns the verdict in the same batch.
+            let info = &self.ops[&op_id];
+            for c in &info.participants {
+                if self.m.peers.contains_key(c) {
+                    assert!(
+                        info.told.contains(c),
+                        "participant {c} of op {op_id} not told"
+                    );
+                }
+            }
+        }
+        if !answers.is_empty() {
+            let values: BTreeSet<bool> = answers.values().copied().collect();
+            assert_eq!(
+                values.len(),
+                1,
+                "different are-peers-pending answers: {answers:?}"
+            );
+            assert_eq!(
+                answers.keys().copied().collect::<BTreeSet<_>>(),
+                self.accepted_of(None),
+                "are-peers-pending answers every accepted peer"
+            );
+            assert_eq!(values.contains(&true), self.m.pending_count() > 0);
+        }
+        if !updated.is_empty() {
+            self.assign_start(&updated);
+        }
+    }
+
+    fn check_commence(&mut self, conn: ConnId, group: u32, tag: u64, op_id: u64, ring: &[PeerId]) {
+        let ring_conns: Vec<ConnId> = self.m.rings.get(&group).cloned().unwrap_or_default();
+        let ring_ids: Vec<PeerId> = ring_conns.iter().map(|c| self.m.peers[c].id).collect();
+        assert_eq!(
+            ring,
+            ring_ids.as_slice(),
+            "commence ring is the group's ring"
+        );
+        let members = self.accepted_of(Some(group));
+        assert_eq!(
+            ring_conns.iter().copied().collect::<BTreeSet<_>>(),
+            members,
+            "commence ring lists exactly the group's accepted peers"
+        );
+        assert_eq!(ring_conns.len(), members.len(), "no duplicates in the ring");
+        assert!(ring.len() >= 2);
+        assert!(members.contains(&conn));
+        match self.ops.get(&op_id) {
+            None => {
+                assert!(
+                    !self.running.contains_key(&(group, tag)),
+                    "two ops for group {group} tag {tag} at once"
+                );
+                self.running.insert((group, tag), op_id);
+                self.ops.insert(
+                    op_id,
+                    OpInfo {
+                        group,
+                        tag,
+                        participants: members,
+                        verdict: None,
+                        told: BTreeSet::new(),
+                    },
+                );
+                self.stats.commenced += 1;
+            }
+            Some(info) => {
+                assert_eq!((info.group, info.tag), (group, tag));
+                assert_eq!(info.participants, members, "one world per op");
+                assert_eq!(self.running.get(&(group, tag)), Some(&op_id));
+            }
+        }
+    }
+
+    /// Records a verdict; true when it is the op's first.
+    fn check_result(
+        &mut self,
+        conn: ConnId,
+        group: u32,
+        tag: u64,
+        op_id: u64,
+        v: (bool, u8),
+    ) -> bool {
+        let info = self
+            .ops
+            .get_mut(&op_id)
+            .unwrap_or_else(|| panic!("verdict for op {op_id}, which never commenced"));
+        assert_eq!((info.group, info.tag), (group, tag));
+        assert!(
+            info.participants.contains(&conn),
+            "verdict to a non-participant"
+        );
+        assert!(
+            info.told.insert(conn),
+            "two verdicts for op {op_id} to {conn}"
+        );
+        match info.verdict {
+            Some(prev) => {
+                assert_eq!(prev, v, "participants of op {op_id} got different verdicts");
+                false
+            }
+            None => {
+                if !v.0 {
+                    assert_eq!(v.1, RANK_CONNECTION_LOST);
+                }
+                info.verdict = Some(v);
+                self.running.remove(&(group, tag));
+                if v.0 {
+                    self.stats.succeeded += 1;
+                } else {
+                    self.stats.failed_ops += 1;
+                }
+                true
+            }
+        }
+    }
+
+    /// Newcomers start the program right after the update topology that
+    /// admitted them (at 0 when they bootstrap the swarm).
+    fn assign_start(&mut self, updated: &[ConnId]) {
+        let mut old_steps = BTreeSet::new();
+        for &c in updated {
+            let p = &self.peers[self.idx(c)];
+            if p.phase == SimPhase::Established {
+                assert!(
+                    p.call.as_ref().is_some_and(|call| call.topology),
+                    "topology updated for a peer not updating topology: {p:?}"
+                );
+                old_steps.insert(p.pc);
+            }
+        }
+        assert!(
+            old_steps.len() <= 1,
+            "old peers at different steps: {old_steps:?}"
+        );
+        let start = old_steps.first().map_or(0, |k| k + 1);
+        for &c in updated {
+            let i = self.idx(c);
+            let p = &mut self.peers[i];
+            if matches!(p.phase, SimPhase::Registering | SimPhase::Connecting) {
+                assert!(p.start_pc.is_none(), "admitted twice: {p:?}");
+                p.start_pc = Some(start);
+                self.stats.admitted += 1;
+            }
+        }
+    }
+
+    /// A peer reacts to one message from the master like a real one would;
+    /// anything it does not expect at this point fails the test.
+    fn deliver_to_peer(&mut self, i: usize) {
+        let Some(msg) = self.peers[i].inbox.pop_front() else {
+            return;
+        };
+        let mut connect_failed = false;
+        let p = &mut self.peers[i];
+        if p.phase == SimPhase::Leaving {
+            return;
+        }
+        let me = pid(p.conn);
+        let in_topology = p.call.as_ref().is_some_and(|c| c.topology);
+        let unexpected = |p: &SimPeer, msg: &MasterMsg| -> String {
+            format!("peer {} did not expect {msg:?} in state {p:#?}", p.conn)
+        };
+        match &msg {
+            MasterMsg::RegisterAck { id, .. } => {
+                assert_eq!(p.phase, SimPhase::Registering, "{}", unexpected(p, &msg));
+                assert_eq!(*id, me);
+                p.phase = SimPhase::Connecting;
+                p.acked = true;
+            }
+            MasterMsg::Establish { round, ring, peers } => {
+                assert!(
+                    p.phase == SimPhase::Connecting || in_topology,
+                    "{}",
+                    unexpected(p, &msg)
+                );
+                assert!(ring.contains(&me));
+                assert_eq!(&peers.iter().map(|e| e.id).collect::<Vec<_>>(), ring);
+                assert!(peers.iter().all(|e| e.group == p.group));
+                // A new round replaces the previous one's work.
+                p.work.retain(|w| !matches!(w, Work::Establish { .. }));
+                p.work.push(Work::Establish {
+                    round: *round,
+                    alone: ring.len() == 1,
+                });
+            }
+            MasterMsg::TopologyUpdated { .. } | MasterMsg::TopologyFailed { .. } => {
+                assert!(
+                    !p.work.iter().any(|w| matches!(w, Work::Establish { .. })),
+                    "topology decided before this peer reported: {}",
+                    unexpected(p, &msg)
+                );
+                let ok = matches!(msg, MasterMsg::TopologyUpdated { .. });
+                if !ok {
+                    self.stats.topology_failed += 1;
+                }
+                if p.phase == SimPhase::Connecting {
+                    if ok {
+                        p.phase = SimPhase::Established;
+                        p.pc = p.start_pc.unwrap_or_else(|| panic!("no start for {p:?}"));
+                    } else {
+                        // `connect` failed: the user drops the communicator.
+                        connect_failed = true;
+                    }
+                } else {
+                    assert!(in_topology, "{}", unexpected(p, &msg));
+                    if let Some(c) = p.call.as_mut() {
+                        c.topology = false;
+                    }
+                }
+            }
+            MasterMsg::World { .. } => {
+                assert!(p.acked, "{}", unexpected(p, &msg));
+            }
+            MasterMsg::PendingAnswer { pending } => {
+                let call = p.call.as_mut().filter(|c| c.pending);
+                let Some(call) = call else {
+                    panic!("{}", unexpected(p, &msg))
+                };
+                call.pending = false;
+                if *pending {
+                    self.stats.pending_true += 1;
+                }
+            }
+            MasterMsg::OptimizeDone { ok } => {
+                assert!(*ok);
+                let call = p.call.as_mut().filter(|c| c.optimize);
+                let Some(call) = call else {
+                    panic!("{}", unexpected(p, &msg))
+                };
+                call.optimize = false;
+            }
+            MasterMsg::CollectiveCommence { tag, op_id, .. } => {
+                let state = p.call.as_ref().and_then(|c| c.tags.get(tag)).copied();
+                assert_eq!(
+                    state,
+                    Some(TagState::WaitCommence),
+                    "{}",
+                    unexpected(p, &msg)
+                );
+                if let Some(c) = p.call.as_mut() {
+                    c.tags.insert(*tag, TagState::Running(*op_id));
+                }
+                p.work.push(Work::Done {
+                    tag: *tag,
+                    op_id: *op_id,
+                });
+            }
+            MasterMsg::CollectiveResult { tag, op_id, ok, .. } => {
+                let state = p.call.as_ref().and_then(|c| c.tags.get(tag)).copied();
+                match state {
+                    Some(TagState::WaitCommence) => {
+                        assert!(!ok && *op_id == 0, "{}", unexpected(p, &msg))
+                    }
+                    Some(TagState::Running(o)) => {
+                        assert_eq!(o, *op_id, "{}", unexpected(p, &msg))
+                    }
+                    None => panic!("{}", unexpected(p, &msg)),
+                }
+                if let Some(c) = p.call.as_mut() {
+                    c.tags.remove(tag);
+                }
+                // A verdict before our report: the ring is aborted, no report.
+                p.work
+                    .retain(|w| !matches!(w, Work::Done { tag: t, .. } if t == tag));
+            }
+            MasterMsg::SyncPlan {
+                sync_id,
+                revision,
+                fetch,
+                sources,
+            } => {
+                let waiting = p
+                    .call
+                    .as_ref()
+                    .is_some_and(|c| matches!(c.sync, Some(SyncState::WaitPlan)));
+                assert!(waiting, "{}", unexpected(p, &msg));
+                assert!(
+                    sources.iter().all(|s| s.id != me),
+                    "a peer is its own source"
+                );
+                assert!(sources.iter().all(|s| s.group == p.group));
+                if !fetch.is_empty() {
+                    assert!(!sources.is_empty(), "something to fetch but nobody to ask");
+                    p.work.push(Work::Transfer { sync_id: *sync_id });
+                    self.stats.fetches += 1;
+                }
+                if let Some(c) = p.call.as_mut() {
+                    c.sync = Some(SyncState::WaitResult {
+                        sync_id: *sync_id,
+                        revision: *revision,
+                        fetch: fetch.clone(),
+                    });
+                }
+            }
+            MasterMsg::SyncResult {
+                sync_id, ok, code, ..
+            } => {
+                let state = p.call.as_mut().and_then(|c| c.sync.take());
+                match state {
+                    Some(SyncState::WaitPlan) => {
+                        assert!(!ok, "{}", unexpected(p, &msg));
+                        assert_eq!(*code, NO_SHARED_STATE, "correct peers fail only this way");
+                        self.stats.syncs_failed += 1;
+                    }
+                    Some(SyncState::WaitResult {
+                        sync_id: expected,
+                        revision,
+                        fetch,
+                    }) => {
+                        assert_eq!(*sync_id, expected);
+                        assert!(
+                            !p.work.iter().any(|w| matches!(w, Work::Transfer { .. })),
+                            "sync decided before this receiver reported"
+                        );
+                        if *ok {
+                            for f in &fetch {
+                                let k = match f.name.as_str() {
+                                    "a" => 0,
+                                    "b" => 1,
+                                    _ => 2,
+                                };
+                                p.hashes[k] = f.expected_hash;
+                            }
+                            p.synced = Some(revision);
+                            let content = (revision, [p.hashes[0], p.hashes[1]]);
+                            let agreed = *self.sync_content.entry(*sync_id).or_insert(content);
+                            assert_eq!(
+                                agreed, content,
+                                "sync {sync_id} left peers with different state"
+                            );
+                            self.stats.syncs_ok += 1;
+                        } else {
+                            assert_eq!(*code, RANK_CONNECTION_LOST);
+                            self.stats.syncs_failed += 1;
+                        }
+                    }
+                    None => panic!("{}", unexpected(p, &msg)),
+                }
+            }
+            MasterMsg::Kick { reason } => panic!("kicked: {reason}"),
+        }
+        if p.call.as_ref().is_some_and(Call::finished) {
+            p.call = None;
+            p.pc += 1;
+        }
+        if connect_failed {
+            self.crash(i);
+        }
+    }
+
+    fn progress(&mut self, i: usize, which: u8, roll: u8) {
+        let p = &mut self.peers[i];
+        if p.work.is_empty() {
+            return;
+        }
+        let w = p.work.remove(which as usize % p.work.len());
+        let msg = match w {
+            Work::Establish { round, alone } => PeerMsg::ConnectionsEstablished {
+                round,
+                ok: alone || roll % 5 != 0,
+            },
+            Work::Done { tag, op_id } => PeerMsg::CollectiveDone {
+                tag,
+                op_id,
+                ok: roll % 10 != 0,
+            },
+            Work::Transfer { sync_id } => PeerMsg::SyncTransferDone {
+                sync_id,
+                ok: roll % 10 != 0,
+                failed_source: None,
+            },
+        };
+        p.outbox.push_back(msg);
+    }
+
+    /// An idle peer makes the next call of the program.
+    fn start(&mut self, i: usize, roll: u8) {
+        let step = self.step_at(self.peers[i].pc);
+        let p = &mut self.peers[i];
+        let mut call = Call::default();
+        match step {
+            Step::UpdateTopology => {
+                p.outbox.push_back(PeerMsg::VoteUpdateTopology);
+                call.topology = true;
+            }
+            Step::ArePeersPending => {
+                p.outbox.push_back(PeerMsg::VoteArePeersPending);
+                call.pending = true;
+            }
+            Step::OptimizeTopology => {
+                p.outbox.push_back(PeerMsg::VoteOptimizeTopology);
+                call.optimize = true;
+            }
+            Step::AllReduce {
+                mut tags,
+                with_pending,
+            } => {
+                // Each peer launches its async ops in its own order.
+                let n = tags.len();
+                tags.rotate_left(roll as usize % n);
+                for (k, tag) in tags.into_iter().enumerate() {
+                    p.outbox.push_back(PeerMsg::CollectiveInit {
+                        tag,
+                        spec: spec(1_000 + tag),
+                    });
+                    call.tags.insert(tag, TagState::WaitCommence);
+                    if with_pending && k == (roll as usize / 3) % n {
+                        p.outbox.push_back(PeerMsg::VoteArePeersPending);
+                        call.pending = true;
+                    }
+                }
+            }
+            Step::Sync => {
+                let strategy = if roll % 6 == 0 {
+                    RECEIVE_ONLY
+                } else {
+                    ENFORCE_POPULAR
+                };
+                // A newcomer may hold any revision; others advance by one.
+                let revision = p.synced.map_or(roll as u64 / 6 % 3, |r| r + 1);
+                if roll % 7 == 1 {
+                    p.hashes[0] ^= 1; // local divergence: must be repaired
+                }
+                if roll % 5 == 2 {
+                    p.hashes[2] = p.hashes[2].wrapping_add(1); // allowed to differ
+                }
+                p.outbox.push_back(vote(revision, p.hashes, strategy));
+                call.sync = Some(SyncState::WaitPlan);
+            }
+        }
+        p.call = Some(call);
+    }
+
+    /// Highest step any live peer has reached or is in.
+    fn frontier(&self) -> u64 {
+        self.peers
+            .iter()
+            .filter(|p| p.phase == SimPhase::Established && !p.frozen)
+            .map(|p| p.pc + p.call.is_some() as u64)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The step just after the first update topology at or after `from`.
+    fn barrier_after(&self, from: u64) -> u64 {
+        let mut t = from;
+        while self.step_at(t) != Step::UpdateTopology {
+            t += 1;
+        }
+        t + 1
+    }
+
+    /// Stops the chaos and lets every peer finish: all messages are
+    /// delivered, all work reports success, hung peers are evicted, idle
+    /// peers catch up to the furthest one and then pass one more update
+    /// topology (admitting whoever waits). Then nobody may still wait.
+    fn drain(&mut self) {
+        let mut target = self.barrier_after(self.frontier());
+        let mut settled = false;
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for i in 0..self.peers.len() {
+                while self.peers[i].alive() && !self.peers[i].outbox.is_empty() {
+                    self.deliver_to_master(i);
+                    moved = true;
+                }
+            }
+            for i in 0..self.peers.len() {
+                while self.peers[i].alive()
+                    && !self.peers[i].frozen
+                    && !self.peers[i].inbox.is_empty()
+                {
+                    self.deliver_to_peer(i);
+                    moved = true;
+                }
+            }
+            for i in 0..self.peers.len() {
+                while self.peers[i].alive()
+                    && !self.peers[i].frozen
+                    && !self.peers[i].work.is_empty()
+                {
+                    self.progress(i, 0, CALM);
+                    moved = true;
+                }
+            }
+            for i in 0..self.peers.len() {
+                if self.peers[i].idle() && self.peers[i].pc < target {
+                    self.start(i, CALM);
+                    moved = true;
+                }
+            }
+            if moved {
+                continue;
+            }
+            if self.peers.iter().any(|p| p.alive() && p.frozen) {
+                self.tick(SIM_TIMEOUT_MS + 1);
+                continue;
+            }
+            if self.m.pending_count() > 0 {
+                target = self.barrier_after(target);
+                continue;
+            }
+            settled = true;
+            break;
+        }
+        assert!(settled, "the drain did not settle");
+
+        let alive: BTreeSet<ConnId> = self
+            .peers
+            .iter()
+            .filter(|p| p.alive())
+            .map(|p| p.conn)
+            .collect();
+        for p in self.peers.iter().filter(|p| p.alive()) {
+            assert!(
+                p.phase == SimPhase::Established
+                    && p.call.is_none()
+                    && p.work.is_empty()
+                    && p.inbox.is_empty()
+                    && p.outbox.is_empty(),
+                "peer still waits for an answer: {p:#?}"
+            );
+            assert_eq!(p.pc, target, "peer {} fell out of step", p.conn);
+        }
+        assert_eq!(
+            self.accepted_of(None),
+            alive,
+            "master and peers agree on members"
+        );
+        assert_eq!(self.m.pending_count(), 0);
+        assert!(self.m.collectives.is_empty(), "{:?}", self.m.collectives);
+        assert!(self.m.syncs.is_empty(), "{:?}", self.m.syncs);
+        assert!(self.m.establishing.is_none());
+        assert!(
+            self.running.is_empty(),
+            "ops without verdict: {:?}",
+            self.running
+        );
+        for (op_id, info) in &self.ops {
+            assert!(info.verdict.is_some(), "op {op_id} never decided");
+            for c in info.participants.intersection(&alive) {
+                assert!(
+                    info.told.contains(c),
+                    "survivor {c} never told about op {op_id}"
+                );
+            }
+        }
+    }
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        2 => Just(Step::UpdateTopology),
+        1 => Just(Step::ArePeersPending),
+        1 => Just(Step::OptimizeTopology),
+        4 => (prop::collection::btree_set(0u64..3, 1..=3), any::<bool>()).prop_map(
+            |(tags, with_pending)| Step::AllReduce {
+                tags: tags.into_iter().collect(),
+                with_pending,
+            }
+        ),
+        3 => Just(Step::Sync),
+    ]
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => any::<u8>().prop_map(Op::Join),
+        8 => any::<u8>().prop_map(Op::ToMaster),
+        8 => any::<u8>().prop_map(Op::ToPeer),
+        4 => (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(a, b, c)| Op::Progress(a, b, c)),
+        5 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::Start(a, b)),
+        1 => any::<u8>().prop_map(Op::Leave),
+        1 => any::<u8>().prop_map(Op::Crash),
+        1 => any::<u8>().prop_map(Op::Freeze),
+        2 => (0u16..2_500).prop_map(Op::Tick),
+    ]
+}
+
+/// (program, number of groups, events).
+fn scenario_strategy() -> impl Strategy<Value = (Vec<Step>, u32, Vec<Op>)> {
+    (
+        prop::collection::vec(step_strategy(), 2..8).prop_map(|mut v| {
+            v.insert(0, Step::UpdateTopology);
+            v
+        }),
+        1u32..=2,
+        prop::collection::vec(op_strategy(), 50..200),
+    )
+}
+
+fn run_scenario(program: Vec<Step>, groups: u32, ops: Vec<Op>) -> Stats {
+    let mut sim = Sim::new(program, groups);
+    for op in ops {
+        sim.apply(op);
+    }
+    sim.drain();
+    sim.stats
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 200,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_interleavings_keep_the_consensus_invariants(
+        (program, groups, ops) in scenario_strategy()
+    ) {
+        run_scenario(program, groups, ops);
+    }
+}
+
+/// The random runs are only worth something if they reach every round:
+/// admissions, commences, successes and failures, syncs with fetches,
+/// evictions, leaves and crashes.
+#[test]
+fn random_interleavings_exercise_every_round() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    let mut runner = TestRunner::deterministic();
+    let strategy = scenario_strategy();
+    let mut total = Stats::default();
+    for _ in 0..100 {
+        let tree = strategy
+            .new_tree(&mut runner)
+            .unwrap_or_else(|e| panic!("strategy: {e}"));
+        let (program, groups, ops) = tree.current();
+        total.add(&run_scenario(program, groups, ops));
+    }
+    let s = &total;
+    for (what, n) in [
+        ("admitted", s.admitted),
+        ("topology_failed", s.topology_failed),
+        ("pending_true", s.pending_true),
+        ("commenced", s.commenced),
+        ("succeeded", s.succeeded),
+        ("failed_ops", s.failed_ops),
+        ("too_few", s.too_few),
+        ("syncs_ok", s.syncs_ok),
+        ("syncs_failed", s.syncs_failed),
+        ("fetches", s.fetches),
+        ("evicted", s.evicted),
+        ("left", s.left),
+        ("crashed", s.crashed),
+    ] {
+        assert!(n > 0, "no run exercised {what}: {total:#?}");
+    }
+}
