@@ -283,7 +283,7 @@ pub fn dequantize_into(
 }
 
 fn whole_elems(dtype: DataType, len: usize, what: &str) -> Result<usize> {
-    if len % dtype.size() != 0 {
+    if !len.is_multiple_of(dtype.size()) {
         return Err(Error::InvalidArgument(format!(
             "{what}: {len} bytes is not a whole number of {} elements",
             dtype.name()
@@ -996,7 +996,7 @@ mod tests {
                 let mut v = Vec::with_capacity(n);
                 while v.len() < n {
                     let c = offset + scale * normal(&mut rng);
-                    v.extend(std::iter::repeat(c).take(B.min(n - v.len())));
+                    v.extend(std::iter::repeat_n(c, B.min(n - v.len())));
                 }
                 v
             }

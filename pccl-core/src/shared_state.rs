@@ -474,6 +474,14 @@ impl FetchJob {
     }
 }
 
+/// How transfers connect: parallel connections, socket options, deadlines.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TransferOpts {
+    pub parallel: usize,
+    pub tuning: SocketTuning,
+    pub timeout: Duration,
+}
+
 /// Fetches `items` (name, expected hash) into `state`'s tensors from `sources`.
 /// Returns the bytes received.
 pub(crate) async fn fetch_tensors(
@@ -482,10 +490,13 @@ pub(crate) async fn fetch_tensors(
     state: &SharedState<'_>,
     items: &[(String, u64)],
     sources: Vec<PeerEntry>,
-    parallel: usize,
-    tuning: SocketTuning,
-    timeout: Duration,
+    opts: TransferOpts,
 ) -> Result<u64> {
+    let TransferOpts {
+        parallel,
+        tuning,
+        timeout,
+    } = opts;
     if sources.is_empty() {
         return Err(Error::NoSharedStateAvailable(
             "no peer holding the popular shared state is available".into(),
@@ -584,9 +595,7 @@ pub(crate) async fn run_sync(
     state: &mut SharedState<'_>,
     strategy: crate::SyncStrategy,
     hashes: Vec<u64>,
-    parallel: usize,
-    tuning: SocketTuning,
-    timeout: Duration,
+    opts: TransferOpts,
 ) -> Result<crate::SyncInfo> {
     use crate::comm::control::{Routed, WaitKey};
     use crate::wire::{MasterMsg, PeerMsg, TensorMeta};
@@ -642,7 +651,7 @@ pub(crate) async fn run_sync(
         if !fetch.is_empty() {
             tracing::info!(peer = %me, sync_id, revision, tensors = fetch.len(), "fetching shared state");
             let items: Vec<(String, u64)> = fetch.into_iter().map(|f| (f.name, f.expected_hash)).collect();
-            let fetched = fetch_tensors(me, sync_id, state, &items, sources, parallel, tuning, timeout).await;
+            let fetched = fetch_tensors(me, sync_id, state, &items, sources, opts).await;
             let ok = fetched.is_ok();
             ctl.send(&PeerMsg::SyncTransferDone { sync_id, ok, failed_source: None })?;
             rx = fetched?;

@@ -975,10 +975,13 @@ impl Communicator {
         let hashes = crate::hash::tensor_hashes(&slices);
         drop(slices);
         let server = self.ss.clone();
-        let parallel = self.cfg.p2p_connection_pool_size.max(1) as usize;
-        let (tuning, timeout) = (self.cfg.socket, self.cfg.connect_timeout);
+        let opts = crate::shared_state::TransferOpts {
+            parallel: self.cfg.p2p_connection_pool_size.max(1) as usize,
+            tuning: self.cfg.socket,
+            timeout: self.cfg.connect_timeout,
+        };
         self.block_on(crate::shared_state::run_sync(
-            &ctl, &server, state, strategy, hashes, parallel, tuning, timeout,
+            &ctl, &server, state, strategy, hashes, opts,
         ))?
     }
 }
