@@ -23,7 +23,9 @@ pub mod shared_state;
 pub mod transport;
 pub mod wire;
 
-pub use comm::{AsyncReduceHandle, Communicator, CommunicatorConfig, Element, RawReduceOp};
+pub use comm::{
+    AsyncReduceHandle, Communicator, CommunicatorConfig, Element, RawReduceOp, ReduceBuffers,
+};
 pub use master::{MasterConfig, MasterNode};
 pub use shared_state::{SharedState, SharedTensor};
 

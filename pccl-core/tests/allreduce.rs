@@ -410,3 +410,31 @@ fn a_second_master_on_a_taken_port_fails_clearly() {
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     assert!(e.to_string().contains("cannot listen"), "{e}");
 }
+
+#[test]
+fn many_ops_with_retry_in_one_call() {
+    let m = master();
+    let peers = connect_peers(m.local_addr(), 3, |_| 0);
+    let results = on_all(&peers, |i, c| {
+        let mut a = vec![i as f32 + 1.0; 100_000];
+        let mut b = vec![(i as i32 + 1) * 10; 777];
+        let src = vec![2u8; 5];
+        let mut dst = vec![0u8; 5];
+        let info = {
+            let mut ops = [
+                pccl_core::ReduceBuffers::in_place(&mut a, ReduceOp::Sum, 1),
+                pccl_core::ReduceBuffers::in_place(&mut b, ReduceOp::Max, 2),
+                pccl_core::ReduceBuffers::new(&src, &mut dst, ReduceOp::Prod, 3),
+            ];
+            c.all_reduce_multiple_with_retry(&mut ops, 2)
+                .expect("multiple")
+        };
+        (info, a[99_999], b[0], dst)
+    });
+    for (info, a, b, dst) in results {
+        assert_eq!(info.local_world_size, 3);
+        assert_eq!(a, 6.0);
+        assert_eq!(b, 30);
+        assert_eq!(dst, vec![8u8; 5]);
+    }
+}

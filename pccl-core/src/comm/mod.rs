@@ -613,6 +613,69 @@ impl Drop for Communicator {
     }
 }
 
+/// A typed all-reduce for [`Communicator::all_reduce_multiple_with_retry`]:
+/// borrows its buffers for `'a`.
+pub struct ReduceBuffers<'a> {
+    op: RawReduceOp,
+    _borrow: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> ReduceBuffers<'a> {
+    /// Reduce `data` in place (restored if an attempt fails).
+    pub fn in_place<T: Element>(data: &'a mut [T], op: crate::ReduceOp, tag: u64) -> Self {
+        let p = data.as_mut_ptr() as *mut u8;
+        ReduceBuffers {
+            op: RawReduceOp {
+                send: p,
+                recv: p,
+                desc: ReduceDescriptor::new(data.len(), T::DTYPE, op).with_tag(tag),
+            },
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// Reduce `send` into `recv` (equal lengths, else `InvalidArgument` at the call).
+    pub fn new<T: Element>(
+        send: &'a [T],
+        recv: &'a mut [T],
+        op: crate::ReduceOp,
+        tag: u64,
+    ) -> Self {
+        let mut desc = ReduceDescriptor::new(send.len(), T::DTYPE, op).with_tag(tag);
+        if recv.len() != send.len() {
+            desc.count = 0; // refused by validation
+        }
+        ReduceBuffers {
+            op: RawReduceOp {
+                send: send.as_ptr() as *const u8,
+                recv: recv.as_mut_ptr() as *mut u8,
+                desc,
+            },
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// Quantize on the wire (see `docs/quantization.md`).
+    pub fn with_quantization(mut self, q: crate::QuantizationOptions) -> Self {
+        self.op.desc.quantization = q;
+        self
+    }
+}
+
+impl Communicator {
+    /// Safe form of [`all_reduce_multiple_with_retry_raw`](Self::all_reduce_multiple_with_retry_raw).
+    pub fn all_reduce_multiple_with_retry(
+        &self,
+        ops: &mut [ReduceBuffers<'_>],
+        max_in_flight: usize,
+    ) -> Result<ReduceInfo> {
+        let raw: Vec<RawReduceOp> = ops.iter().map(|o| o.op).collect();
+        // SAFETY: every ReduceBuffers exclusively borrows its buffers for the
+        // duration of this call (we hold `&mut` to all of them).
+        unsafe { self.all_reduce_multiple_with_retry_raw(&raw, max_in_flight) }
+    }
+}
+
 /// One operation of [`Communicator::all_reduce_multiple_with_retry_raw`].
 #[derive(Debug, Clone, Copy)]
 pub struct RawReduceOp {
