@@ -29,6 +29,9 @@ pub use comm::{
 pub use master::{MasterConfig, MasterNode};
 pub use shared_state::{SharedState, SharedTensor};
 
+/// Whether this build handles CUDA device buffers.
+pub const CUDA_SUPPORT: bool = cfg!(feature = "cuda");
+
 /// Default port of the master (`CCOIP_PROTOCOL_PORT_MASTER`).
 pub const DEFAULT_MASTER_PORT: u16 = 48148;
 /// First port tried for a peer's shared-state listener.

@@ -182,12 +182,12 @@ impl SharedStateServer {
         self.me.lock().map(|m| *m).unwrap_or_default()
     }
 
-    pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener) {
+    pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = this.shutdown.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     r = listener.accept() => match r {
                         Ok((s, remote)) => {
                             let this = this.clone();

@@ -281,6 +281,11 @@ pub unsafe extern "C" fn pcclConnect(communicator: *mut pcclComm_t) -> pcclResul
                 "the communicator is already connected".into(),
             ));
         }
+        if let Some(ms) = g.peer_liveness_timeout_ms {
+            tracing::debug!(
+                "peer liveness timeout of {ms} ms requested; the master's peer timeout governs in this version"
+            );
+        }
         // A fresh core communicator per attempt: a failed attempt is dropped
         // whole (its runtime and listeners stop), so retrying starts clean.
         let comm = Communicator::new(g.cfg.clone())?;

@@ -50,6 +50,8 @@ pub(crate) struct Control {
     out: mpsc::UnboundedSender<Out>,
     waiters: Mutex<HashMap<WaitKey, mpsc::UnboundedSender<Routed>>>,
     dead: Mutex<Option<String>>,
+    /// Set when this peer leaves on purpose, so the closing is not a warning.
+    leaving: std::sync::atomic::AtomicBool,
     pub world: Mutex<WorldInfo>,
     /// Peers of this peer's group from the last establish round.
     pub directory: Mutex<HashMap<PeerId, PeerEntry>>,
@@ -97,6 +99,7 @@ impl Control {
             out: out_tx,
             waiters: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
+            leaving: std::sync::atomic::AtomicBool::new(false),
             world: Mutex::new(WorldInfo::default()),
             directory: Mutex::new(HashMap::new()),
             me: Mutex::new(PeerId::default()),
@@ -134,7 +137,11 @@ impl Control {
     fn mark_dead(&self, why: String) {
         if let Ok(mut d) = self.dead.lock() {
             if d.is_none() {
-                tracing::warn!(peer = %self.me(), "lost the master: {why}");
+                if self.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::debug!(peer = %self.me(), "control connection closed after leaving: {why}");
+                } else {
+                    tracing::warn!(peer = %self.me(), "lost the master: {why}");
+                }
                 *d = Some(why);
             }
         }
@@ -142,6 +149,11 @@ impl Control {
         if let Ok(mut w) = self.waiters.lock() {
             w.clear();
         }
+    }
+
+    pub fn set_leaving(&self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn send(&self, msg: &PeerMsg) -> Result<()> {

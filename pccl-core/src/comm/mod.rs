@@ -180,14 +180,23 @@ impl Communicator {
                 "communicator is already connected".into(),
             ));
         }
-        let ctl = self.block_on(self.connect_async())??;
+        let attempt = self.shutdown.child_token();
+        let ctl = match self.block_on(self.connect_async(attempt.clone()))? {
+            Ok(ctl) => ctl,
+            Err(e) => {
+                // Close this attempt's control connection and listeners, so the
+                // master forgets us instead of waiting for our votes.
+                attempt.cancel();
+                return Err(e);
+            }
+        };
         if let Ok(mut c) = self.ctl.lock() {
             *c = Some(ctl);
         }
         Ok(())
     }
 
-    async fn connect_async(&self) -> Result<Arc<Control>> {
+    async fn connect_async(&self, attempt: CancellationToken) -> Result<Arc<Control>> {
         let cfg = &self.cfg;
         let listener = transport::bind_listener(cfg.bind_ip, cfg.p2p_port, cfg.port_attempts)
             .map_err(|e| {
@@ -238,7 +247,7 @@ impl Communicator {
             ));
         }
         let (rd, wr) = stream.into_split();
-        let ctl = Control::start(rd, wr, self.p2p.clone(), self.shutdown.clone());
+        let ctl = Control::start(rd, wr, self.p2p.clone(), attempt.clone());
         let mut reg = ctl.wait(WaitKey::Register)?;
         let mut topo = ctl.wait(WaitKey::Topology)?;
         ctl.send(&PeerMsg::Register {
@@ -260,12 +269,12 @@ impl Communicator {
             *me = id;
         }
         self.p2p.set_me(id);
-        self.p2p.spawn_listener(listener);
+        self.p2p.spawn_listener(listener, attempt.clone());
         self.ss.set_me(id);
         if let Ok(mut p) = self.ports.lock() {
             *p = (p2p_port, ss_port);
         }
-        self.ss.spawn_listener(ss_listener);
+        self.ss.spawn_listener(ss_listener, attempt.clone());
         control::spawn_heartbeat(ctl.clone(), Duration::from_millis(hb.max(10) as u64));
         tracing::info!(peer = %id, master = %cfg.master_addr, p2p_port, "registered; waiting for admission");
         match topo.recv().await? {
@@ -281,15 +290,15 @@ impl Communicator {
     }
 
     fn ensure_no_async_ops(&self) -> Result<()> {
-        let mut ops = self
+        let ops = self
             .async_ops
             .lock()
             .map_err(|_| Error::Internal("async op table poisoned".into()))?;
-        ops.retain(|_, h| !h.is_finished());
-        if !ops.is_empty() {
+        // Finished but not yet awaited ops stay in the table for `await_async`.
+        let running = ops.values().filter(|h| !h.is_finished()).count();
+        if running > 0 {
             return Err(Error::PendingAsyncOps(format!(
-                "{} async all-reduce(s) must be awaited first",
-                ops.len()
+                "{running} async all-reduce(s) still in flight must be awaited first"
             )));
         }
         Ok(())
@@ -548,12 +557,15 @@ impl Communicator {
         while !todo.is_empty() {
             let mut failed = Vec::new();
             let mut last_err = None;
+            let mut fatal: Option<Error> = None;
             for batch in todo.chunks(max_in_flight) {
                 let mut handles = Vec::with_capacity(batch.len());
                 for &i in batch {
                     let op = &ops[i];
                     handles.push((i, self.all_reduce_async_raw(op.send, op.recv, &op.desc)));
                 }
+                // Every started op is awaited, even after a fatal error: the
+                // tasks use the caller's buffers until they end.
                 for (i, h) in handles {
                     match h.and_then(|h| self.await_handle(h)) {
                         Ok(info) => {
@@ -568,9 +580,17 @@ impl Communicator {
                             failed.push(i);
                             last_err = Some(e);
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            fatal.get_or_insert(e);
+                        }
                     }
                 }
+                if fatal.is_some() {
+                    break;
+                }
+            }
+            if let Some(e) = fatal {
+                return Err(e);
             }
             if !failed.is_empty() {
                 let world = self.world()?.group_world;
@@ -596,6 +616,7 @@ impl Communicator {
         let ctl = self.ctl.lock().ok().and_then(|mut c| c.take());
         if let (Some(ctl), Some(rt)) = (ctl, self.rt.as_ref()) {
             if !ctl.is_dead() && tokio::runtime::Handle::try_current().is_err() {
+                ctl.set_leaving();
                 let _ = ctl.send(&PeerMsg::Leave);
                 rt.block_on(ctl.flush());
             }
@@ -932,12 +953,21 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
             }
         }
         Err(e) => {
-            if verdict.is_none() {
-                let _ = job.ctl.send(&PeerMsg::CollectiveDone {
-                    tag,
-                    op_id,
-                    ok: false,
-                });
+            let reported = verdict.is_none()
+                && job
+                    .ctl
+                    .send(&PeerMsg::CollectiveDone {
+                        tag,
+                        op_id,
+                        ok: false,
+                    })
+                    .is_ok();
+            if reported {
+                // The master fails the op for everyone and says why (e.g. the
+                // neighbour left): its verdict is the better error.
+                verdict = tokio::time::timeout(VERDICT_WAIT, next_verdict(&mut waiter, op_id))
+                    .await
+                    .ok();
             }
             match verdict {
                 Some(Ok((false, code, reason))) => Err(error_from_code(code, reason)),
@@ -957,6 +987,9 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
     }
     outcome
 }
+
+/// How long a peer whose ring failed waits for the master's reason.
+const VERDICT_WAIT: Duration = Duration::from_secs(2);
 
 /// Waits for the master's verdict on `op_id`: (ok, code, reason).
 async fn next_verdict(waiter: &mut control::Waiter, op_id: u64) -> Result<(bool, u8, String)> {

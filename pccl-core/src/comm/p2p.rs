@@ -174,12 +174,12 @@ impl P2p {
     }
 
     /// Accepts ring connections until shutdown.
-    pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener) {
+    pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = this.shutdown.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     r = listener.accept() => match r {
                         Ok((stream, remote)) => {
                             let this = this.clone();

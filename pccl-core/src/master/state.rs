@@ -857,7 +857,13 @@ impl MasterState {
     fn on_sync_vote(&mut self, conn: ConnId, vote: SyncVoteRec) {
         let group = self.peers[&conn].group;
         let round = self.syncs.entry(group).or_default();
-        if round.distributing.is_some() || round.votes.contains_key(&conn) {
+        // A peer whose part of a running round already failed (at planning)
+        // has its answer: its new vote counts for the next round.
+        let in_round = round
+            .distributing
+            .as_ref()
+            .is_some_and(|d| d.members.contains(&conn));
+        if in_round || round.votes.contains_key(&conn) {
             let (code, reason) = code(Error::InvalidUsage(
                 "a shared-state sync is already in progress for this peer".into(),
             ));
@@ -915,8 +921,23 @@ impl MasterState {
             (v.revision, t)
         };
         let mut tally: BTreeMap<Key, (usize, ConnId)> = BTreeMap::new();
+        // Newcomers adopt the group's state: while any voter has synced
+        // before, only such peers vote (fresh peers cannot outvote history).
+        let any_history = votes.keys().any(|c| {
+            self.peers
+                .get(c)
+                .is_some_and(|p| p.synced_revision.is_some())
+        });
         for (c, v) in &votes {
             if v.strategy == STRATEGY_RECEIVE_ONLY || failed.contains_key(c) {
+                continue;
+            }
+            if any_history
+                && self
+                    .peers
+                    .get(c)
+                    .is_some_and(|p| p.synced_revision.is_none())
+            {
                 continue;
             }
             let e = tally.entry(key_of(v)).or_insert((0, *c));
@@ -1074,6 +1095,17 @@ impl MasterState {
                 }
             }
             self.sync_result(*c, dist.sync_id, f);
+        }
+        // Votes for the next round that arrived meanwhile.
+        if !round.votes.is_empty() {
+            self.syncs.insert(
+                group,
+                SyncRound {
+                    votes: round.votes,
+                    distributing: None,
+                },
+            );
+            self.check_sync_ready(group);
         }
     }
 

@@ -265,6 +265,12 @@ fn plan(msg: &MasterMsg) -> (u64, u64, Vec<FetchItem>, Vec<PeerEntry>) {
     }
 }
 
+fn conn_of(id: &PeerId) -> ConnId {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id.0[8..]);
+    ConnId::from_be_bytes(b)
+}
+
 fn ids(conns: &[ConnId]) -> Vec<PeerId> {
     conns.iter().map(|c| pid(*c)).collect()
 }
@@ -1420,6 +1426,82 @@ fn revision_must_advance_by_exactly_one() {
     }
 }
 
+/// A peer whose part failed at planning time has its answer while the
+/// others still fetch. Its next sync call is a vote for the next round, not
+/// a second vote in a round it already left ("already in progress").
+#[test]
+fn a_peer_failed_at_planning_may_vote_for_the_next_round_at_once() {
+    let mut m = M::swarm(&[0, 0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, [5, 22, 33], SEND_ONLY));
+    m.msg(3, vote(1, [0, 22, 33], ENFORCE_POPULAR));
+    let acts = m.msg(4, vote(1, H, ENFORCE_POPULAR));
+    assert_eq!(sync_verdict(&only(&acts, 2)), (1, false, INVALID_USAGE));
+    assert_eq!(plan(&only(&acts, 3)).2, vec![fetch("a", 11)]);
+    // Peer 2 retries while peer 3 still fetches: no answer yet.
+    assert!(m.msg(2, vote(1, [5, 22, 33], ENFORCE_POPULAR)).is_empty());
+    // A member of the running round still cannot vote twice.
+    let acts = m.msg(1, vote(2, H, ENFORCE_POPULAR));
+    assert_eq!(sync_verdict(&only(&acts, 1)), (0, false, INVALID_USAGE));
+    // The round ends for 1, 3 and 4 only.
+    let acts = m.msg(3, transfer_done(1, true));
+    assert_eq!(recipients(&acts), BTreeSet::from([1, 3, 4]));
+    // The next round counts peer 2's early vote.
+    m.msg(1, vote(2, H, ENFORCE_POPULAR));
+    m.msg(3, vote(2, H, ENFORCE_POPULAR));
+    let acts = m.msg(4, vote(2, H, ENFORCE_POPULAR));
+    let (sync_id, rev, f, _) = plan(&only(&acts, 2));
+    assert_eq!((sync_id, rev, f), (2, 2, vec![fetch("a", 11)]));
+    let acts = m.msg(2, transfer_done(2, true));
+    for c in [1, 2, 3, 4] {
+        assert_eq!(sync_verdict(&only(&acts, c)), (2, true, 0));
+    }
+    assert!(m.m.syncs.is_empty());
+}
+
+/// When everyone else of the running round dies, the early voter's round
+/// starts at once instead of waiting for votes that will never come.
+#[test]
+fn an_early_sync_vote_starts_its_round_when_the_others_die() {
+    let mut m = M::swarm(&[0, 0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, [5, 22, 33], SEND_ONLY));
+    m.msg(3, vote(1, [0, 22, 33], ENFORCE_POPULAR));
+    m.msg(4, vote(1, H, ENFORCE_POPULAR));
+    assert!(m.msg(2, vote(1, [5, 22, 33], ENFORCE_POPULAR)).is_empty());
+    m.disconnect(1);
+    m.disconnect(4);
+    let acts = m.disconnect(3);
+    let msgs = to(&acts, 2);
+    assert_eq!(msgs.len(), 3, "{msgs:?}");
+    let (_, rev, f, sources) = plan(&msgs[0]);
+    assert_eq!((rev, f, sources), (1, vec![], vec![]));
+    assert_eq!(sync_verdict(&msgs[1]), (2, true, 0));
+    assert_eq!(
+        msgs[2],
+        MasterMsg::World {
+            world: world(1, 1, 1, 1)
+        }
+    );
+    assert!(m.m.syncs.is_empty());
+}
+
+/// An early vote whose peer dies is forgotten with it.
+#[test]
+fn an_early_sync_vote_dies_with_its_peer() {
+    let mut m = M::swarm(&[0, 0, 0, 0]);
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, [5, 22, 33], SEND_ONLY));
+    m.msg(3, vote(1, [0, 22, 33], ENFORCE_POPULAR));
+    m.msg(4, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, H, ENFORCE_POPULAR));
+    m.disconnect(2);
+    let acts = m.msg(3, transfer_done(1, true));
+    assert_eq!(recipients(&acts), BTreeSet::from([1, 3, 4]));
+    assert!(m.m.syncs.is_empty(), "{:?}", m.m.syncs);
+    sync_all_equal(&mut m, &[1, 3, 4], 2);
+}
+
 #[test]
 fn a_newcomer_adopts_the_group_revision() {
     let mut m = M::swarm(&[0, 0]);
@@ -1592,23 +1674,30 @@ enum Step {
 enum Op {
     /// A new peer connects (its registration is queued behind it).
     Join(u8),
-    /// The master reads one message from a peer.
-    ToMaster(u8),
-    /// A peer reads one message from the master.
-    ToPeer(u8),
-    /// A peer finishes some local work (ring connections, an all-reduce, a
-    /// fetch) and reports it: (peer, which work, outcome roll).
-    Progress(u8, u8, u8),
-    /// An idle peer makes its next call: (peer, choices roll).
-    Start(u8, u8),
+    /// One step of progress, chosen among everything that can happen now:
+    /// the master reads a peer's message, a peer reads the master's, a peer
+    /// finishes local work (ring connections, an all-reduce, a fetch) and
+    /// reports it, or an idle peer makes its next call. (choice, roll): the
+    /// roll decides outcomes (a failed report) and a call's details.
+    Act(u16, u8),
     /// An idle peer leaves gracefully.
     Leave(u8),
-    /// A peer's connection breaks.
+    /// A peer's connection breaks (its unsent messages are delivered
+    /// first or lost, by the selector's parity).
     Crash(u8),
     /// A peer hangs: it stops reading, working and heartbeating.
     Freeze(u8),
     /// Time passes; live peers heartbeat first.
     Tick(u16),
+}
+
+/// One enabled step of progress (indices into the simulated peers).
+#[derive(Debug, Clone, Copy)]
+enum Micro {
+    ToMaster(usize),
+    ToPeer(usize),
+    Progress(usize, u8),
+    Start(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1631,7 +1720,9 @@ enum TagState {
 
 #[derive(Debug, Clone)]
 enum SyncState {
-    WaitPlan,
+    WaitPlan {
+        send_only: bool,
+    },
     WaitResult {
         sync_id: u64,
         revision: u64,
@@ -1721,6 +1812,7 @@ struct Stats {
     too_few: u64,
     syncs_ok: u64,
     syncs_failed: u64,
+    send_only_failed: u64,
     fetches: u64,
     evicted: u64,
     left: u64,
@@ -1738,6 +1830,7 @@ impl Stats {
         self.too_few += o.too_few;
         self.syncs_ok += o.syncs_ok;
         self.syncs_failed += o.syncs_failed;
+        self.send_only_failed += o.send_only_failed;
         self.fetches += o.fetches;
         self.evicted += o.evicted;
         self.left += o.left;
@@ -1832,24 +1925,15 @@ impl Sim {
                 });
                 self.handle(connected_from(conn, peer_ip(conn)));
             }
-            Op::ToMaster(sel) => {
-                if let Some(i) = self.pick(sel, |p| p.alive() && !p.outbox.is_empty()) {
-                    self.deliver_to_master(i);
-                }
-            }
-            Op::ToPeer(sel) => {
-                if let Some(i) = self.pick(sel, |p| p.alive() && !p.frozen && !p.inbox.is_empty()) {
-                    self.deliver_to_peer(i);
-                }
-            }
-            Op::Progress(sel, w, roll) => {
-                if let Some(i) = self.pick(sel, |p| p.alive() && !p.frozen && !p.work.is_empty()) {
-                    self.progress(i, w, roll);
-                }
-            }
-            Op::Start(sel, roll) => {
-                if let Some(i) = self.pick(sel, SimPeer::idle) {
-                    self.start(i, roll);
+            Op::Act(choice, roll) => {
+                let enabled = self.enabled();
+                if !enabled.is_empty() {
+                    match enabled[choice as usize % enabled.len()] {
+                        Micro::ToMaster(i) => self.deliver_to_master(i),
+                        Micro::ToPeer(i) => self.deliver_to_peer(i),
+                        Micro::Progress(i, w) => self.progress(i, w, roll),
+                        Micro::Start(i) => self.start(i, roll),
+                    }
                 }
             }
             Op::Leave(sel) => {
@@ -1862,12 +1946,22 @@ impl Sim {
             }
             Op::Crash(sel) => {
                 if let Some(i) = self.pick(sel, SimPeer::alive) {
-                    self.crash(i);
+                    // What it wrote before dying may or may not arrive.
+                    if sel % 2 == 0 {
+                        while !self.peers[i].outbox.is_empty() && self.peers[i].alive() {
+                            self.deliver_to_master(i);
+                        }
+                    }
+                    if self.peers[i].alive() {
+                        self.crash(i);
+                    }
                 }
             }
             Op::Freeze(sel) => {
                 let frozen = self.peers.iter().filter(|p| p.alive() && p.frozen).count();
-                if frozen < 2 {
+                // Rarer than the other faults: a hung peer stalls everyone
+                // until it is evicted.
+                if frozen < 2 && sel % 3 == 0 {
                     if let Some(i) = self.pick(sel, |p| p.alive() && !p.frozen) {
                         self.peers[i].frozen = true;
                     }
@@ -1877,21 +1971,55 @@ impl Sim {
         }
     }
 
-    fn tick(&mut self, delta: u64) {
-        let beating: Vec<ConnId> = self
-            .peers
-            .iter()
-            .filter(|p| p.alive() && p.acked && !p.frozen)
-            .map(|p| p.conn)
-            .collect();
-        for conn in beating {
-            self.handle(Event::Message {
-                conn,
-                msg: PeerMsg::Heartbeat,
-            });
+    /// Everything that can happen next without a fault or a clock.
+    fn enabled(&self) -> Vec<Micro> {
+        let mut out = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if !p.alive() {
+                continue;
+            }
+            if !p.outbox.is_empty() {
+                out.push(Micro::ToMaster(i));
+            }
+            if p.frozen {
+                continue;
+            }
+            if !p.inbox.is_empty() {
+                out.push(Micro::ToPeer(i));
+            }
+            out.extend((0..p.work.len()).map(|w| Micro::Progress(i, w as u8)));
+            if p.idle() {
+                out.push(Micro::Start(i));
+            }
         }
-        self.now += delta;
-        self.handle(Event::Tick { now_ms: self.now });
+        out
+    }
+
+    /// Time passes in steps of at most a heartbeat interval; live peers
+    /// heartbeat at every step, hung ones do not.
+    fn tick(&mut self, delta: u64) {
+        let mut left = delta;
+        loop {
+            let beating: Vec<ConnId> = self
+                .peers
+                .iter()
+                .filter(|p| p.alive() && p.acked && !p.frozen)
+                .map(|p| p.conn)
+                .collect();
+            for conn in beating {
+                self.handle(Event::Message {
+                    conn,
+                    msg: PeerMsg::Heartbeat,
+                });
+            }
+            let step = left.min(1_000);
+            self.now += step;
+            left -= step;
+            self.handle(Event::Tick { now_ms: self.now });
+            if left == 0 {
+                break;
+            }
+        }
     }
 
     fn crash(&mut self, i: usize) {
@@ -1951,7 +2079,7 @@ impl Sim {
         self.m
             .peers
             .iter()
-            .filter(|(_, p)| p.phase == Phase::Accepted && group.map_or(true, |g| p.group == g))
+            .filter(|(_, p)| p.phase == Phase::Accepted && group.is_none_or(|g| p.group == g))
             .map(|(c, _)| *c)
             .collect()
     }
@@ -1976,6 +2104,7 @@ impl Sim {
 
     /// Invariants over one batch of actions, checked right after `handle`.
     fn check(&mut self, acts: &[Action]) {
+        let closed_now: BTreeSet<ConnId> = closed(acts).into_iter().collect();
         let mut answers: BTreeMap<ConnId, bool> = BTreeMap::new();
         let mut updated: Vec<ConnId> = Vec::new();
         let mut decided: Vec<u64> = Vec::new();
@@ -1995,7 +2124,7 @@ impl Sim {
                             panic!("a correct peer {conn} was kicked: {reason}")
                         }
                         MasterMsg::CollectiveCommence { tag, op_id, ring } => {
-                            self.check_commence(*conn, group, *tag, *op_id, ring)
+                            self.check_commence(*conn, group, *tag, *op_id, ring, &closed_now)
                         }
                         MasterMsg::CollectiveResult {
                             tag,
@@ -2045,33 +2174,71 @@ impl Sim {
                 1,
                 "different are-peers-pending answers: {answers:?}"
             );
+            // Every accepted peer gets the answer (peers closed later in the
+            // batch were still there; peers accepted later by a bootstrap in
+            // the same batch were not).
+            let established: BTreeSet<ConnId> = self
+                .accepted_of(None)
+                .into_iter()
+                .filter(|c| self.peers[self.idx(*c)].phase == SimPhase::Established)
+                .collect();
             assert_eq!(
-                answers.keys().copied().collect::<BTreeSet<_>>(),
-                self.accepted_of(None),
+                answers
+                    .keys()
+                    .copied()
+                    .filter(|c| !closed_now.contains(c))
+                    .collect::<BTreeSet<_>>(),
+                established,
                 "are-peers-pending answers every accepted peer"
             );
-            assert_eq!(values.contains(&true), self.m.pending_count() > 0);
+            if closed_now.is_empty() {
+                assert_eq!(values.contains(&true), self.m.pending_count() > 0);
+            }
         }
         if !updated.is_empty() {
             self.assign_start(&updated);
         }
     }
 
-    fn check_commence(&mut self, conn: ConnId, group: u32, tag: u64, op_id: u64, ring: &[PeerId]) {
-        let ring_conns: Vec<ConnId> = self.m.rings.get(&group).cloned().unwrap_or_default();
-        let ring_ids: Vec<PeerId> = ring_conns.iter().map(|c| self.m.peers[c].id).collect();
+    /// A commence lists the group's accepted peers in ring order. Peers
+    /// evicted later in the same batch (several stale at one tick) were
+    /// still members when it was sent.
+    fn check_commence(
+        &mut self,
+        conn: ConnId,
+        group: u32,
+        tag: u64,
+        op_id: u64,
+        ring: &[PeerId],
+        closed_now: &BTreeSet<ConnId>,
+    ) {
+        let ring_conns: Vec<ConnId> = ring.iter().map(conn_of).collect();
+        let survivors: Vec<ConnId> = self.m.rings.get(&group).cloned().unwrap_or_default();
+        let accepted = self.accepted_of(Some(group));
         assert_eq!(
-            ring,
-            ring_ids.as_slice(),
-            "commence ring is the group's ring"
+            survivors.iter().copied().collect::<BTreeSet<_>>(),
+            accepted,
+            "the ring holds exactly the group's accepted peers"
         );
-        let members = self.accepted_of(Some(group));
+        assert_eq!(survivors.len(), accepted.len(), "no duplicates in the ring");
         assert_eq!(
-            ring_conns.iter().copied().collect::<BTreeSet<_>>(),
-            members,
-            "commence ring lists exactly the group's accepted peers"
+            ring_conns
+                .iter()
+                .copied()
+                .filter(|c| !closed_now.contains(c))
+                .collect::<Vec<_>>(),
+            survivors,
+            "commence ring is the group's ring, in order"
         );
-        assert_eq!(ring_conns.len(), members.len(), "no duplicates in the ring");
+        let members: BTreeSet<ConnId> = ring_conns.iter().copied().collect();
+        assert_eq!(members.len(), ring_conns.len(), "no duplicates in the ring");
+        for c in members.difference(&accepted) {
+            assert!(
+                closed_now.contains(c),
+                "commence ring lists {c}, not a member"
+            );
+            assert_eq!(self.peers[self.idx(*c)].group, group);
+        }
         assert!(ring.len() >= 2);
         assert!(members.contains(&conn));
         match self.ops.get(&op_id) {
@@ -2302,7 +2469,10 @@ impl Sim {
                 let waiting = p
                     .call
                     .as_ref()
-                    .is_some_and(|c| matches!(c.sync, Some(SyncState::WaitPlan)));
+                    .is_some_and(|c| matches!(c.sync, Some(SyncState::WaitPlan { .. })));
+                let send_only = p.call.as_ref().is_some_and(|c| {
+                    matches!(c.sync, Some(SyncState::WaitPlan { send_only: true }))
+                });
                 assert!(waiting, "{}", unexpected(p, &msg));
                 assert!(
                     sources.iter().all(|s| s.id != me),
@@ -2310,6 +2480,7 @@ impl Sim {
                 );
                 assert!(sources.iter().all(|s| s.group == p.group));
                 if !fetch.is_empty() {
+                    assert!(!send_only, "a send-only peer never receives");
                     assert!(!sources.is_empty(), "something to fetch but nobody to ask");
                     p.work.push(Work::Transfer { sync_id: *sync_id });
                     self.stats.fetches += 1;
@@ -2327,9 +2498,16 @@ impl Sim {
             } => {
                 let state = p.call.as_mut().and_then(|c| c.sync.take());
                 match state {
-                    Some(SyncState::WaitPlan) => {
+                    Some(SyncState::WaitPlan { send_only }) => {
                         assert!(!ok, "{}", unexpected(p, &msg));
-                        assert_eq!(*code, NO_SHARED_STATE, "correct peers fail only this way");
+                        // Correct peers fail at planning only when nobody
+                        // offers state, or when send-only without the
+                        // popular content.
+                        if send_only && *code == INVALID_USAGE {
+                            self.stats.send_only_failed += 1;
+                        } else {
+                            assert_eq!(*code, NO_SHARED_STATE, "{}", unexpected(p, &msg));
+                        }
                         self.stats.syncs_failed += 1;
                     }
                     Some(SyncState::WaitResult {
@@ -2387,16 +2565,16 @@ impl Sim {
         let msg = match w {
             Work::Establish { round, alone } => PeerMsg::ConnectionsEstablished {
                 round,
-                ok: alone || roll % 5 != 0,
+                ok: alone || !roll.is_multiple_of(6),
             },
             Work::Done { tag, op_id } => PeerMsg::CollectiveDone {
                 tag,
                 op_id,
-                ok: roll % 10 != 0,
+                ok: !roll.is_multiple_of(10),
             },
             Work::Transfer { sync_id } => PeerMsg::SyncTransferDone {
                 sync_id,
-                ok: roll % 10 != 0,
+                ok: !roll.is_multiple_of(10),
                 failed_source: None,
             },
         };
@@ -2441,8 +2619,10 @@ impl Sim {
                 }
             }
             Step::Sync => {
-                let strategy = if roll % 6 == 0 {
+                let strategy = if roll.is_multiple_of(6) {
                     RECEIVE_ONLY
+                } else if roll % 12 == 9 {
+                    SEND_ONLY
                 } else {
                     ENFORCE_POPULAR
                 };
@@ -2455,18 +2635,25 @@ impl Sim {
                     p.hashes[2] = p.hashes[2].wrapping_add(1); // allowed to differ
                 }
                 p.outbox.push_back(vote(revision, p.hashes, strategy));
-                call.sync = Some(SyncState::WaitPlan);
+                call.sync = Some(SyncState::WaitPlan {
+                    send_only: strategy == SEND_ONLY,
+                });
             }
         }
         p.call = Some(call);
     }
 
-    /// Highest step any live peer has reached or is in.
+    /// Highest step any live peer has reached or is in, counting where
+    /// admitted newcomers will start (their admitters may be hung).
     fn frontier(&self) -> u64 {
         self.peers
             .iter()
-            .filter(|p| p.phase == SimPhase::Established && !p.frozen)
-            .map(|p| p.pc + p.call.is_some() as u64)
+            .filter(|p| p.alive())
+            .filter_map(|p| match p.phase {
+                SimPhase::Established if !p.frozen => Some(p.pc + p.call.is_some() as u64),
+                SimPhase::Registering | SimPhase::Connecting => p.start_pc,
+                _ => None,
+            })
             .max()
             .unwrap_or(0)
     }
@@ -2486,8 +2673,15 @@ impl Sim {
     /// topology (admitting whoever waits). Then nobody may still wait.
     fn drain(&mut self) {
         let mut target = self.barrier_after(self.frontier());
-        let mut settled = false;
         for _ in 0..10_000 {
+            // Newcomers admitted meanwhile by a peer that then hung start
+            // after the step it admitted them in; the others follow them.
+            let newest = self
+                .peers
+                .iter()
+                .filter(|p| p.alive())
+                .filter_map(|p| p.start_pc);
+            target = newest.fold(target, u64::max);
             let mut moved = false;
             for i in 0..self.peers.len() {
                 while self.peers[i].alive() && !self.peers[i].outbox.is_empty() {
@@ -2526,14 +2720,19 @@ impl Sim {
                 self.tick(SIM_TIMEOUT_MS + 1);
                 continue;
             }
-            if self.m.pending_count() > 0 {
+            // Someone still waits to join: everyone passes one more update
+            // topology (unless they are stuck, which the checks below report).
+            let all_idle = self
+                .peers
+                .iter()
+                .filter(|p| p.alive() && p.phase == SimPhase::Established)
+                .all(|p| p.idle() && p.pc == target);
+            if self.m.pending_count() > 0 && all_idle {
                 target = self.barrier_after(target);
                 continue;
             }
-            settled = true;
             break;
         }
-        assert!(settled, "the drain did not settle");
 
         let alive: BTreeSet<ConnId> = self
             .peers
@@ -2595,19 +2794,16 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
-        2 => any::<u8>().prop_map(Op::Join),
-        8 => any::<u8>().prop_map(Op::ToMaster),
-        8 => any::<u8>().prop_map(Op::ToPeer),
-        4 => (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(a, b, c)| Op::Progress(a, b, c)),
-        5 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::Start(a, b)),
+        4 => any::<u8>().prop_map(Op::Join),
+        100 => (any::<u16>(), any::<u8>()).prop_map(|(a, b)| Op::Act(a, b)),
         1 => any::<u8>().prop_map(Op::Leave),
         1 => any::<u8>().prop_map(Op::Crash),
         1 => any::<u8>().prop_map(Op::Freeze),
-        2 => (0u16..2_500).prop_map(Op::Tick),
+        3 => (0u16..4_000).prop_map(Op::Tick),
     ]
 }
 
-/// (program, number of groups, events).
+/// (program, number of groups, events). The first peers join up front.
 fn scenario_strategy() -> impl Strategy<Value = (Vec<Step>, u32, Vec<Op>)> {
     (
         prop::collection::vec(step_strategy(), 2..8).prop_map(|mut v| {
@@ -2615,22 +2811,33 @@ fn scenario_strategy() -> impl Strategy<Value = (Vec<Step>, u32, Vec<Op>)> {
             v
         }),
         1u32..=2,
+        prop::collection::vec(any::<u8>().prop_map(Op::Join), 1..=5),
         prop::collection::vec(op_strategy(), 50..200),
     )
+        .prop_map(|(program, groups, mut joins, ops)| {
+            joins.extend(ops);
+            (program, groups, joins)
+        })
 }
 
+/// Runs one scenario; returns what its random phase exercised.
 fn run_scenario(program: Vec<Step>, groups: u32, ops: Vec<Op>) -> Stats {
     let mut sim = Sim::new(program, groups);
     for op in ops {
         sim.apply(op);
     }
+    let chaos = sim.stats.clone();
     sim.drain();
-    sim.stats
+    chaos
 }
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 200,
+        // PROPTEST_CASES=N overrides the count for a longer soak.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
@@ -2672,11 +2879,139 @@ fn random_interleavings_exercise_every_round() {
         ("too_few", s.too_few),
         ("syncs_ok", s.syncs_ok),
         ("syncs_failed", s.syncs_failed),
+        ("send_only_failed", s.send_only_failed),
         ("fetches", s.fetches),
         ("evicted", s.evicted),
         ("left", s.left),
         ("crashed", s.crashed),
     ] {
         assert!(n > 0, "no run exercised {what}: {total:#?}");
+    }
+    if std::env::var_os("PCCL_SIM_STATS").is_some() {
+        eprintln!("{total:#?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 10. Arbitrary (misbehaving) input never breaks the master
+// ---------------------------------------------------------------------------
+
+fn any_peer_msg() -> impl Strategy<Value = PeerMsg> {
+    prop_oneof![
+        (0u32..3, any::<bool>()).prop_map(|(group, adv)| PeerMsg::Register {
+            group,
+            p2p_port: 1,
+            ss_port: 2,
+            bench_port: 3,
+            advertised_ip: adv.then_some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))),
+        }),
+        Just(PeerMsg::Heartbeat),
+        Just(PeerMsg::Leave),
+        Just(PeerMsg::VoteUpdateTopology),
+        (0u64..6, any::<bool>())
+            .prop_map(|(round, ok)| PeerMsg::ConnectionsEstablished { round, ok }),
+        Just(PeerMsg::VoteArePeersPending),
+        Just(PeerMsg::VoteOptimizeTopology),
+        (0u64..3, 0u64..3).prop_map(|(tag, count)| PeerMsg::CollectiveInit {
+            tag,
+            spec: spec(count),
+        }),
+        (0u64..3, 0u64..6, any::<bool>()).prop_map(|(tag, op_id, ok)| PeerMsg::CollectiveDone {
+            tag,
+            op_id,
+            ok
+        }),
+        (0u64..4, 0u8..4, prop::collection::vec(0u64..3, 0..4)).prop_map(
+            |(revision, strategy, hashes)| PeerMsg::SyncVote {
+                revision,
+                strategy,
+                tensors: hashes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| tm(["a", "b", "c", "a"][i], *h, i == 2))
+                    .collect(),
+            }
+        ),
+        (0u64..5, any::<bool>()).prop_map(|(sync_id, ok)| transfer_done(sync_id, ok)),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum RawEvent {
+    Connect(ConnId),
+    Message(ConnId, PeerMsg),
+    Disconnect(ConnId),
+    Tick(u16),
+}
+
+fn raw_event() -> impl Strategy<Value = RawEvent> {
+    prop_oneof![
+        2 => (1u64..7).prop_map(RawEvent::Connect),
+        12 => (1u64..7, any_peer_msg()).prop_map(|(c, m)| RawEvent::Message(c, m)),
+        1 => (1u64..7).prop_map(RawEvent::Disconnect),
+        1 => (0u16..3_000).prop_map(RawEvent::Tick),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Any message at any time from any connection: the master never
+    /// panics, only ever talks to open connections, and kicks by closing.
+    #[test]
+    fn arbitrary_input_never_breaks_the_master(
+        events in prop::collection::vec(raw_event(), 50..200)
+    ) {
+        let mut m = MasterState::new(MasterConfig::default());
+        let mut open: BTreeSet<ConnId> = BTreeSet::new();
+        let mut now = 0u64;
+        for ev in events {
+            let ev = match ev {
+                RawEvent::Connect(conn) => {
+                    if !open.insert(conn) {
+                        continue; // the driver never reuses a live conn id
+                    }
+                    connected_from(conn, peer_ip(conn))
+                }
+                RawEvent::Message(conn, msg) => Event::Message { conn, msg },
+                RawEvent::Disconnect(conn) => {
+                    open.remove(&conn);
+                    Event::Disconnected { conn }
+                }
+                RawEvent::Tick(d) => {
+                    now += d as u64;
+                    Event::Tick { now_ms: now }
+                }
+            };
+            let acts = m.handle(ev);
+            for (k, a) in acts.iter().enumerate() {
+                match a {
+                    Action::Send { conn, msg } => {
+                        prop_assert!(open.contains(conn), "send to closed {conn}: {msg:?}");
+                        if let MasterMsg::Kick { .. } = msg {
+                            prop_assert!(
+                                matches!(acts.get(k + 1), Some(Action::Close { conn: c, .. }) if c == conn),
+                                "a kick is followed by its close"
+                            );
+                        }
+                    }
+                    Action::Close { conn, .. } => {
+                        prop_assert!(open.remove(conn), "close of closed {conn}");
+                    }
+                }
+            }
+            // The master's books only name open connections.
+            prop_assert!(m.peers.keys().all(|c| open.contains(c)));
+            for ring in m.rings.values() {
+                prop_assert!(ring.iter().all(|c| m.peers.get(c).is_some_and(|p| p.phase == Phase::Accepted)));
+            }
+        }
     }
 }
