@@ -122,6 +122,9 @@ pub fn build(dir: &Path, name: &str, sources: &[PathBuf], link: Link) -> PathBuf
     match link {
         Link::Shared => {
             cmd.arg(libs.join("libpccl.so"))
+                // DT_RPATH (not RUNPATH): wins over the LD_LIBRARY_PATH cargo sets,
+                // which may point at an older libpccl.so in target/<profile>.
+                .arg("-Wl,--disable-new-dtags")
                 .arg(format!("-Wl,-rpath,{}", libs.display()));
         }
         Link::Static => {
