@@ -1524,6 +1524,28 @@ fn a_newcomer_adopts_the_group_revision() {
 }
 
 #[test]
+fn newcomers_cannot_outvote_the_synced_group() {
+    // One peer has history; two fresh newcomers hold identical, different content.
+    let mut m = M::swarm(&[0]);
+    sync_all_equal(&mut m, &[1], 5);
+    m.register(2, 0);
+    m.register(3, 0);
+    m.update_topology(&[1]);
+    assert_eq!(m.m.accepted_count(), 3);
+    m.msg(1, vote(6, H, ENFORCE_POPULAR));
+    m.msg(2, vote(0, [7, 8, 9], ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(0, [7, 8, 9], ENFORCE_POPULAR));
+    // The synced peer's content wins: it fetches nothing, the newcomers adopt it.
+    assert_eq!(plan(&to(&acts, 1)[0]).2, vec![]);
+    for c in [2u64, 3] {
+        let (_, rev, f, sources) = plan(&to(&acts, c)[0]);
+        assert_eq!(rev, 6);
+        assert_eq!(f, vec![fetch("a", 11), fetch("b", 22), fetch("c", 33)]);
+        assert_eq!(sources, vec![entry(1, 0)]);
+    }
+}
+
+#[test]
 fn content_inequality_is_allowed_only_at_the_same_revision() {
     let mut m = M::swarm(&[0, 0, 0]);
     m.msg(1, vote(1, H, ENFORCE_POPULAR));
