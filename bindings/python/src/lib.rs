@@ -48,7 +48,7 @@ fn pccl_err(py: Python<'_>, func: &str, e: &pccl_core::Error) -> PyErr {
         let module = py.import("pccl._errors")?;
         let exc = module
             .getattr("PCCLError")?
-            .call_method1("_from_native", (e.code(), func, e.to_string()))?;
+            .call_method1("_from_native", (e.code(), func, e.message()))?;
         Ok(PyErr::from_value(exc))
     };
     match make() {
@@ -170,8 +170,11 @@ fn prune_orphans(_py: Python<'_>) {
 // Argument conversion
 // ---------------------------------------------------------------------------
 
-fn resolve(addr: &str) -> PyResult<SocketAddr> {
-    let mut it = addr.to_socket_addrs().map_err(|e| {
+/// Resolves `"ip:port"` / `"host:port"` / `"[v6]:port"` (a name lookup may
+/// block, so without the GIL).
+fn resolve(py: Python<'_>, addr: &str) -> PyResult<SocketAddr> {
+    let resolved = py.detach(|| addr.to_socket_addrs().map(|it| it.collect::<Vec<_>>()));
+    let mut it = resolved.map(|v| v.into_iter()).map_err(|e| {
         PyValueError::new_err(format!(
             "invalid address {addr:?} (expected \"ip:port\" or \"host:port\"): {e}"
         ))
@@ -246,7 +249,13 @@ impl NativeCommunicator {
     }
 
     /// Runs a blocking call on a helper thread; Ctrl-C closes the communicator.
-    fn blocking<T, F>(&self, py: Python<'_>, func: &str, keep: Option<Py<PyAny>>, f: F) -> PyResult<T>
+    fn blocking<T, F>(
+        &self,
+        py: Python<'_>,
+        func: &str,
+        keep: Option<Py<PyAny>>,
+        f: F,
+    ) -> PyResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Communicator) -> CoreResult<T> + Send + 'static,
@@ -288,8 +297,9 @@ impl NativeCommunicator {
         // `keep`, which the caller holds (directly, or via the orphan list)
         // until the returned slot is filled, i.e. until the core is done with
         // the memory. A null or overlapping pair is rejected by the core.
-        let handle = unsafe { comm.all_reduce_async_raw(send as *const u8, recv as *mut u8, &desc) }
-            .map_err(|e| pccl_err(py, func, &e))?;
+        let handle =
+            unsafe { comm.all_reduce_async_raw(send as *const u8, recv as *mut u8, &desc) }
+                .map_err(|e| pccl_err(py, func, &e))?;
         spawn_task("await", move || comm.await_handle(handle)).map_err(|e| pccl_err(py, func, &e))
     }
 }
@@ -312,7 +322,7 @@ impl NativeCommunicator {
         benchmark_port: u16,
         advertised_ip: Option<&str>,
     ) -> PyResult<Self> {
-        let addr = resolve(master_addr)?;
+        let addr = resolve(py, master_addr)?;
         let mut cfg = CommunicatorConfig::new(addr);
         cfg.peer_group = peer_group;
         cfg.p2p_connection_pool_size = p2p_connection_pool_size.max(1);
@@ -324,7 +334,8 @@ impl NativeCommunicator {
                 PyValueError::new_err(format!("invalid advertised_ip {ip:?}: {e}"))
             })?);
         }
-        let comm = Communicator::new(cfg).map_err(|e| pccl_err(py, "pcclCreateCommunicator", &e))?;
+        let comm =
+            Communicator::new(cfg).map_err(|e| pccl_err(py, "pcclCreateCommunicator", &e))?;
         Ok(NativeCommunicator {
             inner: Mutex::new(Some(Arc::new(comm))),
         })
@@ -442,28 +453,29 @@ impl NativeCommunicator {
         keep: Py<PyAny>,
     ) -> PyResult<(u64, u64, u64)> {
         let func = "pcclSynchronizeSharedState";
-        let check = || -> CoreResult<(SyncStrategy, Vec<(String, usize, usize, DataType, bool)>)> {
-            let strategy = SyncStrategy::from_raw(strategy)?;
-            let mut out = Vec::with_capacity(tensors.len());
-            for (name, ptr, count, dtype, device, allow) in tensors {
-                let dtype = DataType::from_raw(dtype)?;
-                if DeviceType::from_raw(device)? != DeviceType::Cpu {
-                    return Err(pccl_core::Error::InvalidArgument(format!(
+        let check =
+            || -> CoreResult<(SyncStrategy, Vec<(String, usize, usize, DataType, bool)>)> {
+                let strategy = SyncStrategy::from_raw(strategy)?;
+                let mut out = Vec::with_capacity(tensors.len());
+                for (name, ptr, count, dtype, device, allow) in tensors {
+                    let dtype = DataType::from_raw(dtype)?;
+                    if DeviceType::from_raw(device)? != DeviceType::Cpu {
+                        return Err(pccl_core::Error::InvalidArgument(format!(
                         "tensor {name:?} lives on a CUDA device; this build of pccl supports CPU memory only"
                     )));
+                    }
+                    if ptr == 0 || count == 0 {
+                        return Err(pccl_core::Error::InvalidArgument(format!(
+                            "tensor {name:?} is empty or has no data pointer"
+                        )));
+                    }
+                    count.checked_mul(dtype.size()).ok_or_else(|| {
+                        pccl_core::Error::InvalidArgument(format!("tensor {name:?} is too large"))
+                    })?;
+                    out.push((name, ptr, count, dtype, allow));
                 }
-                if ptr == 0 || count == 0 {
-                    return Err(pccl_core::Error::InvalidArgument(format!(
-                        "tensor {name:?} is empty or has no data pointer"
-                    )));
-                }
-                count.checked_mul(dtype.size()).ok_or_else(|| {
-                    pccl_core::Error::InvalidArgument(format!("tensor {name:?} is too large"))
-                })?;
-                out.push((name, ptr, count, dtype, allow));
-            }
-            Ok((strategy, out))
-        };
+                Ok((strategy, out))
+            };
         let (strategy, tensors) = check().map_err(|e| pccl_err(py, func, &e))?;
         self.blocking(py, func, Some(keep), move |c| {
             let shared: Vec<SharedTensor<'_>> = tensors
@@ -550,8 +562,15 @@ impl NativeHandle {
             // outcome, which the next round sees.
             if let Some(r) = py.detach(|| self.slot.take_timeout(POLL)) {
                 let outcome = match r {
-                    Ok(i) => (true, 0, i.local_world_size, i.tx_bytes, i.rx_bytes, String::new()),
-                    Err(e) => (false, e.code(), 0, 0, 0, e.to_string()),
+                    Ok(i) => (
+                        true,
+                        0,
+                        i.local_world_size,
+                        i.tx_bytes,
+                        i.rx_bytes,
+                        String::new(),
+                    ),
+                    Err(e) => (false, e.code(), 0, 0, 0, e.message().to_string()),
                 };
                 *lock(&self.outcome) = Some(outcome.clone());
                 let keep = lock(&self.keep).take();
@@ -613,7 +632,7 @@ impl NativeMaster {
     #[new]
     #[pyo3(signature = (listen_address, peer_timeout_ms=None))]
     fn new(py: Python<'_>, listen_address: &str, peer_timeout_ms: Option<u64>) -> PyResult<Self> {
-        let addr = resolve(listen_address)?;
+        let addr = resolve(py, listen_address)?;
         let mut cfg = MasterConfig::default();
         if let Some(t) = peer_timeout_ms {
             cfg.peer_timeout_ms = t.max(1);
@@ -731,7 +750,10 @@ fn _pccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(_orphan_count, m)?)?;
     m.add("DEFAULT_MASTER_PORT", pccl_core::DEFAULT_MASTER_PORT)?;
-    m.add("DEFAULT_SHARED_STATE_PORT", pccl_core::DEFAULT_SHARED_STATE_PORT)?;
+    m.add(
+        "DEFAULT_SHARED_STATE_PORT",
+        pccl_core::DEFAULT_SHARED_STATE_PORT,
+    )?;
     m.add("DEFAULT_P2P_PORT", pccl_core::DEFAULT_P2P_PORT)?;
     m.add("DEFAULT_BENCHMARK_PORT", pccl_core::DEFAULT_BENCHMARK_PORT)?;
     m.add("HAS_CUDA_SUPPORT", false)?;

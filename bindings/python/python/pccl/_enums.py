@@ -24,7 +24,14 @@ __all__ = [
 ]
 
 
-class Result(enum.IntEnum):
+class _Enum(enum.IntEnum):
+    """IntEnum whose ``str()`` reads ``ReduceOp.SUM`` (as PCCL 1.0's plain enums did)."""
+
+    __str__ = enum.Enum.__str__
+    __format__ = enum.Enum.__format__
+
+
+class Result(_Enum):
     """Result codes (``pcclResult_t``). Carried by :class:`pccl.PCCLError`."""
 
     SUCCESS = 0
@@ -42,7 +49,7 @@ class Result(enum.IntEnum):
     TOPOLOGY_OPTIMIZATION_FAILED = 12
 
 
-class ReduceOp(enum.IntEnum):
+class ReduceOp(_Enum):
     """Reduction operations (``pcclRedOp_t``). ``AVG`` divides by the number of peers that took part."""
 
     SUM = 0
@@ -52,7 +59,7 @@ class ReduceOp(enum.IntEnum):
     MIN = 4
 
 
-class Attribute(enum.IntEnum):
+class Attribute(_Enum):
     """Communicator attributes for :meth:`pccl.Communicator.get_attribute` (``pcclAttribute_t``)."""
 
     GLOBAL_WORLD_SIZE = 1
@@ -64,7 +71,7 @@ class Attribute(enum.IntEnum):
     PEER_GROUP_WORLD_SIZE = 2  # alias of LOCAL_WORLD_SIZE, the C name
 
 
-class SharedStateSyncStrategy(enum.IntEnum):
+class SharedStateSyncStrategy(_Enum):
     """How a peer takes part in a shared-state sync (``pcclSharedStateSyncStrategy_t``)."""
 
     ENFORCE_POPULAR = 0
@@ -75,7 +82,7 @@ class SharedStateSyncStrategy(enum.IntEnum):
     """Vote and send; fail if this peer does not hold the popular content."""
 
 
-class DeviceType(enum.IntEnum):
+class DeviceType(_Enum):
     """Where a buffer lives (``pcclDeviceType_t``)."""
 
     CPU = 0
@@ -87,7 +94,7 @@ class DeviceType(enum.IntEnum):
         return {"cpu": cls.CPU, "cuda": cls.CUDA}.get(device_type)
 
 
-class DistributionHint(enum.IntEnum):
+class DistributionHint(_Enum):
     """Hint about an operand's value distribution (``pcclDistributionHint_t``)."""
 
     NONE = 0
@@ -95,7 +102,7 @@ class DistributionHint(enum.IntEnum):
     UNIFORM = 2
 
 
-class QuantizationAlgorithm(enum.IntEnum):
+class QuantizationAlgorithm(_Enum):
     """Quantization of all-reduce traffic (``pcclQuantizationAlgorithm_t``)."""
 
     NONE = 0
@@ -148,7 +155,7 @@ _NUMPY_CODES = {
 _NUMPY_NAMES = {v: f"{'float' if k == 'f' else ('uint' if k == 'u' else 'int')}{8 * n}" for (k, n), v in _NUMPY_CODES.items()}
 
 
-class DataType(enum.IntEnum):
+class DataType(_Enum):
     """Element types (``pcclDataType_t``)."""
 
     UINT8 = 0

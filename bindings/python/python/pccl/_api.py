@@ -1,0 +1,732 @@
+"""The PCCL Python API: communicator, master, descriptors, shared state.
+
+Names and signatures follow PCCL 1.0's ``pccl`` package so existing code runs
+unchanged; extensions are keyword-only and documented as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Iterable, Optional, Sequence, Tuple
+
+from . import _pccl
+from ._enums import (
+    Attribute,
+    DataType,
+    DeviceType,
+    DistributionHint,
+    QuantizationAlgorithm,
+    ReduceOp,
+    Result,
+    SharedStateSyncStrategy,
+)
+from ._errors import PCCLError
+from ._tensors import Buffer, describe, is_numpy_array, is_torch_tensor
+
+__all__ = [
+    "Communicator",
+    "MasterNode",
+    "ReduceInfo",
+    "SharedStateSyncInfo",
+    "AsyncReduceHandle",
+    "ReduceOperandDescriptor",
+    "QuantizationOptions",
+    "ReduceDescriptor",
+    "ReduceOpDescriptor",
+    "TensorInfo",
+    "SharedState",
+]
+
+_log = logging.getLogger("pccl")
+
+_U64_MAX = (1 << 64) - 1
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = value.__index__()
+        except AttributeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def _enum_arg(enum_cls: Any, name: str, value: Any) -> Any:
+    if isinstance(value, enum_cls):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a pccl.{enum_cls.__name__}, got {value!r}")
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise ValueError(f"{name}: {value} is not a valid pccl.{enum_cls.__name__}") from None
+
+
+# ---------------------------------------------------------------------------
+# Result records
+# ---------------------------------------------------------------------------
+
+
+class ReduceInfo:
+    """Outcome of an all-reduce: peers that took part and bytes moved by this peer."""
+
+    __slots__ = ("local_world_size", "tx_bytes", "rx_bytes")
+
+    def __init__(self, local_world_size: int, tx_bytes: int, rx_bytes: int) -> None:
+        self.local_world_size = local_world_size
+        self.tx_bytes = tx_bytes
+        self.rx_bytes = rx_bytes
+
+    @property
+    def world_size(self) -> int:
+        """Alias of ``local_world_size`` (early PCCL 1.0 name)."""
+        return self.local_world_size
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ReduceInfo):
+            return NotImplemented
+        return (self.local_world_size, self.tx_bytes, self.rx_bytes) == (
+            other.local_world_size,
+            other.tx_bytes,
+            other.rx_bytes,
+        )
+
+    def __repr__(self) -> str:
+        return f"ReduceInfo(local_world_size={self.local_world_size}, tx_bytes={self.tx_bytes}, rx_bytes={self.rx_bytes})"
+
+
+class SharedStateSyncInfo:
+    """Outcome of a shared-state sync: bytes this peer sent and received."""
+
+    __slots__ = ("tx_bytes", "rx_bytes")
+
+    def __init__(self, tx_bytes: int, rx_bytes: int) -> None:
+        self.tx_bytes = tx_bytes
+        self.rx_bytes = rx_bytes
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SharedStateSyncInfo):
+            return NotImplemented
+        return (self.tx_bytes, self.rx_bytes) == (other.tx_bytes, other.rx_bytes)
+
+    def __repr__(self) -> str:
+        return f"SharedStateSyncInfo(tx_bytes={self.tx_bytes}, rx_bytes={self.rx_bytes})"
+
+
+# ---------------------------------------------------------------------------
+# Descriptors
+# ---------------------------------------------------------------------------
+
+
+class ReduceOperandDescriptor:
+    """Element type of the operands and a hint about their distribution."""
+
+    def __init__(self, datatype: DataType, distribution_hint: DistributionHint = DistributionHint.NONE) -> None:
+        self.datatype = _enum_arg(DataType, "datatype", datatype)
+        self.distribution_hint = _enum_arg(DistributionHint, "distribution_hint", distribution_hint)
+
+    def __repr__(self) -> str:
+        return f"ReduceOperandDescriptor(datatype={self.datatype!r}, distribution_hint={self.distribution_hint!r})"
+
+
+class QuantizationOptions:
+    """Quantization of all-reduce traffic. ``algorithm=NONE`` turns it off."""
+
+    def __init__(
+        self,
+        quantized_datatype: DataType = DataType.UINT8,
+        algorithm: QuantizationAlgorithm = QuantizationAlgorithm.MIN_MAX,
+    ) -> None:
+        self.quantized_datatype = _enum_arg(DataType, "quantized_datatype", quantized_datatype)
+        self.algorithm = _enum_arg(QuantizationAlgorithm, "algorithm", algorithm)
+
+    def __repr__(self) -> str:
+        return f"QuantizationOptions(quantized_datatype={self.quantized_datatype!r}, algorithm={self.algorithm!r})"
+
+
+class ReduceDescriptor:
+    """What to reduce: element count, operation, tag, operand type, quantization.
+
+    ``operand_descriptor=None`` takes the element type from the buffers;
+    ``quantization_options=None`` means no quantization.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        op: ReduceOp,
+        tag: int = 0,
+        operand_descriptor: Optional[ReduceOperandDescriptor] = None,
+        quantization_options: Optional[QuantizationOptions] = None,
+    ) -> None:
+        self.count = _int_arg("count", count, 1, _U64_MAX)
+        self.op = _enum_arg(ReduceOp, "op", op)
+        self.tag = _int_arg("tag", tag, 0, _U64_MAX)
+        if operand_descriptor is not None and not isinstance(operand_descriptor, ReduceOperandDescriptor):
+            raise TypeError("operand_descriptor must be a pccl.ReduceOperandDescriptor or None")
+        if quantization_options is not None and not isinstance(quantization_options, QuantizationOptions):
+            raise TypeError("quantization_options must be a pccl.QuantizationOptions or None")
+        self.operand_descriptor = operand_descriptor
+        self.quantization_options = quantization_options
+
+    def __repr__(self) -> str:
+        return (
+            f"ReduceDescriptor(count={self.count}, op={self.op!r}, tag={self.tag}, "
+            f"operand_descriptor={self.operand_descriptor!r}, quantization_options={self.quantization_options!r})"
+        )
+
+
+def _native_desc(
+    count: int,
+    dtype: DataType,
+    op: ReduceOp,
+    tag: int,
+    operand: Optional[ReduceOperandDescriptor],
+    quant: Optional[QuantizationOptions],
+) -> Tuple[int, int, int, int, int, int, int]:
+    hint = DistributionHint.NONE
+    if operand is not None:
+        if not isinstance(operand, ReduceOperandDescriptor):
+            raise TypeError("operand_descriptor must be a pccl.ReduceOperandDescriptor or None")
+        if operand.datatype != dtype:
+            raise TypeError(
+                f"operand_descriptor.datatype is {operand.datatype.name} but the buffers hold {dtype.name}"
+            )
+        hint = operand.distribution_hint
+    if quant is None:
+        qdtype, qalgo = dtype, QuantizationAlgorithm.NONE
+    elif isinstance(quant, QuantizationOptions):
+        qdtype, qalgo = quant.quantized_datatype, quant.algorithm
+    else:
+        raise TypeError("quantization_options must be a pccl.QuantizationOptions or None")
+    return (count, int(dtype), int(op), tag, int(hint), int(qdtype), int(qalgo))
+
+
+def _pair(send: Any, recv: Any) -> Tuple[Buffer, Buffer]:
+    s = describe(send, "send")
+    r = describe(recv, "recv", writable=True)
+    if s.dtype != r.dtype:
+        raise TypeError(f"send and recv must have the same dtype, got {s.dtype.name} and {r.dtype.name}")
+    if s.count != r.count:
+        raise ValueError(f"send and recv must have the same number of elements, got {s.count} and {r.count}")
+    return s, r
+
+
+class ReduceOpDescriptor:
+    """One all-reduce of :meth:`Communicator.all_reduce_multiple_with_retry`.
+
+    Build it with :meth:`from_torch` / :meth:`from_numpy`, which keep the
+    tensors alive. The raw constructor takes addresses (PCCL 1.0): the
+    caller must keep that memory alive and unmoved until the call returns.
+    """
+
+    def __init__(self, sendbuf_ptr: int, recvbuf_ptr: int, reduce_descriptor: ReduceDescriptor) -> None:
+        if not isinstance(reduce_descriptor, ReduceDescriptor):
+            raise TypeError("reduce_descriptor must be a pccl.ReduceDescriptor")
+        self.sendbuf_ptr = _int_arg("sendbuf_ptr", sendbuf_ptr, 1, _U64_MAX)
+        self.recvbuf_ptr = _int_arg("recvbuf_ptr", recvbuf_ptr, 1, _U64_MAX)
+        self.reduce_descriptor = reduce_descriptor
+        self._keep: Tuple[Any, ...] = ()
+        self._dtype: Optional[DataType] = None
+
+    @classmethod
+    def _from_buffers(cls, send: Any, recv: Any, reduce_descriptor: ReduceDescriptor) -> "ReduceOpDescriptor":
+        if not isinstance(reduce_descriptor, ReduceDescriptor):
+            raise TypeError("reduce_descriptor must be a pccl.ReduceDescriptor")
+        s, r = _pair(send, recv)
+        if reduce_descriptor.count > s.count:
+            raise ValueError(
+                f"reduce_descriptor.count is {reduce_descriptor.count} but the buffers hold {s.count} elements"
+            )
+        od = reduce_descriptor.operand_descriptor
+        if od is not None and od.datatype != s.dtype:
+            raise TypeError(
+                f"reduce_descriptor's operand datatype is {od.datatype.name} but the buffers hold {s.dtype.name}"
+            )
+        d = cls(s.ptr, r.ptr, reduce_descriptor)
+        d._keep = (s.obj, r.obj)
+        d._dtype = s.dtype
+        return d
+
+    @staticmethod
+    def from_torch(send: Any, recv: Any, reduce_descriptor: ReduceDescriptor) -> "ReduceOpDescriptor":
+        """Describes an all-reduce of two contiguous CPU tensors (``send is recv`` for in place)."""
+        if not (is_torch_tensor(send) and is_torch_tensor(recv)):
+            raise TypeError("from_torch expects two torch.Tensor objects")
+        return ReduceOpDescriptor._from_buffers(send, recv, reduce_descriptor)
+
+    @staticmethod
+    def from_numpy(send: Any, recv: Any, reduce_descriptor: ReduceDescriptor) -> "ReduceOpDescriptor":
+        """Describes an all-reduce of two C-contiguous arrays (``send is recv`` for in place)."""
+        if not (is_numpy_array(send) and is_numpy_array(recv)):
+            raise TypeError("from_numpy expects two numpy.ndarray objects")
+        return ReduceOpDescriptor._from_buffers(send, recv, reduce_descriptor)
+
+    def _native(self) -> Tuple[int, int, Tuple[int, int, int, int, int, int, int]]:
+        d = self.reduce_descriptor
+        dtype = self._dtype
+        if dtype is None:
+            if d.operand_descriptor is None:
+                raise ValueError("a ReduceOpDescriptor built from raw pointers needs an operand_descriptor")
+            dtype = d.operand_descriptor.datatype
+        return (
+            self.sendbuf_ptr,
+            self.recvbuf_ptr,
+            _native_desc(d.count, dtype, d.op, d.tag, d.operand_descriptor, d.quantization_options),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Shared state
+# ---------------------------------------------------------------------------
+
+
+class TensorInfo:
+    """One named tensor of a :class:`SharedState`.
+
+    Build it with :meth:`from_torch` / :meth:`from_numpy` (which keep the
+    tensor alive). The raw constructor (PCCL 1.0) takes an address: the
+    caller keeps that memory alive and unmoved.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_ptr: int,
+        *,
+        numel: int,
+        dtype: DataType,
+        device_type: DeviceType = DeviceType.CPU,
+        allow_content_inequality: bool = False,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("name must be a non-empty str")
+        if not data_ptr:
+            raise ValueError("Invalid data pointer: nullptr")
+        self.name = name
+        self.data_ptr = _int_arg("data_ptr", data_ptr, 1, _U64_MAX)
+        self.numel = _int_arg("numel", numel, 1, _U64_MAX)
+        self.dtype = _enum_arg(DataType, "dtype", dtype)
+        self.device_type = _enum_arg(DeviceType, "device_type", device_type)
+        self.allow_content_inequality = bool(allow_content_inequality)
+        self._owner: Any = None
+
+    @classmethod
+    def _from_buffer(cls, obj: Any, name: str, allow_content_inequality: bool) -> "TensorInfo":
+        b = describe(obj, f"tensor {name!r}", writable=True)
+        info = cls(
+            name,
+            b.ptr,
+            numel=b.count,
+            dtype=b.dtype,
+            device_type=b.device,
+            allow_content_inequality=allow_content_inequality,
+        )
+        info._owner = obj
+        return info
+
+    @classmethod
+    def from_torch(cls, tensor: Any, name: str, *, allow_content_inequality: bool = False) -> "TensorInfo":
+        """A contiguous CPU tensor, used in place (a sync may overwrite it)."""
+        if not is_torch_tensor(tensor):
+            raise TypeError(f"from_torch expects a torch.Tensor, got {type(tensor).__name__}")
+        return cls._from_buffer(tensor, name, allow_content_inequality)
+
+    @classmethod
+    def from_numpy(cls, tensor: Any, name: str, *, allow_content_inequality: bool = False) -> "TensorInfo":
+        """A C-contiguous, writable array, used in place (a sync may overwrite it)."""
+        if not is_numpy_array(tensor):
+            raise TypeError(f"from_numpy expects a numpy.ndarray, got {type(tensor).__name__}")
+        return cls._from_buffer(tensor, name, allow_content_inequality)
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorInfo(name={self.name!r}, numel={self.numel}, dtype={self.dtype.name}, "
+            f"device_type={self.device_type.name}, allow_content_inequality={self.allow_content_inequality})"
+        )
+
+
+class SharedState:
+    """Named tensors plus a revision counter, kept bit-identical across a peer group.
+
+    The revision must advance by exactly one between syncs
+    (``shared_state.revision += 1`` after each optimizer step); a newcomer's
+    first sync adopts the group's revision.
+    """
+
+    def __init__(self, tensor_infos: Iterable[TensorInfo]) -> None:
+        infos = list(tensor_infos)
+        if not infos:
+            raise ValueError("At least one tensor info must be provided")
+        names = set()
+        for info in infos:
+            if not isinstance(info, TensorInfo):
+                raise TypeError(f"expected pccl.TensorInfo entries, got {type(info).__name__}")
+            if info.name in names:
+                raise ValueError(f"duplicate tensor name {info.name!r}")
+            names.add(info.name)
+        self._infos = infos
+        self._revision = 0
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @revision.setter
+    def revision(self, value: int) -> None:
+        self._revision = _int_arg("revision", value, 0, _U64_MAX)
+
+    def push_revision(self) -> None:
+        """``revision += 1``."""
+        self.revision = self._revision + 1
+
+    @property
+    def tensor_infos(self) -> Sequence[TensorInfo]:
+        return tuple(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __repr__(self) -> str:
+        return f"SharedState(revision={self._revision}, tensors={[i.name for i in self._infos]})"
+
+
+# ---------------------------------------------------------------------------
+# Async handle
+# ---------------------------------------------------------------------------
+
+
+class AsyncReduceHandle:
+    """An all-reduce in flight, from :meth:`Communicator.all_reduce_async`.
+
+    The tensors stay referenced until the operation is over, even if the
+    handle is dropped without :meth:`wait`.
+    """
+
+    def __init__(self, native: Any) -> None:
+        self._native = native
+        self._info: Optional[Tuple[bool, Result, ReduceInfo]] = None
+        self._error: Optional[PCCLError] = None
+
+    @property
+    def tag(self) -> int:
+        return int(self._native.tag)
+
+    def is_finished(self) -> bool:
+        """Whether :meth:`wait` would return at once."""
+        return bool(self._native.is_finished())
+
+    def wait(self) -> Tuple[bool, Result, ReduceInfo]:
+        """Blocks (without the GIL) until the operation is over and returns
+        ``(is_success, status, ReduceInfo)``; ``status`` is a :class:`Result`.
+        Later calls return the same tuple. Ctrl-C raises ``KeyboardInterrupt``
+        and leaves the handle waitable."""
+        if self._info is None:
+            ok, code, world, tx, rx, message = self._native.wait()
+            status = Result(code) if code in Result._value2member_map_ else Result.INTERNAL_ERROR
+            if not ok:
+                self._error = PCCLError(status, "pcclAwaitAsyncReduce", message)
+            self._info = (bool(ok), status, ReduceInfo(world, tx, rx))
+        return self._info
+
+    @property
+    def error(self) -> Optional[PCCLError]:
+        """The failure as a :class:`PCCLError` once :meth:`wait` returned unsuccessfully."""
+        return self._error
+
+    def __repr__(self) -> str:
+        state = "done" if self._info is not None else ("finished" if self.is_finished() else "in flight")
+        return f"<AsyncReduceHandle tag={self.tag} {state}>"
+
+
+# ---------------------------------------------------------------------------
+# Communicator
+# ---------------------------------------------------------------------------
+
+
+def _port_defaults() -> Tuple[int, int, int]:
+    base = os.environ.get("PCCL_PEER_PORT_BASE")
+    if base is None or base.strip() == "":
+        return (_pccl.DEFAULT_SHARED_STATE_PORT, _pccl.DEFAULT_P2P_PORT, _pccl.DEFAULT_BENCHMARK_PORT)
+    try:
+        b = int(base)
+    except ValueError:
+        raise ValueError(f"PCCL_PEER_PORT_BASE must be an integer, got {base!r}") from None
+    if b == 0:
+        return (0, 0, 0)
+    if not 1 <= b <= 65533:
+        raise ValueError(f"PCCL_PEER_PORT_BASE must be 0 or in [1, 65533], got {b}")
+    return (b, b + 1, b + 2)
+
+
+class Communicator:
+    """A peer of the swarm.
+
+    ``address`` is the master's ``"ip:port"`` (``"host:port"`` and
+    ``"[v6]:port"`` work too). Peers of the same ``peer_group`` reduce and
+    sync together. ``p2p_connection_pool_size`` is the number of TCP
+    connections per ring neighbour (0 means 1).
+
+    Extensions (keyword-only): ``shared_state_port``, ``p2p_port``,
+    ``benchmark_port`` are the first ports tried for this peer's listeners
+    (0 = any free port; by default 48149/48150/48151, or taken from the
+    ``PCCL_PEER_PORT_BASE`` environment variable: 0 for any free port, N for
+    N, N+1, N+2); ``advertised_ip`` is the address other peers should dial
+    (behind NAT).
+
+    Every blocking method releases the GIL; Ctrl-C raises
+    ``KeyboardInterrupt`` within a fraction of a second and closes the
+    communicator (it leaves the swarm once the interrupted call is over).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        peer_group: int = 0,
+        p2p_connection_pool_size: int = 0,
+        *,
+        shared_state_port: Optional[int] = None,
+        p2p_port: Optional[int] = None,
+        benchmark_port: Optional[int] = None,
+        advertised_ip: Optional[str] = None,
+    ) -> None:
+        if not isinstance(address, str) or ":" not in address:
+            raise ValueError(f"Invalid address: {address!r}, expected format: ip:port")
+        ss, p2p, bench = _port_defaults()
+        self._native = _pccl.NativeCommunicator(
+            address,
+            _int_arg("peer_group", peer_group, 0, 0xFFFFFFFF),
+            _int_arg("p2p_connection_pool_size", p2p_connection_pool_size, 0, 0xFFFFFFFF),
+            _int_arg("shared_state_port", ss if shared_state_port is None else shared_state_port, 0, 65535),
+            _int_arg("p2p_port", p2p if p2p_port is None else p2p_port, 0, 65535),
+            _int_arg("benchmark_port", bench if benchmark_port is None else benchmark_port, 0, 65535),
+            advertised_ip,
+        )
+        self.address = address
+        self.peer_group = peer_group
+
+    # -- membership -----------------------------------------------------------
+
+    def connect(self, n_attempts: int = 5) -> None:
+        """Registers with the master and blocks until the accepted peers admit
+        this one (at once for the first peer; otherwise when all of them call
+        :meth:`update_topology`). Retries up to ``n_attempts`` times, one
+        second apart, and raises the last :class:`PCCLError` if all fail."""
+        n_attempts = _int_arg("n_attempts", n_attempts, 1, 1 << 31)
+        last: Optional[PCCLError] = None
+        for attempt in range(1, n_attempts + 1):
+            try:
+                self._native.connect()
+                _log.info("connected to the master at %s", self.address)
+                return
+            except PCCLError as e:
+                if e.result == Result.INVALID_USAGE:
+                    raise
+                last = e
+                _log.warning("failed to connect to the master (attempt %d/%d): %s", attempt, n_attempts, e)
+                if attempt < n_attempts:
+                    time.sleep(1)
+        assert last is not None
+        raise last
+
+    def update_topology(self) -> None:
+        """Admits pending peers (collective: every accepted peer calls it) and
+        returns when the ring connections are up."""
+        self._native.update_topology()
+
+    def are_peers_pending(self) -> bool:
+        """Whether peers wait to be admitted (collective; all get the same answer).
+        The usual loop: ``if comm.are_peers_pending(): comm.update_topology()``."""
+        return bool(self._native.are_peers_pending())
+
+    def optimize_topology(self) -> None:
+        """Collective call that may reorder the ring for bandwidth."""
+        self._native.optimize_topology()
+
+    def get_attribute(self, attribute: Attribute) -> int:
+        """One of the :class:`Attribute` values, as of the latest master update."""
+        return int(self._native.get_attribute(int(_enum_arg(Attribute, "attribute", attribute))))
+
+    @property
+    def peer_id(self) -> Optional[str]:
+        """This peer's id as assigned by the master (hex), ``None`` before :meth:`connect`."""
+        return self._native.peer_id
+
+    # -- shared state ---------------------------------------------------------
+
+    def sync_shared_state(
+        self,
+        shared_state: SharedState,
+        strategy: SharedStateSyncStrategy = SharedStateSyncStrategy.ENFORCE_POPULAR,
+    ) -> SharedStateSyncInfo:
+        """Synchronizes ``shared_state`` with the group (collective). Tensors
+        that differ from the popular content are overwritten in place, and
+        ``shared_state.revision`` becomes the group's."""
+        if not isinstance(shared_state, SharedState):
+            raise TypeError("shared_state must be a pccl.SharedState")
+        strategy = _enum_arg(SharedStateSyncStrategy, "strategy", strategy)
+        infos = shared_state._infos
+        tensors = [
+            (i.name, i.data_ptr, i.numel, int(i.dtype), int(i.device_type), i.allow_content_inequality)
+            for i in infos
+        ]
+        keep = tuple(i._owner for i in infos)
+        revision, tx, rx = self._native.sync_shared_state(tensors, shared_state.revision, int(strategy), keep)
+        shared_state._revision = int(revision)
+        return SharedStateSyncInfo(tx, rx)
+
+    # -- all-reduce -----------------------------------------------------------
+
+    def _prepare(
+        self,
+        send: Any,
+        recv: Any,
+        op: ReduceOp,
+        tag: int,
+        operand_descriptor: Optional[ReduceOperandDescriptor],
+        quantization_options: Optional[QuantizationOptions],
+    ) -> Tuple[int, int, Tuple[int, int, int, int, int, int, int], Tuple[Any, Any]]:
+        op = _enum_arg(ReduceOp, "op", op)
+        tag = _int_arg("tag", tag, 0, _U64_MAX)
+        s, r = _pair(send, recv)
+        desc = _native_desc(s.count, s.dtype, op, tag, operand_descriptor, quantization_options)
+        return s.ptr, r.ptr, desc, (s.obj, r.obj)
+
+    def all_reduce(
+        self,
+        send: Any,
+        recv: Any,
+        *,
+        op: ReduceOp,
+        tag: int = 0,
+        operand_descriptor: Optional[ReduceOperandDescriptor] = None,
+        quantization_options: Optional[QuantizationOptions] = None,
+    ) -> ReduceInfo:
+        """All-reduces ``send`` into ``recv`` (pass the same object for in
+        place) across the group; NumPy arrays and PyTorch CPU tensors, used
+        without copies. Raises :class:`PCCLError` on failure (an in-place
+        buffer is then restored)."""
+        sp, rp, desc, keep = self._prepare(send, recv, op, tag, operand_descriptor, quantization_options)
+        world, tx, rx = self._native.all_reduce(sp, rp, desc, keep)
+        return ReduceInfo(world, tx, rx)
+
+    def all_reduce_async(
+        self,
+        send: Any,
+        recv: Any,
+        *,
+        op: ReduceOp,
+        tag: int = 0,
+        operand_descriptor: Optional[ReduceOperandDescriptor] = None,
+        quantization_options: Optional[QuantizationOptions] = None,
+        numel: Optional[int] = None,
+    ) -> AsyncReduceHandle:
+        """Starts an all-reduce and returns at once. Several may be in flight
+        with distinct tags; do not touch the buffers until the handle's
+        :meth:`~AsyncReduceHandle.wait` returned. (``numel`` is accepted for
+        early PCCL 1.0 code and must equal the element count.)"""
+        sp, rp, desc, keep = self._prepare(send, recv, op, tag, operand_descriptor, quantization_options)
+        if numel is not None and numel != desc[0]:
+            raise ValueError(f"numel={numel} does not match the buffers' {desc[0]} elements")
+        return AsyncReduceHandle(self._native.all_reduce_async(sp, rp, desc, keep))
+
+    def all_reduce_multiple_with_retry(
+        self, descriptors: Sequence[ReduceOpDescriptor], *, max_in_flight: int = 4
+    ) -> ReduceInfo:
+        """Runs many all-reduces, at most ``max_in_flight`` at once, retrying
+        those that fail because a peer left, until all succeed or fewer than
+        two peers remain (``Result.TOO_FEW_PEERS``). Tags must be distinct.
+        Returns the summed traffic and the world size of the last attempt."""
+        max_in_flight = _int_arg("max_in_flight", max_in_flight, 1, 1 << 31)
+        ops = []
+        keep = []
+        for d in descriptors:
+            if not isinstance(d, ReduceOpDescriptor):
+                raise TypeError(f"expected pccl.ReduceOpDescriptor entries, got {type(d).__name__}")
+            ops.append(d._native())
+            keep.extend(d._keep)
+        world, tx, rx = self._native.all_reduce_multiple_with_retry(ops, max_in_flight, tuple(keep))
+        return ReduceInfo(world, tx, rx)
+
+    # -- lifetime -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leaves the swarm gracefully; the other peers go on without this one.
+        Later calls raise :class:`PCCLError` (``INVALID_USAGE``)."""
+        self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._native.closed)
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else (f"peer {self.peer_id}" if self.peer_id else "not connected")
+        return f"<pccl.Communicator master={self.address} group={self.peer_group} {state}>"
+
+
+# ---------------------------------------------------------------------------
+# Master
+# ---------------------------------------------------------------------------
+
+
+class MasterNode:
+    """An embedded master (coordinator).
+
+    ``listen_address`` is ``"ip:port"``; port 0 picks a free port (read it
+    back from :attr:`port` / :attr:`listen_address`). The socket is bound at
+    construction, so a taken port fails here. ``peer_timeout_ms``
+    (extension) evicts a peer silent for that long.
+    """
+
+    def __init__(self, listen_address: str = "0.0.0.0:48148", *, peer_timeout_ms: Optional[int] = None) -> None:
+        if not isinstance(listen_address, str) or ":" not in listen_address:
+            raise ValueError(f"Invalid listen address: {listen_address!r}, expected format: ip:port")
+        if peer_timeout_ms is not None:
+            peer_timeout_ms = _int_arg("peer_timeout_ms", peer_timeout_ms, 1, 1 << 40)
+        self._native = _pccl.NativeMaster(listen_address, peer_timeout_ms)
+
+    def run(self) -> None:
+        """Starts serving in the background; returns at once."""
+        self._native.run()
+
+    def interrupt(self) -> None:
+        """Asks the master to stop; returns at once."""
+        self._native.interrupt()
+
+    def await_termination(self) -> None:
+        """Blocks until :meth:`interrupt` was called and the master stopped
+        (the GIL is released; Ctrl-C raises ``KeyboardInterrupt``)."""
+        self._native.await_termination()
+
+    def close(self) -> None:
+        """Stops the master if running and frees the port."""
+        self._native.close()
+
+    @property
+    def listen_address(self) -> str:
+        """The address actually bound, ``"ip:port"``."""
+        return str(self._native.local_addr)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound."""
+        return int(self._native.port)
+
+    def __enter__(self) -> "MasterNode":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<pccl.MasterNode {self.listen_address}{' closed' if self._native.closed else ''}>"
