@@ -1,3 +1,4 @@
 //! Shared helpers of the stress and benchmark binaries.
 
 pub mod bench;
+pub mod swarm;

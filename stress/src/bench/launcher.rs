@@ -192,26 +192,52 @@ pub fn run(args: &Args) -> Result<bool> {
             .unwrap_or_else(|| args.pool_size.clone());
         conns.sort_unstable();
         conns.dedup();
-        for c in conns {
-            let fig = probe::run_ring_probe(args, n, c.max(1))?;
+        for span in args.probe_spans()? {
+            for &c in &conns {
+                let fig = probe::run_ring_probe(args, n, c.max(1), span, None)?;
+                println!(
+                    "# ring probe: {} processes, {} conn(s)/link, {} MiB/round through a {} buffer: per-link {:.3} GB/s median, {:.3} best, CPU {:.2} ns per byte sent (rounds: {})",
+                    fig.procs,
+                    fig.conns,
+                    args.probe_mib,
+                    human_bytes(fig.span),
+                    fig.median(),
+                    fig.best(),
+                    fig.cpu_ns_per_byte(),
+                    fig.rounds
+                        .iter()
+                        .map(|r| format!("{r:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                probes.push(fig);
+            }
+        }
+    }
+    if args.reference {
+        let bytes = sizes.iter().copied().max().unwrap_or(0) / 4 * 4;
+        for no_copy in [false, true] {
+            let mut a = args.clone();
+            a.reference_no_copy = no_copy;
+            let fig = probe::run_ring_probe(&a, n, 1, bytes, Some(bytes))?;
             println!(
-                "# ring probe: {} processes, {} conn(s)/link, {} MiB/round: per-link {:.3} GB/s median, {:.3} best (rounds: {})",
-                fig.procs,
-                fig.conns,
-                args.probe_mib,
+                "# reference ring all-reduce{} (no library; blocking threads, 1 conn/link, chunk {}, f32 sum of {}): busbw {:.3} GB/s median, {:.3} best, CPU {:.2} ns per byte sent (rounds: {})",
+                if no_copy { ", no up-front copy" } else { "" },
+                human_bytes(args.chunk_bytes.unwrap_or(512 << 10)),
+                human_bytes(bytes),
                 fig.median(),
                 fig.best(),
+                fig.cpu_ns_per_byte(),
                 fig.rounds
                     .iter()
                     .map(|r| format!("{r:.3}"))
                     .collect::<Vec<_>>()
                     .join(" ")
             );
-            probes.push(fig);
         }
     }
     if args.probe {
-        println!("{}", report::final_summary(&[], &probes, &[]));
+        println!("{}", report::final_summary(n, &[], &probes, &[]));
         return Ok(true);
     }
 
@@ -252,7 +278,10 @@ pub fn run(args: &Args) -> Result<bool> {
             break;
         }
     }
-    println!("{}", report::final_summary(&all_rows, &probes, &failures));
+    println!(
+        "{}",
+        report::final_summary(n, &all_rows, &probes, &failures)
+    );
     let errors: u64 = all_rows.iter().map(Row::errors).sum();
     Ok(failures.is_empty() && errors == 0)
 }
@@ -476,6 +505,7 @@ fn combine(reports: &[Msg], pool: u32, dtype: &str, op: &str, quant: bool) -> Re
     let mut checked = u32::MAX;
     let mut max_err: f64 = 0.0;
     let mut parity_errors = 0;
+    let mut cpu = 0.0;
     let hash0 = first.get("hash")?.to_string();
     for m in reports {
         let t = m.floats("times")?;
@@ -493,6 +523,7 @@ fn combine(reports: &[Msg], pool: u32, dtype: &str, op: &str, quant: bool) -> Re
         if e.is_nan() || e > max_err {
             max_err = e;
         }
+        cpu += m.num::<f64>("cpu")?;
         if m.get("hash")? != hash0 {
             parity_errors += 1;
         }
@@ -513,5 +544,6 @@ fn combine(reports: &[Msg], pool: u32, dtype: &str, op: &str, quant: bool) -> Re
         checked,
         max_err: quant.then_some(max_err),
         parity_errors,
+        cpu_us: cpu / n as f64,
     })
 }

@@ -185,8 +185,9 @@ pub struct Args {
     /// Skip the ring-bandwidth probe.
     #[arg(long)]
     pub no_probe: bool,
-    /// Run only the ring-bandwidth probe.
-    #[arg(long, conflicts_with = "no_probe")]
+    /// Run only the probes (ring bandwidth, and `--reference` if given), no
+    /// library peers.
+    #[arg(long)]
     pub probe: bool,
     /// MiB each probe process sends to its right neighbour per round.
     #[arg(long, default_value_t = 1024)]
@@ -200,6 +201,19 @@ pub struct Args {
     /// Size of each probe write/read.
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     pub probe_buf: u64,
+    /// Sizes of the buffer each probe connection sends from / receives
+    /// into, walked in `--probe-buf` steps; one probe per value. `512K`
+    /// stays in the CPU cache: the raw TCP figure (the reference of the
+    /// summary's ratio). `max` is the sweep's largest size: the probe then
+    /// streams tensors from and to memory as the all-reduce must.
+    #[arg(long, value_delimiter = ',', default_value = "512K,max")]
+    pub probe_span: Vec<String>,
+    /// Also run a reference ring all-reduce without the library (blocking
+    /// threads, one connection per link, same sub-chunk size and reduce
+    /// kernel) on `--probe-mib` MiB of f32: the best this machine does with
+    /// the same algorithm.
+    #[arg(long)]
+    pub reference: bool,
     /// Do not re-synchronize peers (untimed 4-byte all-reduce) after a verified iteration.
     #[arg(long)]
     pub no_barrier: bool,
@@ -224,6 +238,14 @@ pub struct Args {
     /// Internal: connections per link of one probe process.
     #[arg(long, hide = true, default_value_t = 1)]
     pub probe_conns_one: u32,
+    /// Internal: the reference all-reduce skips the up-front copy of the
+    /// input into the result (sends its own segment from the input and
+    /// copies each received chunk's input part in just before reducing).
+    #[arg(long, hide = true)]
+    pub reference_no_copy: bool,
+    /// Internal: this probe process runs the reference all-reduce as rank R of N (`R/N`).
+    #[arg(long, hide = true)]
+    pub reference_rank: Option<String>,
 }
 
 impl Args {
@@ -266,6 +288,27 @@ impl Args {
         Ok(v)
     }
 
+    /// `--probe-span` in bytes (`max`: the largest size), at least `--probe-buf`, deduplicated.
+    pub fn probe_spans(&self) -> Result<Vec<u64>> {
+        let max = self.size_list()?.into_iter().max().unwrap_or(0);
+        let mut v = Vec::new();
+        for s in &self.probe_span {
+            let b = if s.trim().eq_ignore_ascii_case("max") {
+                max
+            } else {
+                parse_size(s)?
+            }
+            .max(self.probe_buf);
+            if !v.contains(&b) {
+                v.push(b);
+            }
+        }
+        if v.is_empty() {
+            return Err("--probe-span is empty".into());
+        }
+        Ok(v)
+    }
+
     /// Checks option combinations common to all roles.
     pub fn validate(&self) -> Result<()> {
         if self.peers < 1 {
@@ -281,6 +324,7 @@ impl Args {
             pccl_core::quant::validate(self.dtype, self.quant_dtype, q.algorithm(), self.op)
                 .context("invalid quantization options")?;
         }
+        self.probe_spans()?;
         if self.probe_rounds == 0 || self.probe_mib == 0 || self.probe_buf == 0 {
             return Err("--probe-rounds, --probe-mib and --probe-buf must be positive".into());
         }
@@ -359,6 +403,20 @@ pub fn op_name(op: ReduceOp) -> &'static str {
         ReduceOp::Max => "max",
         ReduceOp::Min => "min",
     }
+}
+
+/// CPU time (user + system, all threads) this process has used, in µs;
+/// NaN when the kernel does not say.
+pub fn process_cpu_us() -> f64 {
+    // SAFETY: `getrusage` only writes the struct we pass, which is plain data
+    // valid when zeroed.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a `rusage` we own.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// `1.5 MiB`-style rendering of a byte count.

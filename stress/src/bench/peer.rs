@@ -20,7 +20,7 @@ use pccl_core::{
 
 use super::data::{check, Workload};
 use super::report::{self, median, Row};
-use super::{op_name, proto, Args, Context, Result};
+use super::{op_name, process_cpu_us, proto, Args, Context, Result};
 
 /// Tags: the timed ops use `0..conc`; these are for the helpers.
 const BARRIER_TAG: u64 = 1 << 40;
@@ -170,6 +170,7 @@ fn run_inner(args: &Args) -> Result<()> {
                         ("checked", r.checked.to_string()),
                         ("maxerr", format!("{:e}", r.max_err)),
                         ("hash", format!("{:016x}", r.hash)),
+                        ("cpu", format!("{:.1}", r.cpu_us)),
                         (
                             "times",
                             r.times_us
@@ -196,6 +197,7 @@ fn run_inner(args: &Args) -> Result<()> {
                     checked: r.checked,
                     max_err: quant.map(|_| r.max_err),
                     parity_errors: 0,
+                    cpu_us: r.cpu_us,
                 };
                 println!("{}", report::format_row(&row, quant.is_some()));
                 rows.push(row);
@@ -205,7 +207,7 @@ fn run_inner(args: &Args) -> Result<()> {
     if args.machine {
         proto::emit("done", &[]);
     } else {
-        println!("{}", report::final_summary(&rows, &[], &[]));
+        println!("{}", report::final_summary(world, &rows, &[], &[]));
     }
     comm.close();
     let errors: u64 = rows.iter().map(Row::errors).sum();
@@ -338,6 +340,8 @@ struct SizeResult {
     checked: u32,
     max_err: f64,
     hash: u64,
+    /// CPU time of this process per timed iteration, µs.
+    cpu_us: f64,
 }
 
 fn run_size(
@@ -384,6 +388,7 @@ fn run_size(
         checked: 0,
         max_err: 0.0,
         hash: 0,
+        cpu_us: 0.0,
     };
     let mut need_sync = true;
     for j in 0..total {
@@ -400,11 +405,14 @@ fn run_size(
             barrier(comm, world)?;
         }
         need_sync = false;
+        let cpu0 = process_cpu_us();
         let t = Instant::now();
         let infos = all_reduce_batch(comm, &sends, &mut recvs, desc)
             .with_context(|| format!("all-reduce of {bytes} B (iteration {j})"))?;
         let us = t.elapsed().as_secs_f64() * 1e6;
+        let cpu = process_cpu_us() - cpu0;
         if timed {
+            res.cpu_us += cpu / args.iters.max(1) as f64;
             if res.times_us.is_empty() {
                 res.tx = infos.iter().map(|i| i.tx_bytes).sum();
                 res.rx = infos.iter().map(|i| i.rx_bytes).sum();

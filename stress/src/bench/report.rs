@@ -42,6 +42,8 @@ pub struct Row {
     pub max_err: Option<f64>,
     /// Peers whose result hash differed from the first peer's (bit-parity).
     pub parity_errors: u32,
+    /// CPU time (all threads) of one peer process per iteration, µs (mean over peers).
+    pub cpu_us: f64,
 }
 
 impl Row {
@@ -66,6 +68,15 @@ impl Row {
     }
     pub fn errors(&self) -> u64 {
         self.wrong + self.parity_errors as u64
+    }
+    /// Bytes one peer sends per iteration by the algorithm, `conc · 2(N−1)/N · bytes`.
+    pub fn algo_bytes_sent(&self) -> f64 {
+        let w = self.world.max(1) as f64;
+        self.conc as f64 * self.bytes as f64 * 2.0 * (w - 1.0) / w
+    }
+    /// CPU nanoseconds a peer spends per byte it sends (load-independent cost).
+    pub fn cpu_ns_per_byte(&self) -> f64 {
+        self.cpu_us * 1e3 / self.algo_bytes_sent()
     }
 }
 
@@ -115,7 +126,7 @@ pub fn header(quant: bool) -> String {
 /// One table line.
 pub fn format_row(r: &Row, quant: bool) -> String {
     let mut s = format!(
-        "  {:>12} {:>11} {:>7} {:>5} {:>4} {:>4} {:>12.1} {:>12.1} {:>8.3} {:>8.3} {:>12} {:>12} {:>7}",
+        "  {:>12} {:>11} {:>7} {:>5} {:>4} {:>4} {:>12.1} {:>12.1} {:>8.3} {:>8.3} {:>12} {:>12} {:>7} {:>10.0}",
         r.bytes,
         r.count,
         r.dtype,
@@ -128,7 +139,8 @@ pub fn format_row(r: &Row, quant: bool) -> String {
         r.busbw(),
         r.tx,
         r.rx,
-        r.errors()
+        r.errors(),
+        r.cpu_us
     );
     if quant {
         let e = r
@@ -145,13 +157,14 @@ pub fn config_summary(rows: &[Row]) -> Option<String> {
     let avg = rows.iter().map(Row::busbw).sum::<f64>() / rows.len() as f64;
     let last = rows.iter().max_by_key(|r| r.bytes)?;
     Some(format!(
-        "# [N={} pool {} conc {}] avg busbw {:.3} GB/s, busbw at {} {:.3} GB/s, errors {}",
+        "# [N={} pool {} conc {}] avg busbw {:.3} GB/s, busbw at {} {:.3} GB/s (CPU {:.2} ns per byte sent), errors {}",
         first.world,
         first.pool,
         first.conc,
         avg,
         human_bytes(last.bytes),
         last.busbw(),
+        last.cpu_ns_per_byte(),
         rows.iter().map(Row::errors).sum::<u64>()
     ))
 }
@@ -161,8 +174,12 @@ pub fn config_summary(rows: &[Row]) -> Option<String> {
 pub struct ProbeFigure {
     pub procs: u32,
     pub conns: u32,
+    /// Bytes of the buffer each connection walks through.
+    pub span: u64,
     /// Per-link GB/s of each round.
     pub rounds: Vec<f64>,
+    /// CPU nanoseconds per byte sent (mean over processes) of each round.
+    pub cpu_ns_per_byte: Vec<f64>,
 }
 
 impl ProbeFigure {
@@ -172,13 +189,21 @@ impl ProbeFigure {
     pub fn best(&self) -> f64 {
         self.rounds.iter().copied().fold(f64::NAN, f64::max)
     }
+    pub fn cpu_ns_per_byte(&self) -> f64 {
+        median(&self.cpu_ns_per_byte)
+    }
 }
 
 /// The last line: averages, the largest size against the probe, the
 /// smallest size's latency, and the verification outcome.
-pub fn final_summary(rows: &[Row], probes: &[ProbeFigure], failures: &[String]) -> String {
+pub fn final_summary(
+    world: u32,
+    rows: &[Row],
+    probes: &[ProbeFigure],
+    failures: &[String],
+) -> String {
     let mut parts = Vec::new();
-    let world = rows.first().map(|r| r.world).unwrap_or(0);
+    let world = rows.first().map_or(world, |r| r.world);
     parts.push(format!("N={world}"));
     if !rows.is_empty() {
         let avg = rows.iter().map(Row::busbw).sum::<f64>() / rows.len() as f64;
@@ -204,12 +229,29 @@ pub fn final_summary(rows: &[Row], probes: &[ProbeFigure], failures: &[String]) 
                 .or(probes.first());
             if let Some(p) = probe {
                 parts.push(format!(
-                    "probe per-link {:.3} GB/s ({} conn{})",
+                    "probe per-link {:.3} GB/s ({} conn{}, {} buffer)",
                     p.median(),
                     p.conns,
-                    if p.conns == 1 { "" } else { "s" }
+                    if p.conns == 1 { "" } else { "s" },
+                    human_bytes(p.span)
                 ));
                 parts.push(format!("ratio {:.2}", best.busbw() / p.median()));
+                if let Some(m) = probes
+                    .iter()
+                    .find(|m| m.conns == p.conns && m.span != p.span && m.span >= max_bytes)
+                {
+                    parts.push(format!(
+                        "probe through a {} buffer {:.3} GB/s, ratio {:.2}",
+                        human_bytes(m.span),
+                        m.median(),
+                        best.busbw() / m.median()
+                    ));
+                }
+                parts.push(format!(
+                    "CPU per byte sent {:.2} ns vs probe {:.2} ns",
+                    best.cpu_ns_per_byte(),
+                    p.cpu_ns_per_byte()
+                ));
             }
         }
     } else if let Some(p) = probes.first() {
@@ -263,6 +305,7 @@ mod tests {
             checked: 3,
             max_err: None,
             parity_errors: 0,
+            cpu_us: 0.0,
         }
     }
 
@@ -281,9 +324,11 @@ mod tests {
         let p = ProbeFigure {
             procs: 2,
             conns: 1,
+            span: 512 << 10,
             rounds: vec![2.0, 2.0],
+            cpu_ns_per_byte: vec![1.0],
         };
-        let s = final_summary(&rows, &[p], &[]);
+        let s = final_summary(2, &rows, &[p], &[]);
         assert!(s.contains("ratio"), "{s}");
         assert!(s.contains("all 2 results verified"), "{s}");
         assert!(s.contains("4 B median 100.0 us"), "{s}");

@@ -95,7 +95,7 @@ fn report(name: &str, gbps: f64) {
 fn main() {
     let args = Args::parse();
     let len = args.mib.max(1) << 20;
-    let wanted = |name: &str| args.filter.as_deref().map_or(true, |f| name.contains(f));
+    let wanted = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));
     println!(
         "kernel-bench: {} MiB source per call, >= {} s per benchmark, 1 thread; GB/s of source bytes",
         args.mib.max(1),

@@ -1,0 +1,598 @@
+//! The canonical fault-tolerant loop of one peer, as `pccl-worker` and the
+//! swarm demo's peers run it:
+//!
+//! 1. connect to the master (retrying while it is unreachable, up to
+//!    `--connect-timeout-s`); the call returns once the accepted peers admit us;
+//! 2. each step: `are_peers_pending` → `update_topology` when someone waits
+//!    (skipped on the first pass after admission: the peers that admitted us
+//!    are just returning from `update_topology`, so our next collective must
+//!    be theirs, not `are_peers_pending`); with fewer than two peers (or,
+//!    before the first step, fewer than `--min-world`) sleep briefly and loop;
+//! 3. `sync_shared_state` with revision `last + 1` (a peer's first sync is
+//!    *receive only*, so a newcomer adopts the group's state and revision
+//!    instead of out-voting a lone survivor; when nobody holds state yet,
+//!    e.g. the founding peers, it falls back to *enforce popular*);
+//! 4. all-reduce (sum, in place) of a gradient-like buffer that is a
+//!    deterministic function of the step, retried after
+//!    `RankConnectionLost`/`RankConnectionFailed`; the result must equal
+//!    `world × contribution` exactly, which the worker checks itself;
+//! 5. a deterministic state update from the reduced buffer
+//!    (`w[k] += sum[k mod n] / world · 1e-3`), identical on every peer.
+//!
+//! One [`lines`](super::lines) record per event goes to stdout, flushed at
+//! once. Recovery rules:
+//!
+//! - all-reduce failed with a lost rank: every survivor gets the same error
+//!   from the master, restores its buffer and retries with the survivors
+//!   (`RETRY` line with the time the failed attempt took); `TooFewPeers` skips
+//!   the step's update (`SKIP`);
+//! - the master connection is gone (e.g. this peer was frozen and evicted),
+//!   or this peer's own sync failed (a receiver whose sources all died: the
+//!   other peers' syncs succeeded and they moved on to the all-reduce, so
+//!   retrying the sync would leave this peer in a different collective than
+//!   theirs): drop the communicator and join again as a newcomer (`REJOIN`);
+//! - update topology failed on every peer alike: log `ERR` and loop;
+//! - anything else is unrecoverable: `FATAL` and a non-zero exit.
+//!
+//! With `--graceful-signals`, SIGTERM/SIGINT set a flag checked between
+//! steps: the worker closes its communicator (a graceful leave the others
+//! do not notice as an error), prints `BYE` and exits 0.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pccl_core::{
+    Communicator, CommunicatorConfig, DataType, Error as PcclError, ReduceDescriptor, ReduceOp,
+    SharedState, SharedTensor, SyncStrategy,
+};
+
+use super::lines::{Record, RetryRec, StepRec};
+use super::{Error, Result};
+
+/// Options of one worker (flattened into `pccl-worker` and the demo's peer role).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Address of the master, e.g. 127.0.0.1:48148.
+    #[arg(long)]
+    pub master: SocketAddr,
+    /// Peer group to join.
+    #[arg(long, default_value_t = 0)]
+    pub group: u32,
+    /// Connections per ring neighbour (also the parallelism of shared-state fetches).
+    #[arg(long, default_value_t = 1)]
+    pub pool: u32,
+    /// f32 elements all-reduced per step.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub elems: usize,
+    /// Size of the shared state in MiB (a large tensor plus a small one).
+    #[arg(long, default_value_t = 4.0)]
+    pub state_mib: f64,
+    /// Steps to run before exiting 0 (0 = forever).
+    #[arg(long, default_value_t = 0)]
+    pub steps: u64,
+    /// Do not take the first step before the group holds this many peers.
+    #[arg(long, default_value_t = 2)]
+    pub min_world: u32,
+    /// Pause after each step (emulates compute).
+    #[arg(long, default_value_t = 0)]
+    pub step_sleep_ms: u64,
+    /// Log filter for pccl-core's logs on stderr (e.g. `info`); default: `PCCL_LOG` or `warn`.
+    #[arg(long)]
+    pub log: Option<String>,
+    /// Local address the peer's listeners bind to.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub bind_ip: IpAddr,
+    /// Give up connecting after this long while the master is unreachable.
+    #[arg(long, default_value_t = 30)]
+    pub connect_timeout_s: u64,
+    /// SIGTERM/SIGINT: close the communicator between steps and exit 0.
+    #[arg(long)]
+    pub graceful_signals: bool,
+    /// Exit (code 3) when stdin reaches EOF, so a peer never outlives the
+    /// harness that spawned it with a piped stdin.
+    #[arg(long)]
+    pub exit_on_stdin_eof: bool,
+    /// After losing the master connection or a failed own sync, join again
+    /// as a newcomer instead of exiting non-zero.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub rejoin: bool,
+    /// Failed attempts of one all-reduce before the worker rejoins.
+    #[arg(long, default_value_t = 20)]
+    pub max_retries: u32,
+    /// Also print a `BEGIN` line right before each collective call
+    /// (are_peers_pending, update_topology, sync, each all-reduce attempt):
+    /// lets a test aim a kill at a running operation, and shows where a
+    /// stuck peer waits.
+    #[arg(long)]
+    pub trace: bool,
+    /// After a failed all-reduce, check that the in-place buffer was
+    /// restored (costs a pass over the buffer before the retry).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub check_restore: bool,
+}
+
+/// Elements of the small second tensor of the shared state.
+const SMALL_ELEMS: usize = 4096;
+/// Rejoins before the worker gives up.
+const MAX_REJOINS: u32 = 50;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_sig: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Routes SIGTERM and SIGINT to a flag ([`stop_requested`]) that the loop
+/// checks between steps (harnesses use it too, to wind down on Ctrl-C).
+pub fn install_stop_signals() -> Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; the sigaction struct is fully initialized.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(Error(format!(
+                "cannot install a handler for signal {sig}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a graceful stop was requested (SIGTERM/SIGINT with `--graceful-signals`).
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+fn exit_when_stdin_closes() {
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        loop {
+            match stdin.read(&mut sink) {
+                Ok(0) | Err(_) => {
+                    eprintln!("pccl-worker: stdin closed (harness gone); exiting");
+                    std::process::exit(3);
+                }
+                Ok(_) => {}
+            }
+        }
+    });
+}
+
+/// Prints one record per line on stdout and flushes it. A closed stdout
+/// means the harness is gone: exit.
+fn emit(r: &Record) {
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{r}").and_then(|_| out.flush()).is_err() {
+        std::process::exit(3);
+    }
+}
+
+/// The variant name of a pccl error, as printed in `err=` fields.
+pub fn err_name(e: &PcclError) -> &'static str {
+    match e {
+        PcclError::NotInitialized(_) => "NotInitialized",
+        PcclError::Internal(_) => "Internal",
+        PcclError::InvalidArgument(_) => "InvalidArgument",
+        PcclError::InvalidUsage(_) => "InvalidUsage",
+        PcclError::TooFewPeers(_) => "TooFewPeers",
+        PcclError::MasterConnectionFailed(_) => "MasterConnectionFailed",
+        PcclError::RankConnectionFailed(_) => "RankConnectionFailed",
+        PcclError::RankConnectionLost(_) => "RankConnectionLost",
+        PcclError::NoSharedStateAvailable(_) => "NoSharedStateAvailable",
+        PcclError::PendingAsyncOps(_) => "PendingAsyncOps",
+        PcclError::UpdateTopologyFailed(_) => "UpdateTopologyFailed",
+        PcclError::TopologyOptimizationFailed(_) => "TopologyOptimizationFailed",
+    }
+}
+
+/// The gradient every peer contributes at `step`: small integers, so the
+/// sum over any number of peers is exact in f32.
+pub fn grad_value(step: u64, k: usize) -> f32 {
+    (step.wrapping_mul(31).wrapping_add(k as u64) % 7) as f32
+}
+
+/// The initial content of the large shared tensor (same on every peer).
+pub fn initial_weight(k: usize) -> f32 {
+    ((k as u32).wrapping_mul(2_654_435_761) >> 20) as f32 * 1e-3
+}
+
+/// Elements of the large shared tensor for a state of `mib` MiB.
+pub fn state_elems(mib: f64) -> usize {
+    let bytes = (mib.max(0.0) * (1 << 20) as f64) as usize;
+    (bytes / 4).saturating_sub(SMALL_ELEMS).max(1)
+}
+
+/// What one pass of the loop did.
+enum Outcome {
+    /// Too few peers: nothing happened.
+    Waited,
+    Stepped,
+    /// The sync succeeded but the all-reduce had too few peers.
+    Skipped,
+}
+
+/// A failed call of the loop.
+struct Failure {
+    op: &'static str,
+    err: PcclError,
+}
+
+fn at(op: &'static str) -> impl FnOnce(PcclError) -> Failure {
+    move |err| Failure { op, err }
+}
+
+/// State of the peer that survives rejoins.
+struct Peer {
+    w: Vec<f32>,
+    small: Vec<f32>,
+    grad: Vec<f32>,
+    /// Revision of the last successful sync of this session (`None`: the
+    /// next sync is this session's first).
+    synced: Option<u64>,
+    /// Whether this process took a step already (`--min-world` gates only the first).
+    started: bool,
+    /// Set right after admission: the accepted peers that admitted us are
+    /// returning from `update_topology` and go on to the world check, so our
+    /// first pass must not start with `are_peers_pending` (a collective they
+    /// would not join until their next pass).
+    just_admitted: bool,
+    local_steps: u64,
+}
+
+/// Runs the worker until `--steps` are done (Ok), a graceful stop (Ok) or
+/// an unrecoverable error (Err, after a `FATAL` line).
+pub fn run(args: &WorkerArgs) -> Result<()> {
+    pccl_core::logging::init(args.log.as_deref());
+    if args.exit_on_stdin_eof {
+        exit_when_stdin_closes();
+    }
+    if args.graceful_signals {
+        install_stop_signals()?;
+    }
+    let r = run_inner(args);
+    if let Err(e) = &r {
+        emit(&Record::Fatal { msg: e.0.clone() });
+    }
+    r
+}
+
+fn run_inner(args: &WorkerArgs) -> Result<()> {
+    if args.elems == 0 {
+        return Err("--elems must be positive".into());
+    }
+    emit(&Record::Hello {
+        pid: std::process::id(),
+    });
+    let n = state_elems(args.state_mib);
+    let mut peer = Peer {
+        w: (0..n).map(initial_weight).collect(),
+        small: vec![0.0; SMALL_ELEMS],
+        grad: vec![0.0; args.elems],
+        synced: None,
+        started: false,
+        just_admitted: false,
+        local_steps: 0,
+    };
+    let mut session = 0u32;
+    loop {
+        session += 1;
+        if session > MAX_REJOINS {
+            return Err(Error(format!("gave up after {MAX_REJOINS} rejoins")));
+        }
+        let t0 = Instant::now();
+        let comm = connect(args)?;
+        let world = comm.world().map(|w| w.group_world).unwrap_or(0);
+        emit(&Record::Joined {
+            peer: comm.peer_id().to_string(),
+            session,
+            world,
+            connect_ms: t0.elapsed().as_millis() as u64,
+        });
+        peer.synced = None;
+        peer.just_admitted = true;
+        loop {
+            if stop_requested() {
+                comm.close();
+                emit(&Record::Bye {
+                    steps: peer.local_steps,
+                });
+                return Ok(());
+            }
+            if args.steps > 0 && peer.local_steps >= args.steps {
+                comm.close();
+                emit(&Record::Done {
+                    steps: peer.local_steps,
+                });
+                return Ok(());
+            }
+            match step(args, &comm, &mut peer) {
+                Ok(Outcome::Waited) => std::thread::sleep(Duration::from_millis(20)),
+                Ok(Outcome::Stepped) => {
+                    if args.step_sleep_ms > 0 {
+                        std::thread::sleep(Duration::from_millis(args.step_sleep_ms));
+                    }
+                }
+                Ok(Outcome::Skipped) => std::thread::sleep(Duration::from_millis(20)),
+                Err(f) => {
+                    let name = err_name(&f.err);
+                    let rejoin = match (&f.err, f.op) {
+                        (PcclError::UpdateTopologyFailed(_), _) => {
+                            emit(&Record::Err {
+                                op: f.op.into(),
+                                err: name.into(),
+                                msg: f.err.message().into(),
+                            });
+                            continue;
+                        }
+                        (PcclError::MasterConnectionFailed(_), _) => true,
+                        (
+                            PcclError::RankConnectionLost(_)
+                            | PcclError::RankConnectionFailed(_)
+                            | PcclError::NoSharedStateAvailable(_),
+                            "sync" | "allreduce",
+                        ) => true,
+                        _ => false,
+                    };
+                    if !(rejoin && args.rejoin) {
+                        return Err(Error(format!("{} failed: {}", f.op, f.err)));
+                    }
+                    emit(&Record::Rejoin {
+                        reason: format!("{}:{name}", f.op),
+                        msg: f.err.message().into(),
+                    });
+                    break;
+                }
+            }
+        }
+        drop(comm);
+    }
+}
+
+/// Connects, retrying while the master is unreachable (or admission failed)
+/// until the deadline.
+fn connect(args: &WorkerArgs) -> Result<Communicator> {
+    let deadline = Instant::now() + Duration::from_secs(args.connect_timeout_s);
+    loop {
+        let mut cfg = CommunicatorConfig::new(args.master).with_ephemeral_ports();
+        cfg.bind_ip = args.bind_ip;
+        cfg.peer_group = args.group;
+        cfg.p2p_connection_pool_size = args.pool.max(1);
+        cfg.connect_timeout = Duration::from_secs(5);
+        let comm =
+            Communicator::new(cfg).map_err(|e| Error(format!("creating a communicator: {e}")))?;
+        match comm.connect() {
+            Ok(()) => return Ok(comm),
+            Err(
+                e @ (PcclError::MasterConnectionFailed(_) | PcclError::UpdateTopologyFailed(_)),
+            ) if Instant::now() < deadline => {
+                tracing::debug!("connect failed ({e}); retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => {
+                return Err(Error(format!(
+                    "connecting to the master at {}: {e}",
+                    args.master
+                )))
+            }
+        }
+    }
+}
+
+fn step(
+    args: &WorkerArgs,
+    comm: &Communicator,
+    peer: &mut Peer,
+) -> std::result::Result<Outcome, Failure> {
+    let trace = |op: &str| {
+        if args.trace {
+            emit(&Record::Begin {
+                step: peer.synced.map_or(0, |r| r + 1),
+                op: op.into(),
+                attempt: 1,
+            });
+        }
+    };
+    if std::mem::take(&mut peer.just_admitted) {
+        // Same position in the loop as the peers that just admitted us.
+    } else {
+        trace("are_peers_pending");
+        if comm.are_peers_pending().map_err(at("are_peers_pending"))? {
+            trace("update_topology");
+            comm.update_topology().map_err(at("update_topology"))?;
+        }
+    }
+    let world = comm.world().map_err(at("world"))?.group_world;
+    let need = if peer.started {
+        2
+    } else {
+        args.min_world.max(2)
+    };
+    if world < need {
+        return Ok(Outcome::Waited);
+    }
+
+    // Shared state: a newcomer's first sync receives, later ones vote.
+    let t_sync = Instant::now();
+    let (step, sync_rx, state_hash) = {
+        let first = peer.synced.is_none();
+        let mut st = SharedState::new(
+            peer.synced.map_or(0, |r| r + 1),
+            vec![
+                SharedTensor::new("w", &mut peer.w),
+                SharedTensor::new("small", &mut peer.small),
+            ],
+        );
+        if args.trace {
+            emit(&Record::Begin {
+                step: st.revision,
+                op: "sync".into(),
+                attempt: 1,
+            });
+        }
+        let strategy = if first {
+            SyncStrategy::ReceiveOnly
+        } else {
+            SyncStrategy::EnforcePopular
+        };
+        let info = match comm.sync_shared_state(&mut st, strategy) {
+            Err(PcclError::NoSharedStateAvailable(_)) if first => {
+                // Nobody holds state yet (founding peers): everyone offers its own.
+                comm.sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+            }
+            r => r,
+        }
+        .map_err(at("sync"))?;
+        let slices: Vec<&[u8]> = st.tensors.iter().map(|t| t.bytes()).collect();
+        (st.revision, info.rx_bytes, state_hash_of(&slices))
+    };
+    peer.synced = Some(step);
+    let sync_ms = t_sync.elapsed().as_secs_f64() * 1e3;
+
+    // All-reduce with retry.
+    let fill = |g: &mut [f32]| {
+        for (k, x) in g.iter_mut().enumerate() {
+            *x = grad_value(step, k);
+        }
+    };
+    fill(&mut peer.grad);
+    let desc = ReduceDescriptor::new(args.elems, DataType::F32, ReduceOp::Sum);
+    let mut retries = 0u32;
+    let mut wait_ms = 0u64;
+    let (info, ar_ms) = loop {
+        if args.trace {
+            emit(&Record::Begin {
+                step,
+                op: "allreduce".into(),
+                attempt: retries + 1,
+            });
+        }
+        let t0 = Instant::now();
+        match comm.all_reduce_in_place(&mut peer.grad, &desc) {
+            Ok(info) => break (info, t0.elapsed().as_secs_f64() * 1e3),
+            Err(e @ (PcclError::RankConnectionLost(_) | PcclError::RankConnectionFailed(_))) => {
+                let ms = t0.elapsed().as_millis() as u64;
+                wait_ms += ms;
+                retries += 1;
+                let restored = !args.check_restore
+                    || peer
+                        .grad
+                        .iter()
+                        .enumerate()
+                        .all(|(k, x)| x.to_bits() == grad_value(step, k).to_bits());
+                emit(&Record::Retry(RetryRec {
+                    step,
+                    op: "allreduce".into(),
+                    err: err_name(&e).into(),
+                    wait_ms: ms,
+                    attempt: retries,
+                    restored,
+                }));
+                if !restored {
+                    fill(&mut peer.grad);
+                }
+                if retries >= args.max_retries {
+                    return Err(Failure {
+                        op: "allreduce",
+                        err: e,
+                    });
+                }
+            }
+            Err(PcclError::TooFewPeers(_)) => {
+                emit(&Record::Skip {
+                    step,
+                    reason: "TooFewPeers".into(),
+                });
+                return Ok(Outcome::Skipped);
+            }
+            Err(e) => {
+                return Err(Failure {
+                    op: "allreduce",
+                    err: e,
+                })
+            }
+        }
+    };
+    let world = info.local_world_size.max(1);
+    let wf = world as f32;
+    let exact = peer
+        .grad
+        .iter()
+        .enumerate()
+        .all(|(k, x)| *x == wf * grad_value(step, k));
+
+    // Deterministic update, identical on every peer.
+    let n = peer.grad.len();
+    for (k, x) in peer.w.iter_mut().enumerate() {
+        *x += peer.grad[k % n] / wf * 1e-3;
+    }
+    for (k, x) in peer.small.iter_mut().enumerate() {
+        *x = 0.9 * *x + peer.grad[k % n] / wf;
+    }
+    peer.started = true;
+    peer.local_steps += 1;
+    let bytes = (args.elems * 4) as u64;
+    let busbw = if ar_ms > 0.0 && world > 1 {
+        2.0 * (world as f64 - 1.0) / world as f64 * bytes as f64 / (ar_ms / 1e3) / 1e9
+    } else {
+        0.0
+    };
+    emit(&Record::Step(StepRec {
+        step,
+        world,
+        local: peer.local_steps,
+        retries,
+        wait_ms,
+        state_hash,
+        allreduce_exact: exact,
+        sync_rx,
+        sync_ms,
+        ar_ms,
+        bytes,
+        busbw,
+    }));
+    Ok(Outcome::Stepped)
+}
+
+/// One hash for the whole shared state: the tensor hash of the tensors'
+/// hashes, in order.
+pub fn state_hash_of(tensors: &[&[u8]]) -> u64 {
+    let hashes = pccl_core::hash::tensor_hashes(tensors);
+    let mut cat = Vec::with_capacity(hashes.len() * 8);
+    for h in hashes {
+        cat.extend_from_slice(&h.to_le_bytes());
+    }
+    pccl_core::hash::tensor_hash(&cat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gradient_sums_are_exact() {
+        for world in 1..=64u32 {
+            for k in 0..7 {
+                let g = grad_value(5, k);
+                let sum: f32 = (0..world).map(|_| g).sum();
+                assert_eq!(sum, world as f32 * g);
+                assert_eq!(sum / world as f32, g);
+            }
+        }
+    }
+
+    #[test]
+    fn state_size() {
+        assert_eq!(state_elems(1.0) + SMALL_ELEMS, 1 << 18);
+        assert_eq!(state_elems(0.0), 1);
+    }
+}
