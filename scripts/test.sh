@@ -55,7 +55,11 @@ if [ "${PCCL_SKIP_PYTHON:-0}" = 1 ]; then
 else
     step "python" python_suite
 fi
-step "churn" cargo run --release --quiet -p pccl-stress --bin churn -- --duration "${PCCL_CHURN_SECS:-60}s"
+churn() {
+    cargo build --release --quiet -p pccl-stress --bins &&
+        ./target/release/churn --duration "${PCCL_CHURN_SECS:-60}s"
+}
+step "churn" churn
 
 echo
 echo "=== summary"
