@@ -1087,8 +1087,22 @@ impl MasterState {
         let Some(dist) = round.distributing else {
             return;
         };
+        // A receiver that could not get the state fails the sync for every
+        // member, like a failed collective: nobody advances, so all of them
+        // can retry the same revision together instead of splitting into
+        // different collectives.
+        let group_failure = dist.failed.values().next().map(|(code, reason)| {
+            (
+                *code,
+                format!("a peer of the group could not fetch the shared state: {reason}"),
+            )
+        });
         for c in &dist.members {
-            let f = dist.failed.get(c).cloned();
+            let f = dist
+                .failed
+                .get(c)
+                .cloned()
+                .or_else(|| group_failure.clone());
             if f.is_none() {
                 if let Some(p) = self.peers.get_mut(c) {
                     p.synced_revision = Some(dist.revision);

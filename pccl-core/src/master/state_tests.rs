@@ -1318,7 +1318,7 @@ fn popular_content_wins_and_the_outlier_fetches_exactly_the_differing_tensor() {
 }
 
 #[test]
-fn a_failed_transfer_fails_only_that_receiver() {
+fn a_failed_transfer_fails_the_sync_for_the_whole_group() {
     let mut m = M::swarm(&[0, 0, 0]);
     m.msg(1, vote(1, H, ENFORCE_POPULAR));
     m.msg(2, vote(1, [0, 0, 33], ENFORCE_POPULAR));
@@ -1328,20 +1328,33 @@ fn a_failed_transfer_fails_only_that_receiver() {
         vec![fetch("a", 11), fetch("b", 22)]
     );
     let acts = m.msg(2, transfer_done(1, false));
-    assert_eq!(sync_verdict(&only(&acts, 1)), (1, true, 0));
-    assert_eq!(sync_verdict(&only(&acts, 3)), (1, true, 0));
-    assert_eq!(
-        sync_verdict(&only(&acts, 2)),
-        (1, false, RANK_CONNECTION_LOST)
-    );
-    // Peer 2 never synced, so it may still vote anything; 1 and 3 must vote 2.
-    m.msg(1, vote(2, H, ENFORCE_POPULAR));
-    m.msg(2, vote(0, [0, 0, 0], ENFORCE_POPULAR));
-    let acts = m.msg(3, vote(2, H, ENFORCE_POPULAR));
+    for c in [1u64, 2, 3] {
+        assert_eq!(
+            sync_verdict(&only(&acts, c)),
+            (1, false, RANK_CONNECTION_LOST)
+        );
+    }
+    // Nobody advanced: everyone retries revision 1 together.
+    m.msg(1, vote(1, H, ENFORCE_POPULAR));
+    m.msg(2, vote(1, [0, 0, 33], ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(1, H, ENFORCE_POPULAR));
     assert_eq!(
         plan(&only(&acts, 2)).2,
-        vec![fetch("a", 11), fetch("b", 22), fetch("c", 33)]
+        vec![fetch("a", 11), fetch("b", 22)]
     );
+    let acts = m.msg(2, transfer_done(2, true));
+    for c in [1u64, 2, 3] {
+        assert_eq!(sync_verdict(&only(&acts, c)), (2, true, 0));
+    }
+    // Now everyone synced at 1 and must vote 2; all are up to date.
+    m.msg(1, vote(2, H, ENFORCE_POPULAR));
+    m.msg(2, vote(2, H, ENFORCE_POPULAR));
+    let acts = m.msg(3, vote(2, H, ENFORCE_POPULAR));
+    for c in [1u64, 2, 3] {
+        let msgs = to(&acts, c);
+        assert_eq!(plan(&msgs[0]).2, vec![]);
+        assert!(sync_verdict(&msgs[1]).1);
+    }
 }
 
 #[test]

@@ -201,8 +201,9 @@ pub struct Args {
     /// Size of each probe write/read.
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     pub probe_buf: u64,
-    /// Sizes of the buffer each probe connection sends from / receives
-    /// into, walked in `--probe-buf` steps; one probe per value. `512K`
+    /// Sizes of the buffer each probe process sends from (and of the one it
+    /// receives into), split between its connections and walked in
+    /// `--probe-buf` steps; one probe per value. `512K`
     /// stays in the CPU cache: the raw TCP figure (the reference of the
     /// summary's ratio). `max` is the sweep's largest size: the probe then
     /// streams tensors from and to memory as the all-reduce must.

@@ -222,8 +222,9 @@ fn child_inner(args: &Args) -> Result<()> {
         .first()
         .map(|s| usize::try_from(*s))
         .context("--probe-span")?
-        .context("--probe-span")?
-        .max(buf);
+        .context("--probe-span")?;
+    // The connections share the span (as a tensor's sub-chunks share it).
+    let span = (span / conns).max(buf);
     let mut sbufs: Vec<Vec<u8>> = (0..conns).map(|_| vec![0x5Au8; span]).collect();
     let mut rbufs: Vec<Vec<u8>> = (0..conns).map(|_| vec![0u8; span]).collect();
     loop {

@@ -272,7 +272,9 @@ pub fn final_summary(
     }
     let errors: u64 = rows.iter().map(Row::errors).sum();
     let checked = rows.iter().filter(|r| r.checked > 0).count();
-    let verdict = if !failures.is_empty() {
+    let verdict = if rows.is_empty() && failures.is_empty() {
+        "no all-reduce run".to_string()
+    } else if !failures.is_empty() {
         format!("FAILED: {}", failures.join("; "))
     } else if errors > 0 {
         format!("{errors} ERRORS in {} results", rows.len())

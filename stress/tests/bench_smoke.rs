@@ -1,0 +1,153 @@
+//! Smoke tests of `pccl-bench`: the launcher with an embedded master and peer
+//! processes, the probes, quantized and concurrent runs, and a failing
+//! configuration. Small sizes only; each test takes a second or two.
+
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One at a time: each run spawns several processes on a small machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn bench(args: &[&str]) -> Output {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pccl-bench"))
+        .args(args)
+        .args(["--idle-timeout-s", "60", "--join-timeout-s", "30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pccl-bench");
+    // The launcher's own idle timeout bounds the run; this is a backstop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn last_line(o: &Output) -> String {
+    stdout(o).lines().last().unwrap_or_default().to_string()
+}
+
+#[test]
+fn two_peers_verify_every_result() {
+    let o = bench(&[
+        "-n",
+        "2",
+        "--sizes",
+        "4,5000,1M",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--no-probe",
+        "--latency-samples",
+        "5",
+        "--pool-size",
+        "1,2",
+    ]);
+    let last = last_line(&o);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(last.starts_with("# pccl-bench: N=2"), "{last}");
+    assert!(last.contains("all 6 results verified"), "{last}");
+    // One table row per size and pool size, each with zero wrong elements.
+    let text = stdout(&o);
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 6, "{text}");
+    assert!(
+        rows.iter()
+            .all(|r| r.split_whitespace().nth(12) == Some("0")),
+        "{text}"
+    );
+}
+
+#[test]
+fn three_peers_quantized_and_concurrent() {
+    let o = bench(&[
+        "-n",
+        "3",
+        "--sizes",
+        "4K,300K",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--no-probe",
+        "--latency-samples",
+        "0",
+        "--concurrency",
+        "1,3",
+        "--quant",
+        "zps",
+        "--quant-dtype",
+        "u8",
+        "--op",
+        "avg",
+    ]);
+    let last = last_line(&o);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(last.contains("all 4 results verified"), "{last}");
+    assert!(stdout(&o).contains("f32>u8"), "{}", stdout(&o));
+}
+
+#[test]
+fn probes_only() {
+    let o = bench(&[
+        "-n",
+        "2",
+        "--probe",
+        "--reference",
+        "--sizes",
+        "1M",
+        "--probe-mib",
+        "8",
+        "--probe-rounds",
+        "2",
+    ]);
+    let text = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("# ring probe: 2 processes"), "{text}");
+    assert!(text.contains("# reference ring all-reduce"), "{text}");
+    assert!(last_line(&o).contains("probe per-link"), "{text}");
+}
+
+#[test]
+fn invalid_options_fail_cleanly() {
+    // Prod cannot be quantized: refused before anything starts.
+    let o = bench(&["-n", "2", "--quant", "minmax", "--op", "prod", "--no-probe"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("quantization"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
