@@ -182,27 +182,15 @@ impl SharedStateServer {
         self.me.lock().map(|m| *m).unwrap_or_default()
     }
 
+    /// Serves fetch requests until `stop`.
     pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         let this = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok((s, remote)) => {
-                            let this = this.clone();
-                            tokio::spawn(async move {
-                                let me = this.me();
-                                if let Err(e) = this.serve_conn(s).await {
-                                    tracing::debug!(peer = %me, %remote, "shared-state connection ended: {e}");
-                                }
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!(peer = %this.me(), "shared-state accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    }
+        transport::spawn_accept_loop(listener, stop, "shared-state", move |s, remote| {
+            let this = this.clone();
+            async move {
+                let me = this.me();
+                if let Err(e) = this.serve_conn(s).await {
+                    tracing::debug!(peer = %me, %remote, "shared-state connection ended: {e}");
                 }
             }
         });

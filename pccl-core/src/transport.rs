@@ -75,6 +75,36 @@ pub fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
+/// Accepts connections on `listener` until `stop`, handing each to `on_conn`
+/// in its own task. Accept errors (e.g. out of descriptors) are logged and
+/// retried after a short pause.
+pub fn spawn_accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    stop: tokio_util::sync::CancellationToken,
+    what: &'static str,
+    on_conn: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok((stream, remote)) => {
+                        tokio::spawn(on_conn(stream, remote));
+                    }
+                    Err(e) => {
+                        tracing::warn!("{what} accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Dials `addr` within `timeout` and tunes the socket.
 pub async fn dial(
     addr: SocketAddr,

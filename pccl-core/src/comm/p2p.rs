@@ -173,25 +173,11 @@ impl P2p {
         self.me.lock().map(|m| *m).unwrap_or_default()
     }
 
-    /// Accepts ring connections until shutdown.
+    /// Accepts ring connections until `stop`.
     pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         let this = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok((stream, remote)) => {
-                            let this = this.clone();
-                            tokio::spawn(async move { this.accept_one(stream, remote).await });
-                        }
-                        Err(e) => {
-                            tracing::warn!(peer = %this.me(), "p2p accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    }
-                }
-            }
+        transport::spawn_accept_loop(listener, stop, "p2p", move |stream, remote| {
+            this.clone().accept_one(stream, remote)
         });
     }
 
