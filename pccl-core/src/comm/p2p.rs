@@ -97,19 +97,9 @@ impl OutConn {
             ));
         }
         let mut guard = WriteGuard(self, false);
-        // Header and payload in one vectored write: with TCP_NODELAY two
-        // writes would put the 40-byte header in a segment of its own.
-        let mut parts = [io::IoSlice::new(header), io::IoSlice::new(payload)];
-        let mut rest: &mut [io::IoSlice<'_>] = &mut parts;
-        while !rest.is_empty() {
-            let n = w.write_vectored(rest).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "connection closed while writing",
-                ));
-            }
-            io::IoSlice::advance_slices(&mut rest, n);
+        w.write_all(header).await?;
+        if !payload.is_empty() {
+            w.write_all(payload).await?;
         }
         guard.1 = true;
         Ok(())
