@@ -97,6 +97,9 @@ impl OutConn {
             ));
         }
         let mut guard = WriteGuard(self, false);
+        // Two writes, not one writev: tokio's plain writes use send() with
+        // MSG_NOSIGNAL, while writev raises SIGPIPE on a closed peer and would
+        // kill C host programs that do not ignore it.
         w.write_all(header).await?;
         if !payload.is_empty() {
             w.write_all(payload).await?;
