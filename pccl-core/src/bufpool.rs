@@ -5,12 +5,20 @@ use std::sync::{Arc, Mutex};
 
 /// Buffers up to this size are recycled; larger ones are freed after use.
 const POOLED_CAPACITY: usize = 4 << 20;
-/// At most this many idle buffers are kept.
-const MAX_IDLE: usize = 64;
+/// At most this many bytes of idle buffers are kept: enough for an op's
+/// whole inbox of default-sized sub-chunks (256 × 512 KiB), so a steady
+/// stream of frames does not allocate and free buffers.
+const MAX_IDLE_BYTES: usize = 128 << 20;
 
 #[derive(Default)]
 pub struct BufPool {
-    idle: Mutex<Vec<Vec<u8>>>,
+    idle: Mutex<Idle>,
+}
+
+#[derive(Default)]
+struct Idle {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
 impl BufPool {
@@ -24,7 +32,11 @@ impl BufPool {
             self.idle
                 .lock()
                 .ok()
-                .and_then(|mut idle| idle.pop())
+                .and_then(|mut idle| {
+                    let v = idle.bufs.pop()?;
+                    idle.bytes -= v.len();
+                    Some(v)
+                })
                 .unwrap_or_default()
         } else {
             Vec::new()
@@ -49,6 +61,15 @@ pub struct PooledBuf {
 }
 
 impl PooledBuf {
+    /// A zero-length buffer that belongs to no pool.
+    pub fn empty() -> Self {
+        PooledBuf {
+            data: Vec::new(),
+            len: 0,
+            pool: None,
+        }
+    }
+
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.len
@@ -73,8 +94,10 @@ impl Drop for PooledBuf {
         if let Some(pool) = self.pool.take() {
             if self.data.len() <= POOLED_CAPACITY {
                 if let Ok(mut idle) = pool.idle.lock() {
-                    if idle.len() < MAX_IDLE {
-                        idle.push(std::mem::take(&mut self.data));
+                    if idle.bytes + self.data.len() <= MAX_IDLE_BYTES {
+                        idle.bytes += self.data.len();
+                        let v = std::mem::take(&mut self.data);
+                        idle.bufs.push(v);
                     }
                 }
             }

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bufpool::{BufPool, PooledBuf};
-use crate::comm::p2p::{Frame, OutConn, OutPool};
+use crate::comm::p2p::{Frame, OpRoute, OutConn, OutPool};
 use crate::error::{Error, Result};
 use crate::types::{DataType, QuantizationAlgorithm, ReduceOp};
 use crate::wire::{DataHeader, Encoding};
@@ -117,8 +117,9 @@ impl RingParams {
 }
 
 enum Payload {
-    /// Bytes of the caller's buffer.
-    Acc {
+    /// Bytes of a caller buffer (the input or the result).
+    Borrowed {
+        buf: RawBuf,
         off: usize,
         len: usize,
     },
@@ -130,42 +131,160 @@ struct SendItem {
     payload: Payload,
 }
 
-/// Runs the ring on `acc` (the receive buffer, already holding this peer's
-/// input). Returns (tx bytes, rx bytes). Fails promptly when `lost` or
-/// `abort` fire; every spawned task is joined before returning.
+/// Lets the p2p readers write raw all-gather payloads straight into the
+/// caller's result buffer instead of a pool buffer that the ring would then
+/// copy.
+///
+/// Memory safety: all-gather frames are only ever landed in the ranges of
+/// segments this peer does not own, which nothing else writes or reads
+/// while the op runs (reduce-scatter keeps its partial sums in pool buffers
+/// and reads only the input buffer), and each (step, chunk) slot is claimed
+/// once. Readers write only while holding `open`'s lock, one `recv` at a
+/// time; [`Landing::close`] takes the lock, so once the op has closed its
+/// landing no reader touches the caller's memory again.
+pub(crate) struct Landing {
+    p: RingParams,
+    acc: RawBuf,
+    /// One flag per (all-gather step, chunk): set when a frame claims it.
+    claimed: Vec<Vec<std::sync::atomic::AtomicBool>>,
+    open: std::sync::Mutex<bool>,
+}
+
+impl Landing {
+    fn new(p: &RingParams, acc: RawBuf) -> Self {
+        let w = p.world;
+        let claimed = (w - 1..p.steps())
+            .map(|step| {
+                (0..p.chunks_in(p.recv_segment(step)))
+                    .map(|_| std::sync::atomic::AtomicBool::new(false))
+                    .collect()
+            })
+            .collect();
+        Landing {
+            p: p.clone(),
+            acc,
+            claimed,
+            open: std::sync::Mutex::new(true),
+        }
+    }
+
+    /// Claims the all-gather slot (step, chunk); false if it was claimed
+    /// before (a duplicate frame).
+    fn claim(&self, step: usize, c: usize) -> bool {
+        let w = self.p.world;
+        match step
+            .checked_sub(w - 1)
+            .and_then(|i| self.claimed.get(i))
+            .and_then(|v| v.get(c))
+        {
+            Some(flag) => !flag.swap(true, std::sync::atomic::Ordering::AcqRel),
+            None => false,
+        }
+    }
+
+    /// The byte range of the result buffer a frame's payload belongs in, if
+    /// it is a well-formed raw all-gather frame of this op whose slot was
+    /// free (the slot is claimed). Anything else returns `None` and takes
+    /// the normal path, where the ring validates it.
+    pub(crate) fn target(&self, h: &DataHeader) -> Option<(usize, usize)> {
+        let p = &self.p;
+        let step = h.step as usize;
+        if p.quant.is_some()
+            || h.encoding != Encoding::Raw
+            || step < p.world - 1
+            || step >= p.steps()
+        {
+            return None;
+        }
+        let seg = p.recv_segment(step);
+        let c = h.chunk as usize;
+        if h.segment as usize != seg || c >= p.chunks_in(seg) {
+            return None;
+        }
+        let (start, n) = p.chunk(seg, c);
+        let ds = p.dtype.size();
+        if h.elem_offset != start as u64
+            || h.elems as usize != n
+            || h.payload_len as usize != n * ds
+        {
+            return None;
+        }
+        if !self.claim(step, c) {
+            return None;
+        }
+        Some((start * ds, n * ds))
+    }
+
+    /// Runs `f` on `len` bytes of the result buffer at `off` unless the op
+    /// has closed its landing; the lock is held while `f` runs.
+    pub(crate) fn with_dst<R>(
+        &self,
+        off: usize,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Option<R> {
+        let open = self.open.lock().ok()?;
+        if !*open || off.checked_add(len).is_none_or(|end| end > self.acc.len) {
+            return None;
+        }
+        // SAFETY: the op is still running (landing open, checked under the
+        // lock that `close` takes), so the buffer is valid; the range was
+        // claimed by exactly one frame and no one else accesses it (see the
+        // type's doc).
+        let dst = unsafe { self.acc.slice_mut(off, len) };
+        Some(f(dst))
+    }
+
+    /// Stops all landing; returns once no reader is writing.
+    fn close(&self) {
+        if let Ok(mut open) = self.open.lock() {
+            *open = false;
+        }
+    }
+}
+
+/// Runs the ring. `input` holds this peer's contribution and is only read;
+/// `acc` (the caller's receive buffer, distinct from `input`) receives the
+/// result. Returns (tx bytes, rx bytes). Fails promptly when the route's
+/// connection is lost or `abort` fires; every spawned task is joined, and
+/// the landing closed, before returning.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_ring(
     p: &RingParams,
+    input: RawBuf,
     acc: RawBuf,
     inbox: &mut mpsc::Receiver<Frame>,
-    lost: &CancellationToken,
-    lost_reason: &Arc<std::sync::Mutex<Option<String>>>,
+    route: &OpRoute,
     abort: &CancellationToken,
     pool: Arc<OutPool>,
     bufs: &Arc<BufPool>,
 ) -> Result<(u64, u64)> {
+    let landing = p.quant.is_none().then(|| Arc::new(Landing::new(p, acc)));
+    if let Some(l) = &landing {
+        route.set_landing(l.clone());
+    }
     let (tx_q, rx_q) = async_channel::unbounded::<SendItem>();
     let send_failed = CancellationToken::new();
     let mut senders: JoinSet<Result<u64>> = JoinSet::new();
     for conn in &pool.conns {
-        senders.spawn(sender_task(
-            conn.clone(),
-            rx_q.clone(),
-            acc,
-            send_failed.clone(),
-        ));
+        senders.spawn(sender_task(conn.clone(), rx_q.clone(), send_failed.clone()));
     }
     drop(rx_q);
     let mut state = RingState {
         p,
+        input,
         acc,
+        landing: landing.as_deref(),
         bufs,
         tx_q,
         rx_bytes: 0,
     };
     let result = state
-        .drive(inbox, lost, lost_reason, abort, &send_failed)
+        .drive(inbox, &route.lost, &route.lost_reason, abort, &send_failed)
         .await;
+    if let Some(l) = &landing {
+        l.close();
+    }
     // Closing the queue lets senders drain what is left and stop.
     state.tx_q.close();
     let mut tx_bytes = 0u64;
@@ -195,16 +314,15 @@ pub(crate) async fn run_ring(
 async fn sender_task(
     conn: Arc<OutConn>,
     queue: async_channel::Receiver<SendItem>,
-    acc: RawBuf,
     failed: CancellationToken,
 ) -> Result<u64> {
     let mut sent = 0u64;
     while let Ok(item) = queue.recv().await {
         let payload: &[u8] = match &item.payload {
-            // SAFETY: the range was finalized before it was queued and the
-            // ring never writes it again while the op runs (see module doc);
-            // the op joins this task before the buffer is released.
-            Payload::Acc { off, len } => unsafe { acc.slice(*off, *len) },
+            // SAFETY: the range was final when it was queued and the ring
+            // never writes it again while the op runs (see `Landing`); the
+            // op joins this task before the buffer is released.
+            Payload::Borrowed { buf, off, len } => unsafe { buf.slice(*off, *len) },
             Payload::Owned(b) => b,
         };
         if let Err(e) = conn.write_frame(&item.header, payload).await {
@@ -218,9 +336,20 @@ async fn sender_task(
     Ok(sent)
 }
 
+/// One op's ring schedule. Data flow per sub-chunk:
+/// * step 0 sends this peer's own segment straight from `input`;
+/// * a reduce-scatter hop reduces the received partial sum with `input`
+///   inside the received buffer and forwards that buffer, so partial sums
+///   never touch `acc`;
+/// * the last reduce-scatter hop writes `op(partial, input)` into `acc`
+///   (the owned segment), finalizes it and sends it from there;
+/// * all-gather payloads land in `acc` (by the reader, see [`Landing`], or
+///   here for quantized and early frames) and are forwarded from there.
 struct RingState<'a> {
     p: &'a RingParams,
+    input: RawBuf,
     acc: RawBuf,
+    landing: Option<&'a Landing>,
     bufs: &'a Arc<BufPool>,
     tx_q: async_channel::Sender<SendItem>,
     rx_bytes: u64,
@@ -244,7 +373,7 @@ impl RingState<'_> {
 
         // Step 0: this peer's own segment.
         for c in 0..p.chunks_in(p.rank) {
-            self.send_from_acc(0, p.rank, c)?;
+            self.send_input(p.rank, c)?;
         }
         while remaining > 0 {
             let frame = tokio::select! {
@@ -254,11 +383,11 @@ impl RingState<'_> {
                 _ = send_failed.cancelled() => return Err(Error::RankConnectionLost("sending to the right neighbour failed".into())),
                 f = inbox.recv() => f.ok_or_else(|| Error::Internal("inbox closed".into()))?,
             };
-            self.rx_bytes += (DataHeader::LEN + frame.payload.len()) as u64;
+            self.rx_bytes += (DataHeader::LEN + frame.header.payload_len as usize) as u64;
             let (step, seg, c) = self.validate(&frame.header, &seen)?;
             seen[step][c] = true;
             remaining -= 1;
-            self.process(step, seg, c, frame.payload)?;
+            self.process(step, seg, c, frame)?;
         }
         Ok(())
     }
@@ -285,19 +414,22 @@ impl RingState<'_> {
             return Err(bad("duplicate chunk"));
         }
         let (start, n) = p.chunk(seg, c);
-        let enc = if p.quant.is_some() {
-            Encoding::Quantized
-        } else {
-            Encoding::Raw
-        };
         if h.elem_offset != start as u64
             || h.elems as usize != n
-            || h.encoding != enc
+            || h.encoding != self.encoding()
             || h.payload_len as usize != p.payload_len(n)
         {
             return Err(bad("chunk geometry or encoding does not match"));
         }
         Ok((step, seg, c))
+    }
+
+    fn encoding(&self) -> Encoding {
+        if self.p.quant.is_some() {
+            Encoding::Quantized
+        } else {
+            Encoding::Raw
+        }
     }
 
     fn header(
@@ -311,11 +443,7 @@ impl RingState<'_> {
         DataHeader {
             op_id: self.p.op_id,
             step: step as u16,
-            encoding: if self.p.quant.is_some() {
-                Encoding::Quantized
-            } else {
-                Encoding::Raw
-            },
+            encoding: self.encoding(),
             segment: seg as u32,
             chunk: c as u32,
             elem_offset: start as u64,
@@ -337,17 +465,21 @@ impl RingState<'_> {
         (start * ds, n * ds)
     }
 
-    /// Queues chunk `c` of `seg` as it stands in the accumulator.
-    fn send_from_acc(&self, step: usize, seg: usize, c: usize) -> Result<()> {
+    /// Queues chunk `c` of `seg` at `step` as it stands in `buf` (raw, or
+    /// quantized into a pool buffer).
+    fn send_from(&self, buf: RawBuf, step: usize, seg: usize, c: usize) -> Result<()> {
         let (off, len) = self.byte_range(seg, c);
         match self.p.quant {
-            None => self.enqueue(self.header(step, seg, c, len), Payload::Acc { off, len }),
+            None => self.enqueue(
+                self.header(step, seg, c, len),
+                Payload::Borrowed { buf, off, len },
+            ),
             Some((q, algo)) => {
                 let (_, n) = self.p.chunk(seg, c);
                 let mut out = self.bufs.get(quant::encoded_len(self.p.dtype, q, algo, n));
-                // SAFETY: the chunk is not being written: it was finalized by
-                // this task just before and nothing else writes it now.
-                let src = unsafe { self.acc.slice(off, len) };
+                // SAFETY: `buf` is the read-only input, or `acc` in a range
+                // that was finalized just before and is not written again.
+                let src = unsafe { buf.slice(off, len) };
                 quant::quantize(self.p.dtype, q, algo, src, &mut out)?;
                 let plen = out.len();
                 self.enqueue(self.header(step, seg, c, plen), Payload::Owned(out))
@@ -355,31 +487,63 @@ impl RingState<'_> {
         }
     }
 
-    fn process(&self, step: usize, seg: usize, c: usize, payload: PooledBuf) -> Result<()> {
+    fn send_input(&self, seg: usize, c: usize) -> Result<()> {
+        self.send_from(self.input, 0, seg, c)
+    }
+
+    fn input_slice(&self, off: usize, len: usize) -> &[u8] {
+        // SAFETY: the input buffer is only read while the op runs.
+        unsafe { self.input.slice(off, len) }
+    }
+
+    fn process(&self, step: usize, seg: usize, c: usize, frame: Frame) -> Result<()> {
         let p = self.p;
         let w = p.world;
         let (off, len) = self.byte_range(seg, c);
-        // SAFETY: each (segment, chunk) is received at most once per phase
-        // (checked by `validate`), and the schedule guarantees the range is
-        // neither being sent nor written elsewhere at this point.
-        let dst = unsafe { self.acc.slice_mut(off, len) };
+        let mine = self.input_slice(off, len);
         if step < w - 1 {
+            let mut payload = frame.payload;
+            if step < w - 2 {
+                // A partial sum passing through: add ours in its buffer.
+                match p.quant {
+                    None => {
+                        kernels::reduce_into(p.dtype, p.op, &mut payload, mine);
+                        let plen = payload.len();
+                        return self
+                            .enqueue(self.header(step + 1, seg, c, plen), Payload::Owned(payload));
+                    }
+                    Some((q, algo)) => {
+                        let mut sum = self.bufs.get(len);
+                        sum.copy_from_slice(mine);
+                        quant::dequantize_into(p.dtype, q, algo, Some(p.op), &payload, &mut sum)?;
+                        drop(payload);
+                        let (_, n) = p.chunk(seg, c);
+                        let mut out = self.bufs.get(quant::encoded_len(p.dtype, q, algo, n));
+                        quant::quantize(p.dtype, q, algo, &sum, &mut out)?;
+                        let plen = out.len();
+                        return self
+                            .enqueue(self.header(step + 1, seg, c, plen), Payload::Owned(out));
+                    }
+                }
+            }
+            // The last hop: this peer owns `seg`. It is written into `acc`
+            // once, finalized, and sent from there.
+            // SAFETY: the owned segment is never a landing target and this
+            // task is the only one touching it until it is queued below.
+            let dst = unsafe { self.acc.slice_mut(off, len) };
             match p.quant {
-                None => kernels::reduce_into(p.dtype, p.op, dst, &payload),
+                None => kernels::reduce_from(p.dtype, p.op, dst, &payload, mine),
                 Some((q, algo)) => {
-                    quant::dequantize_into(p.dtype, q, algo, Some(p.op), &payload, dst)?
+                    dst.copy_from_slice(mine);
+                    quant::dequantize_into(p.dtype, q, algo, Some(p.op), &payload, dst)?;
                 }
             }
             drop(payload);
-            if step < w - 2 {
-                return self.send_from_acc(step + 1, seg, c);
-            }
-            // This peer owns `seg` now: finalize and start the all-gather.
             if p.op == ReduceOp::Avg {
                 kernels::finalize_avg(p.dtype, dst, w as u32);
             }
             match p.quant {
-                None => self.send_from_acc(w - 1, seg, c),
+                None => self.send_from(self.acc, w - 1, seg, c),
                 Some((q, algo)) => {
                     let (_, n) = p.chunk(seg, c);
                     let mut enc = self.bufs.get(quant::encoded_len(p.dtype, q, algo, n));
@@ -391,15 +555,37 @@ impl RingState<'_> {
                 }
             }
         } else {
+            let last = step == p.steps() - 1;
+            if frame.landed {
+                // The reader already wrote it into `acc`.
+                return if last {
+                    Ok(())
+                } else {
+                    self.send_from(self.acc, step + 1, seg, c)
+                };
+            }
+            // A frame the reader did not land (quantized, or it came before
+            // the landing was set up): its slot must still be free.
+            if let Some(l) = self.landing {
+                if !l.claim(step, c) {
+                    return Err(Error::RankConnectionLost(
+                        "left neighbour sent a malformed frame: duplicate chunk".into(),
+                    ));
+                }
+            }
+            // SAFETY: an all-gather range of a segment this peer does not
+            // own; nothing else accesses it (see `Landing`).
+            let dst = unsafe { self.acc.slice_mut(off, len) };
+            let payload = frame.payload;
             match p.quant {
                 None => dst.copy_from_slice(&payload),
                 Some((q, algo)) => quant::dequantize_into(p.dtype, q, algo, None, &payload, dst)?,
             }
-            if step < p.steps() - 1 {
+            if last {
+                Ok(())
+            } else {
                 let plen = payload.len();
                 self.enqueue(self.header(step + 1, seg, c, plen), Payload::Owned(payload))
-            } else {
-                Ok(())
             }
         }
     }

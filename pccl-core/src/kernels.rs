@@ -1,7 +1,8 @@
 //! Element-wise reduce kernels over raw byte buffers.
 //!
 //! This module holds the arithmetic of the all-reduce data path:
-//! [`reduce_into`] (`dst[i] = op(dst[i], src[i])`) and [`finalize_avg`]
+//! [`reduce_into`] (`dst[i] = op(dst[i], src[i])`), its three-operand form
+//! [`reduce_from`] (`dst[i] = op(a[i], b[i])`) and [`finalize_avg`]
 //! (`dst[i] /= world`), for every [`DataType`] and [`ReduceOp`], plus the
 //! bit-exact `f16`/`bf16` <-> `f32` conversions the quantizer shares.
 //!
@@ -607,6 +608,93 @@ fn avg_half_portable<H: HalfFmt>(dst: &mut [u8], world: u32) {
     unary_bytes::<u16>(dst, |d| half_map::<H>(d, |x| x / w));
 }
 
+/// `d[i] = f(a[i], b[i])` over typed slices.
+#[inline(always)]
+fn zip3_apply<T: Copy>(d: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
+    for ((x, &p), &q) in d.iter_mut().zip(a).zip(b) {
+        *x = f(p, q);
+    }
+}
+
+/// `d[i] = f(a[i], b[i])` for 16-bit floats, through `f32` staging buffers.
+#[inline(always)]
+fn half_zip3_apply<H: HalfFmt>(d: &mut [u16], a: &[u16], b: &[u16], f: impl Fn(f32, f32) -> f32) {
+    let mut x = [0f32; HALF_CHUNK];
+    let mut y = [0f32; HALF_CHUNK];
+    for ((dc, ac), bc) in d
+        .chunks_mut(HALF_CHUNK)
+        .zip(a.chunks(HALF_CHUNK))
+        .zip(b.chunks(HALF_CHUNK))
+    {
+        let n = dc.len().min(ac.len()).min(bc.len());
+        let (x, y) = (&mut x[..n], &mut y[..n]);
+        H::widen(ac, x);
+        H::widen(bc, y);
+        zip_apply(x, y, &f);
+        H::narrow(x, dc);
+    }
+}
+
+/// Runs `kernel` over three equally long byte slices viewed as `[T]` if all
+/// are aligned for `T`; returns false (doing nothing) otherwise.
+#[inline(always)]
+fn ternary_aligned<T: Pod>(
+    dst: &mut [u8],
+    a: &[u8],
+    b: &[u8],
+    kernel: impl Fn(&mut [T], &[T], &[T]),
+) -> bool {
+    match (
+        bytemuck::try_cast_slice_mut::<u8, T>(dst),
+        bytemuck::try_cast_slice::<u8, T>(a),
+        bytemuck::try_cast_slice::<u8, T>(b),
+    ) {
+        (Ok(d), Ok(a), Ok(b)) => {
+            kernel(d, a, b);
+            true
+        }
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn reduce3_typed_portable<T: Elem>(
+    op: ReduceOp,
+    dst: &mut [u8],
+    a: &[u8],
+    b: &[u8],
+    done: &mut bool,
+) {
+    *done = match op {
+        ReduceOp::Sum | ReduceOp::Avg => {
+            ternary_aligned::<T>(dst, a, b, |d, a, b| zip3_apply(d, a, b, T::add))
+        }
+        ReduceOp::Prod => ternary_aligned::<T>(dst, a, b, |d, a, b| zip3_apply(d, a, b, T::mul)),
+        ReduceOp::Max => ternary_aligned::<T>(dst, a, b, |d, a, b| zip3_apply(d, a, b, T::max)),
+        ReduceOp::Min => ternary_aligned::<T>(dst, a, b, |d, a, b| zip3_apply(d, a, b, T::min)),
+    };
+}
+
+#[inline(always)]
+fn reduce3_half_portable<H: HalfFmt>(
+    op: ReduceOp,
+    dst: &mut [u8],
+    a: &[u8],
+    b: &[u8],
+    done: &mut bool,
+) {
+    let k = |d: &mut [u16], a: &[u16], b: &[u16]| match op {
+        ReduceOp::Sum | ReduceOp::Avg => half_zip3_apply::<H>(d, a, b, |x, y| x + y),
+        ReduceOp::Prod => half_zip3_apply::<H>(d, a, b, |x, y| x * y),
+        ReduceOp::Max => half_zip3_apply::<H>(d, a, b, fmax32),
+        ReduceOp::Min => half_zip3_apply::<H>(d, a, b, fmin32),
+    };
+    *done = ternary_aligned::<u16>(dst, a, b, k);
+}
+
+multiversion!(fn reduce3_typed<T: Elem>(op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8], done: &mut bool) => reduce3_typed_portable);
+multiversion!(fn reduce3_half<H: HalfFmt>(op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8], done: &mut bool) => reduce3_half_portable);
+
 multiversion!(fn reduce_typed<T: Elem>(op: ReduceOp, dst: &mut [u8], src: &[u8]) => reduce_typed_portable);
 multiversion!(fn reduce_half<H: HalfFmt>(op: ReduceOp, dst: &mut [u8], src: &[u8]) => reduce_half_portable);
 multiversion!(fn avg_typed<T: Elem>(dst: &mut [u8], world: u32) => avg_typed_portable);
@@ -642,6 +730,57 @@ pub fn reduce_into(dtype: DataType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
         DataType::BF16 => reduce_half::<Bf16Fmt>(op, dst, src),
         DataType::F32 => reduce_typed::<f32>(op, dst, src),
         DataType::F64 => reduce_typed::<f64>(op, dst, src),
+    }
+}
+
+/// Bytes per block of [`reduce_from`]'s unaligned path: the copy of `a`
+/// into `dst` stays in the L1/L2 cache until the reduction reads it back.
+const FROM_BLOCK_BYTES: usize = 32 << 10;
+
+/// `dst[i] = op(a[i], b[i])` for every element: the three-operand form of
+/// [`reduce_into`], with the same semantics (`a` is the `dst` operand).
+///
+/// Aligned slices take one fused pass; unaligned ones go block by block
+/// (copy a block of `a`, then reduce `b` into it while it is in cache).
+/// All three slices must have the same length (a whole number of elements);
+/// otherwise a `debug_assert!` fires and release builds process the common
+/// prefix. `dst` must not overlap `a` or `b` (the borrow rules guarantee it).
+pub fn reduce_from(dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
+    debug_assert!(
+        dst.len() == a.len() && a.len() == b.len(),
+        "reduce_from: length mismatch"
+    );
+    let n = dst.len().min(a.len()).min(b.len());
+    let n = n - n % dtype.size();
+    let (dst, a, b) = (&mut dst[..n], &a[..n], &b[..n]);
+    // Aligned slices (the usual case): one fused pass.
+    let mut done = false;
+    match dtype {
+        DataType::U8 => reduce3_typed::<u8>(op, dst, a, b, &mut done),
+        DataType::I8 => reduce3_typed::<i8>(op, dst, a, b, &mut done),
+        DataType::U16 => reduce3_typed::<u16>(op, dst, a, b, &mut done),
+        DataType::I16 => reduce3_typed::<i16>(op, dst, a, b, &mut done),
+        DataType::U32 => reduce3_typed::<u32>(op, dst, a, b, &mut done),
+        DataType::I32 => reduce3_typed::<i32>(op, dst, a, b, &mut done),
+        DataType::U64 => reduce3_typed::<u64>(op, dst, a, b, &mut done),
+        DataType::I64 => reduce3_typed::<i64>(op, dst, a, b, &mut done),
+        DataType::F16 => reduce3_half::<F16Fmt>(op, dst, a, b, &mut done),
+        DataType::BF16 => reduce3_half::<Bf16Fmt>(op, dst, a, b, &mut done),
+        DataType::F32 => reduce3_typed::<f32>(op, dst, a, b, &mut done),
+        DataType::F64 => reduce3_typed::<f64>(op, dst, a, b, &mut done),
+    }
+    if done {
+        return;
+    }
+    // Unaligned: copy a cache-sized block of `a`, then reduce `b` into it.
+    // A multiple of every element size, so blocks hold whole elements.
+    for ((d, a), b) in dst
+        .chunks_mut(FROM_BLOCK_BYTES)
+        .zip(a.chunks(FROM_BLOCK_BYTES))
+        .zip(b.chunks(FROM_BLOCK_BYTES))
+    {
+        d.copy_from_slice(a);
+        reduce_into(dtype, op, d, b);
     }
 }
 
@@ -686,6 +825,44 @@ mod tests {
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    fn is_nan(dtype: DataType, b: &[u8]) -> bool {
+        match dtype {
+            DataType::F16 => f16::from_le_bytes([b[0], b[1]]).is_nan(),
+            DataType::BF16 => bf16::from_le_bytes([b[0], b[1]]).is_nan(),
+            DataType::F32 => f32::from_ne_bytes([b[0], b[1], b[2], b[3]]).is_nan(),
+            DataType::F64 => f64::from_ne_bytes(b.try_into().unwrap_or([0; 8])).is_nan(),
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn reduce_from_equals_copy_then_reduce_into() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for dtype in DataType::ALL {
+            for op in [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Max, ReduceOp::Min] {
+                // Spans several blocks and ends in a partial one; offset by one
+                // byte so the unaligned path runs too.
+                for (elems, skew) in [(0usize, 0usize), (1, 0), (70_001, 0), (70_001, 1)] {
+                    let len = elems * dtype.size();
+                    let a: Vec<u8> = (0..len + skew).map(|_| rng.gen()).collect();
+                    let b: Vec<u8> = (0..len + skew).map(|_| rng.gen()).collect();
+                    let (a, b) = (&a[skew..], &b[skew..]);
+                    let mut want = a.to_vec();
+                    reduce_into(dtype, op, &mut want, b);
+                    let mut got = vec![0u8; len + skew];
+                    reduce_from(dtype, op, &mut got[skew..], a, b);
+                    // Which NaN payload a float Sum/Prod yields is up to the
+                    // hardware (and operand order); any NaN matches any NaN.
+                    let same = got[skew..]
+                        .chunks(dtype.size())
+                        .zip(want.chunks(dtype.size()))
+                        .all(|(g, w)| g == w || (is_nan(dtype, g) && is_nan(dtype, w)));
+                    assert!(same, "{dtype:?} {op:?} {elems} {skew}");
+                }
+            }
+        }
+    }
 
     // ---- conversions -----------------------------------------------------
 

@@ -237,13 +237,7 @@ impl Control {
                     return;
                 };
                 let (tx, inbox) = mpsc::channel(super::p2p::INBOX_CAPACITY);
-                let route = Arc::new(OpRoute {
-                    left: ring[(i + n - 1) % n],
-                    right: ring[(i + 1) % n],
-                    tx,
-                    lost: CancellationToken::new(),
-                    lost_reason: Arc::new(Mutex::new(None)),
-                });
+                let route = Arc::new(OpRoute::new(ring[(i + n - 1) % n], ring[(i + 1) % n], tx));
                 // Register before acknowledging, so early frames find their op.
                 self.p2p.register_op(op_id, route.clone());
                 let delivered = self.route(

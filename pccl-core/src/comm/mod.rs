@@ -864,21 +864,24 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
     let ds = job.desc.datatype.size();
     debug_assert_eq!(job.bytes, job.desc.count * ds);
 
-    // Keep what a failure must restore: the input, if it is about to be overwritten.
+    // The ring reads its input from `send` and writes only `recv`. In place,
+    // it reads a copy instead, which is also what a failure restores.
     let in_place = job.send == job.recv_addr;
-    let backup: Option<Vec<u8>> = if in_place {
+    let mut backup: Option<Vec<u8>> = None;
+    let input = if in_place {
+        let mut copy = job.p2p.take_scratch(job.bytes);
         // SAFETY: the caller guarantees `recv` is valid for `bytes` bytes.
-        Some(unsafe { std::slice::from_raw_parts(job.recv_addr as *const u8, job.bytes) }.to_vec())
+        let src = unsafe { std::slice::from_raw_parts(job.recv_addr as *const u8, job.bytes) };
+        copy[..job.bytes].copy_from_slice(src);
+        // SAFETY: `copy` lives in `backup` until every ring task is joined;
+        // moving the Vec does not move its heap buffer.
+        let raw = unsafe { RawBuf::new(copy.as_mut_ptr(), job.bytes) };
+        backup = Some(copy);
+        raw
     } else {
-        // SAFETY: distinct, non-overlapping buffers valid for `bytes` bytes (checked at start).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                job.send as *const u8,
-                job.recv_addr as *mut u8,
-                job.bytes,
-            )
-        };
-        None
+        // SAFETY: the caller guarantees `send` is valid for `bytes` bytes and
+        // does not overlap `recv` (checked at start); the ring only reads it.
+        unsafe { RawBuf::new(job.send as *mut u8, job.bytes) }
     };
 
     let quant = (job.desc.quantization.algorithm != QuantizationAlgorithm::None).then_some((
@@ -897,17 +900,16 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
     };
     let abort = CancellationToken::new();
     let right = route.right;
-    let lost_reason = route.lost_reason.clone();
 
     let ring_fut = async {
         let addr = job.ctl.addr_of(right)?;
         let pool = job.p2p.ensure_pool(right, addr).await?;
         collectives::run_ring(
             &params,
+            input,
             job.recv,
             &mut inbox,
-            &route.lost,
-            &lost_reason,
+            &route,
             &abort,
             pool,
             &job.p2p.bufs,
@@ -978,12 +980,15 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
     };
     if let Err(e) = &outcome {
         tracing::debug!(peer = %me, tag, op_id, "all-reduce failed: {e}");
-        if let Some(b) = backup {
+        if let Some(b) = &backup {
             // SAFETY: every ring task has been joined; `recv` is ours again.
             unsafe {
                 std::ptr::copy_nonoverlapping(b.as_ptr(), job.recv_addr as *mut u8, job.bytes)
             };
         }
+    }
+    if let Some(b) = backup {
+        job.p2p.put_scratch(b);
     }
     outcome
 }

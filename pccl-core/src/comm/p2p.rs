@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::bufpool::{BufPool, PooledBuf};
+use crate::collectives::Landing;
 use crate::error::{Error, Result};
 use crate::transport::{self, SocketTuning};
 use crate::wire::{ConnKind, DataHeader, Hello, PeerId};
@@ -29,7 +30,10 @@ const EARLY_FRAME_WAIT: Duration = Duration::from_secs(30);
 /// A received data frame.
 pub struct Frame {
     pub header: DataHeader,
+    /// Empty when the reader landed the payload in the op's buffer.
     pub payload: PooledBuf,
+    /// Whether the payload was written straight into the op's result buffer.
+    pub landed: bool,
 }
 
 /// What a reader delivers to a running operation.
@@ -40,9 +44,26 @@ pub struct OpRoute {
     /// Cancelled when a connection the op depends on breaks.
     pub lost: CancellationToken,
     pub lost_reason: Arc<Mutex<Option<String>>>,
+    /// Where readers may write all-gather payloads directly (set by the ring).
+    pub landing: std::sync::OnceLock<Arc<Landing>>,
 }
 
 impl OpRoute {
+    pub fn new(left: PeerId, right: PeerId, tx: mpsc::Sender<Frame>) -> Self {
+        OpRoute {
+            left,
+            right,
+            tx,
+            lost: CancellationToken::new(),
+            lost_reason: Arc::new(Mutex::new(None)),
+            landing: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn set_landing(&self, landing: Arc<Landing>) {
+        let _ = self.landing.set(landing);
+    }
+
     fn fail(&self, reason: String) {
         if let Ok(mut r) = self.lost_reason.lock() {
             r.get_or_insert(reason);
@@ -89,7 +110,7 @@ impl OutConn {
     /// Writes one whole frame; the connection is shared frame by frame
     /// between concurrent operations.
     pub async fn write_frame(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
-        let mut w = self.writer.lock().await;
+        let w = self.writer.lock().await;
         if self.is_broken() {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -97,15 +118,76 @@ impl OutConn {
             ));
         }
         let mut guard = WriteGuard(self, false);
-        // Two writes, not one writev: tokio's plain writes use send() with
-        // MSG_NOSIGNAL, while writev raises SIGPIPE on a closed peer and would
-        // kill C host programs that do not ignore it.
-        w.write_all(header).await?;
-        if !payload.is_empty() {
-            w.write_all(payload).await?;
-        }
+        send_frame(w.as_ref(), self.fd, header, payload).await?;
         guard.1 = true;
         Ok(())
+    }
+}
+
+/// Writes header and payload with as few `sendmsg` calls as the socket
+/// allows (one, normally), so a frame leaves as one stream of segments
+/// instead of a lone header segment and then the payload. `MSG_NOSIGNAL`,
+/// unlike a plain `writev`, never raises SIGPIPE, which would kill C host
+/// programs that do not ignore it.
+async fn send_frame(
+    stream: &tokio::net::TcpStream,
+    fd: std::os::fd::RawFd,
+    header: &[u8],
+    payload: &[u8],
+) -> io::Result<()> {
+    let total = header.len() + payload.len();
+    let mut done = 0;
+    while done < total {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg_from(fd, header, payload, done)
+        }) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One non-blocking `sendmsg` of what is left of `header ++ payload` after
+/// the first `done` bytes.
+fn sendmsg_from(
+    fd: std::os::fd::RawFd,
+    header: &[u8],
+    payload: &[u8],
+    done: usize,
+) -> io::Result<usize> {
+    let parts: [&[u8]; 2] = if done < header.len() {
+        [&header[done..], payload]
+    } else {
+        [&payload[done - header.len()..], &[]]
+    };
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 2];
+    let mut n = 0;
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        iov[n] = libc::iovec {
+            iov_base: part.as_ptr() as *mut libc::c_void,
+            iov_len: part.len(),
+        };
+        n += 1;
+    }
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = n as _;
+    // SAFETY: `fd` is the open socket of the stream the caller holds; the
+    // iovecs point into live slices that sendmsg only reads.
+    let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
     }
 }
 
@@ -142,6 +224,9 @@ pub struct P2p {
     last_commenced: watch::Sender<u64>,
     shutdown: CancellationToken,
     conn_seq: AtomicU64,
+    /// The in-place input copy of the last in-place op, kept for the next
+    /// (allocating and faulting in a large buffer per op is costly).
+    scratch: Mutex<Option<Vec<u8>>>,
 }
 
 impl P2p {
@@ -163,7 +248,27 @@ impl P2p {
             last_commenced: watch::channel(0).0,
             shutdown,
             conn_seq: AtomicU64::new(0),
+            scratch: Mutex::new(None),
         })
+    }
+
+    /// A buffer of at least `len` bytes (contents unspecified).
+    pub fn take_scratch(&self, len: usize) -> Vec<u8> {
+        let cached = self.scratch.lock().ok().and_then(|mut s| s.take());
+        match cached {
+            Some(v) if v.len() >= len => v,
+            // Zeroed pages from the allocator; the caller overwrites them.
+            _ => vec![0u8; len],
+        }
+    }
+
+    /// Keeps `buf` for the next in-place op (the larger of it and the cached one).
+    pub fn put_scratch(&self, buf: Vec<u8>) {
+        if let Ok(mut s) = self.scratch.lock() {
+            if s.as_ref().is_none_or(|cur| cur.len() < buf.len()) {
+                *s = Some(buf);
+            }
+        }
     }
 
     pub fn set_me(&self, id: PeerId) {
@@ -235,20 +340,56 @@ impl P2p {
                     return format!("malformed data frame: {e}");
                 }
             };
-            let mut payload = self.bufs.get(header.payload_len as usize);
-            if let Err(e) = rd.read_exact(&mut payload).await {
-                return format!("truncated frame: {e}");
-            }
-            if let Err(why) = self.route(from, Frame { header, payload }).await {
-                tracing::warn!(peer = %me, from = %from, "{why}; closing the connection");
-                return why;
+            let route = match self.resolve(from, &header).await {
+                Ok(r) => r,
+                Err(why) => {
+                    tracing::warn!(peer = %me, from = %from, "{why}; closing the connection");
+                    return why;
+                }
+            };
+            let len = header.payload_len as usize;
+            let landing = route
+                .as_ref()
+                .and_then(|r| r.landing.get())
+                .and_then(|l| Some((l, l.target(&header)?)));
+            let frame = if let Some((landing, (off, _))) = landing {
+                match read_into_landing(&mut rd, landing, off, len, &self.bufs).await {
+                    // Landed in the op's buffer: the op only needs to hear of it.
+                    Ok(true) => Some(Frame {
+                        header,
+                        payload: PooledBuf::empty(),
+                        landed: true,
+                    }),
+                    // The op ended while the frame was arriving.
+                    Ok(false) => None,
+                    Err(e) => return format!("truncated frame: {e}"),
+                }
+            } else {
+                let mut payload = self.bufs.get(len);
+                if let Err(e) = rd.read_exact(&mut payload).await {
+                    return format!("truncated frame: {e}");
+                }
+                Some(Frame {
+                    header,
+                    payload,
+                    landed: false,
+                })
+            };
+            if let (Some(route), Some(frame)) = (route, frame) {
+                // A closed inbox means the op just ended; the frame is not needed.
+                let _ = route.tx.send(frame).await;
             }
         }
     }
 
-    /// Hands a frame to its operation; frames of finished ops are dropped.
-    async fn route(&self, from: PeerId, frame: Frame) -> std::result::Result<(), String> {
-        let op_id = frame.header.op_id;
+    /// Finds the operation a frame belongs to (waiting briefly for its
+    /// announcement); `None` for frames of finished ops.
+    async fn resolve(
+        &self,
+        from: PeerId,
+        header: &DataHeader,
+    ) -> std::result::Result<Option<Arc<OpRoute>>, String> {
+        let op_id = header.op_id;
         if op_id > *self.last_commenced.borrow() {
             // The left neighbour heard "commence" before we did; wait for ours.
             let mut rx = self.last_commenced.subscribe();
@@ -266,7 +407,7 @@ impl P2p {
             .ok()
             .and_then(|ops| ops.get(&op_id).cloned());
         let Some(route) = route else {
-            return Ok(()); // stale frame of an aborted op
+            return Ok(None);
         };
         if route.left != from {
             return Err(format!(
@@ -274,9 +415,7 @@ impl P2p {
                 route.left
             ));
         }
-        // A closed inbox means the op just ended; the frame is not needed.
-        let _ = route.tx.send(frame).await;
-        Ok(())
+        Ok(Some(route))
     }
 
     /// Registers an op before the master's "commence" is acknowledged, so its
@@ -446,4 +585,49 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
     });
     joined.await;
     out.into_iter().flatten().collect()
+}
+
+/// Reads a `len`-byte payload straight into the op's result buffer at
+/// `off`. Each `recv` runs under the landing's lock; if the op closes its
+/// landing half-way, the rest of the payload is read and discarded so the
+/// stream stays framed. Returns whether the whole payload landed.
+async fn read_into_landing(
+    rd: &mut OwnedReadHalf,
+    landing: &Landing,
+    off: usize,
+    len: usize,
+    bufs: &Arc<BufPool>,
+) -> io::Result<bool> {
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, ReadBuf};
+    let mut done = 0;
+    while done < len {
+        let step = std::future::poll_fn(|cx| {
+            let polled = landing.with_dst(off, len, |dst| {
+                let mut rb = ReadBuf::new(&mut dst[done..]);
+                match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            });
+            match polled {
+                Some(Poll::Ready(r)) => Poll::Ready(r.map(Some)),
+                Some(Poll::Pending) => Poll::Pending,
+                None => Poll::Ready(Ok(None)),
+            }
+        })
+        .await?;
+        match step {
+            Some(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Some(n) => done += n,
+            None => {
+                // The op ended: drop the rest of this frame.
+                let mut rest = bufs.get(len - done);
+                rd.read_exact(&mut rest).await?;
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
