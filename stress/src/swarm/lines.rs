@@ -8,6 +8,7 @@
 //! BEGIN step=12 op=allreduce attempt=1          (only with --trace)
 //! JOINED peer=1a2b3c4d session=1 world=3 connect_ms=812
 //! STEP step=12 rev=12 world=3 local=9 ok=1 retries=0 wait_ms=0 state_hash=0123abcd0123abcd allreduce_exact=1 sync_rx=0 sync_ms=3.1 ar_ms=40.2 bytes=16777216 busbw=0.555
+//! STEP ... busbw=0.555 ar_hash=89abcdef01234567 ar_err=1.1764705882352941e-2   (with --quant)
 //! RETRY step=12 op=allreduce err=RankConnectionLost wait_ms=310 attempt=1 restored=1
 //! SKIP step=13 reason=TooFewPeers
 //! REJOIN reason=MasterConnectionFailed msg=the master closed the connection
@@ -55,6 +56,11 @@ pub struct StepRec {
     pub bytes: u64,
     /// Bus bandwidth of the successful attempt, GB/s: `2(w-1)/w · bytes / time`.
     pub busbw: f64,
+    /// Quantized all-reduce only (`--quant`): hash of the reduced buffer,
+    /// which must be equal on every peer of the step.
+    pub ar_hash: Option<u64>,
+    /// Quantized all-reduce only: largest |result − world × contribution|.
+    pub ar_err: Option<f64>,
 }
 
 impl fmt::Display for StepRec {
@@ -76,7 +82,14 @@ impl fmt::Display for StepRec {
             self.ar_ms,
             self.bytes,
             self.busbw
-        )
+        )?;
+        if let Some(h) = self.ar_hash {
+            write!(f, " ar_hash={h:016x}")?;
+        }
+        if let Some(e) = self.ar_err {
+            write!(f, " ar_err={e:e}")?;
+        }
+        Ok(())
     }
 }
 
@@ -240,6 +253,10 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| Error(format!("field '{key}' missing in line '{}'", self.line)))
     }
 
+    fn has(&self, key: &str) -> bool {
+        self.fields.iter().any(|(k, _)| *k == key)
+    }
+
     fn num<T: FromStr>(&self, key: &str) -> Result<T>
     where
         T::Err: fmt::Display,
@@ -315,6 +332,8 @@ impl Record {
                 ar_ms: f.num("ar_ms")?,
                 bytes: f.num("bytes")?,
                 busbw: f.num("busbw")?,
+                ar_hash: f.has("ar_hash").then(|| f.hex("ar_hash")).transpose()?,
+                ar_err: f.has("ar_err").then(|| f.num("ar_err")).transpose()?,
             }),
             "RETRY" => Record::Retry(RetryRec {
                 step: f.num("step")?,
@@ -389,6 +408,24 @@ mod tests {
             ar_ms: 40.5,
             bytes: 16 << 20,
             busbw: 0.5,
+            ar_hash: None,
+            ar_err: None,
+        }));
+        round_trip(Record::Step(StepRec {
+            step: 13,
+            world: 2,
+            local: 10,
+            retries: 0,
+            wait_ms: 0,
+            state_hash: 7,
+            allreduce_exact: false,
+            sync_rx: 0,
+            sync_ms: 1.5,
+            ar_ms: 2.5,
+            bytes: 1 << 20,
+            busbw: 0.25,
+            ar_hash: Some(0xfedc_ba98_7654_3210),
+            ar_err: Some(0.011764705882352941),
         }));
         round_trip(Record::Retry(RetryRec {
             step: 12,

@@ -15,7 +15,9 @@
 //! 4. all-reduce (sum, in place) of a gradient-like buffer that is a
 //!    deterministic function of the step, retried after
 //!    `RankConnectionLost`/`RankConnectionFailed`; the result must equal
-//!    `world × contribution` exactly, which the worker checks itself;
+//!    `world × contribution` exactly, which the worker checks itself
+//!    (with `--quant` the all-reduce is quantized and the worker reports
+//!    the hash of the result and its largest error instead);
 //! 5. a deterministic state update from the reduced buffer
 //!    (`w[k] += sum[k mod n] / world · 1e-3`), identical on every peer.
 //!
@@ -44,8 +46,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pccl_core::{
-    Communicator, CommunicatorConfig, DataType, Error as PcclError, ReduceDescriptor, ReduceOp,
-    SharedState, SharedTensor, SyncStrategy,
+    Communicator, CommunicatorConfig, DataType, Error as PcclError, QuantizationAlgorithm,
+    QuantizationOptions, ReduceDescriptor, ReduceOp, SharedState, SharedTensor, SyncStrategy,
 };
 
 use super::lines::{Record, RetryRec, StepRec};
@@ -111,6 +113,32 @@ pub struct WorkerArgs {
     /// restored (costs a pass over the buffer before the retry).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub check_restore: bool,
+    /// Quantize the all-reduce: `none` (default: exact f32 sum), `minmax`
+    /// or `zps` (zero point / scale). A quantized step's STEP line also
+    /// carries `ar_hash` (hash of the reduced buffer, equal on every peer)
+    /// and `ar_err` (largest |result − world × contribution|);
+    /// `allreduce_exact` keeps its meaning (usually 0 when quantized).
+    #[arg(long, default_value = "none", value_parser = parse_quant_algo)]
+    pub quant: QuantizationAlgorithm,
+    /// Quantized data type with `--quant`: u8, i8, u16 or i16.
+    #[arg(long, default_value = "u8", value_parser = parse_quant_type)]
+    pub quant_type: DataType,
+}
+
+fn parse_quant_algo(s: &str) -> std::result::Result<QuantizationAlgorithm, String> {
+    match s {
+        "none" => Ok(QuantizationAlgorithm::None),
+        "minmax" => Ok(QuantizationAlgorithm::MinMax),
+        "zps" | "zeropointscale" => Ok(QuantizationAlgorithm::ZeroPointScale),
+        _ => Err(format!("'{s}' is not one of none, minmax, zps")),
+    }
+}
+
+fn parse_quant_type(s: &str) -> std::result::Result<DataType, String> {
+    [DataType::U8, DataType::I8, DataType::U16, DataType::I16]
+        .into_iter()
+        .find(|d| d.name() == s)
+        .ok_or_else(|| format!("'{s}' is not one of u8, i8, u16, i16"))
 }
 
 /// Elements of the small second tensor of the shared state.
@@ -465,7 +493,13 @@ fn step(
         }
     };
     fill(&mut peer.grad);
-    let desc = ReduceDescriptor::new(args.elems, DataType::F32, ReduceOp::Sum);
+    let mut desc = ReduceDescriptor::new(args.elems, DataType::F32, ReduceOp::Sum);
+    if args.quant != QuantizationAlgorithm::None {
+        desc = desc.with_quantization(QuantizationOptions {
+            quantized_datatype: args.quant_type,
+            algorithm: args.quant,
+        });
+    }
     let mut retries = 0u32;
     let mut wait_ms = 0u64;
     let (info, ar_ms) = loop {
@@ -529,6 +563,18 @@ fn step(
         .iter()
         .enumerate()
         .all(|(k, x)| *x == wf * grad_value(step, k));
+    let (ar_hash, ar_err) = if args.quant != QuantizationAlgorithm::None {
+        let err = peer
+            .grad
+            .iter()
+            .enumerate()
+            .map(|(k, x)| (*x as f64 - wf as f64 * grad_value(step, k) as f64).abs())
+            .fold(0.0, f64::max);
+        let bytes: Vec<u8> = peer.grad.iter().flat_map(|x| x.to_le_bytes()).collect();
+        (Some(pccl_core::hash::tensor_hash(&bytes)), Some(err))
+    } else {
+        (None, None)
+    };
 
     // Deterministic update, identical on every peer.
     let n = peer.grad.len();
@@ -559,6 +605,8 @@ fn step(
         ar_ms,
         bytes,
         busbw,
+        ar_hash,
+        ar_err,
     }));
     Ok(Outcome::Stepped)
 }

@@ -1,0 +1,405 @@
+//! Churn during a quantized all-reduce: real `pccl-worker` processes (with
+//! `--quant minmax --quant-type u8`, f32 sums) and an in-process master on
+//! 127.0.0.1:0. One worker is SIGKILLed in the middle of a ring transfer;
+//! the survivors must get `RankConnectionLost` for that attempt, retry with
+//! each other, and end with bit-identical results (equal `ar_hash`) within
+//! the documented error bound of the exact sum (`ar_err`).
+//!
+//! Every child is SIGKILLed and reaped when a test ends, panics included
+//! ([`Procs`]'s drop); workers also exit when their stdin (a pipe from this
+//! process) closes. All ports are ephemeral. The tests run one at a time.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use pccl_core::{MasterConfig, MasterNode};
+use pccl_stress::swarm::lines::{Record, RetryRec, StepRec};
+use pccl_stress::swarm::procs::{ProcEvent, Procs, Stream};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A master plus worker processes and what they printed (the part of
+/// `faults.rs`'s helper these tests need).
+struct Cluster {
+    master: MasterNode,
+    procs: Procs,
+    records: Vec<Vec<Record>>,
+    stderr: Vec<Vec<String>>,
+}
+
+impl Cluster {
+    fn new(peer_timeout_ms: u64) -> Cluster {
+        let cfg = MasterConfig {
+            peer_timeout_ms,
+            ..MasterConfig::default()
+        };
+        let mut master =
+            MasterNode::bind("127.0.0.1:0".parse().expect("address"), cfg).expect("bind master");
+        master.run().expect("run master");
+        Cluster {
+            master,
+            procs: Procs::new(),
+            records: Vec::new(),
+            stderr: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self, args: &[&str]) -> usize {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pccl-worker"));
+        cmd.arg("--master")
+            .arg(self.master.local_addr().to_string())
+            .arg("--exit-on-stdin-eof")
+            .args(args);
+        let name = format!("w{}", self.procs.len());
+        let id = self.procs.spawn(name, cmd).expect("spawn pccl-worker");
+        self.records.push(Vec::new());
+        self.stderr.push(Vec::new());
+        id
+    }
+
+    fn pump(&mut self, timeout: Duration) -> Option<(usize, Option<Record>)> {
+        match self.procs.next(timeout)? {
+            ProcEvent::Line {
+                id,
+                stream: Stream::Stdout,
+                line,
+                ..
+            } => {
+                let rec = Record::parse(&line)
+                    .unwrap_or_else(|e| panic!("w{id} printed a malformed line: {e}"));
+                if let Some(r) = &rec {
+                    if let Record::Fatal { msg } = r {
+                        panic!("w{id} failed: {msg}\n{}", self.diagnostics());
+                    }
+                    self.records[id].push(r.clone());
+                }
+                Some((id, rec))
+            }
+            ProcEvent::Line {
+                id,
+                stream: Stream::Stderr,
+                line,
+                ..
+            } => {
+                self.stderr[id].push(line);
+                Some((id, None))
+            }
+            ProcEvent::Eof { id, .. } => Some((id, None)),
+        }
+    }
+
+    fn wait_for<T>(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut f: impl FnMut(&Cluster, usize, &Record) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "timed out after {:.1} s waiting for {what}\n{}",
+                    within.as_secs_f64(),
+                    self.diagnostics()
+                );
+            }
+            if let Some((id, Some(rec))) = self.pump(left.min(Duration::from_millis(200))) {
+                if let Some(v) = f(self, id, &rec) {
+                    return v;
+                }
+            }
+        }
+    }
+
+    fn steps(&self, id: usize) -> BTreeMap<u64, StepRec> {
+        self.records[id]
+            .iter()
+            .filter_map(|r| match r {
+                Record::Step(s) => Some((s.step, s.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn step_count(&self, id: usize) -> usize {
+        self.records[id]
+            .iter()
+            .filter(|r| matches!(r, Record::Step(_)))
+            .count()
+    }
+
+    fn wait_steps(&mut self, ids: &[usize], n: usize, within: Duration) {
+        let ids = ids.to_vec();
+        if ids.iter().all(|&i| self.step_count(i) >= n) {
+            return;
+        }
+        self.wait_for(&format!("{n} steps on {ids:?}"), within, |c, _, _| {
+            ids.iter().all(|&i| c.step_count(i) >= n).then_some(())
+        });
+    }
+
+    /// Waits until every worker in `ids` has begun `op` of the same step.
+    fn wait_all_begin(&mut self, ids: &[usize], op: &str) -> u64 {
+        let mut begun: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        let ids = ids.to_vec();
+        self.wait_for(
+            &format!("every worker to begin a {op}"),
+            Duration::from_secs(20),
+            |_, id, r| match r {
+                Record::Begin { step, op: o, .. } if o == op && ids.contains(&id) => {
+                    let who = begun.entry(*step).or_default();
+                    if !who.contains(&id) {
+                        who.push(id);
+                    }
+                    (who.len() == ids.len()).then_some(*step)
+                }
+                _ => None,
+            },
+        )
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut s = String::new();
+        for id in 0..self.records.len() {
+            s.push_str(&format!("--- w{id} stdout (last 8):\n"));
+            for r in self.records[id].iter().rev().take(8).rev() {
+                s.push_str(&format!("  {r}\n"));
+            }
+            s.push_str(&format!("--- w{id} stderr (last 8):\n"));
+            for l in self.stderr[id].iter().rev().take(8).rev() {
+                s.push_str(&format!("  {l}\n"));
+            }
+        }
+        s
+    }
+}
+
+/// 2^e for normal exponents.
+fn pow2(e: i32) -> f64 {
+    f64::from_bits(((e + 1023) as u64) << 52)
+}
+
+/// The documented bound (docs/quantization.md, "A bound in terms of the
+/// inputs") on |result − exact| of an f32 `Sum` quantized to u8 with MinMax
+/// over `w` peers whose blocks each have range ≤ 6 and magnitude ≤ 6: the
+/// worker's contributions are `(step·31 + k) mod 7`, the same on every peer.
+fn u8_minmax_sum_bound(w: usize) -> f64 {
+    let (r, m) = (6.0, 6.0);
+    let qmax = 255.0;
+    let eps = pow2(-24);
+    let tau = f32::from_bits(1) as f64;
+    // One quantization round trip of a block of range ≤ rr, magnitude ≤ mm.
+    let quant = |rr: f64, mm: f64| rr / (2.0 * qmax) + 8.0 * eps * mm + qmax * tau;
+    // Rounding of an f32 sum of magnitude ≤ mm (half an ulp ≤ 2^-24·mm).
+    let round = |mm: f64| eps * mm;
+    let mut e = 0.0;
+    for k in 1..w {
+        let k = k as f64;
+        let d = e + quant(k * r + 2.0 * e, k * m + e);
+        e = d + round((k + 1.0) * m + d);
+    }
+    let wf = w as f64;
+    e + quant(wf * r + 2.0 * e, wf * m + e)
+}
+
+/// Checks a quantized STEP record: it carries the result's hash and error,
+/// the error is within the bound for its world size, and it is not zero
+/// (the all-reduce really was quantized).
+fn check_quantized(id: usize, s: &StepRec) {
+    let hash = s.ar_hash;
+    let err = s
+        .ar_err
+        .unwrap_or_else(|| panic!("w{id} step {}: no ar_err on a quantized step", s.step));
+    assert!(hash.is_some(), "w{id} step {}: no ar_hash", s.step);
+    let bound = u8_minmax_sum_bound(s.world as usize);
+    assert!(
+        err <= bound,
+        "w{id} step {} (world {}): error {err:e} exceeds the documented bound {bound:e}",
+        s.step,
+        s.world
+    );
+    assert!(
+        err > 0.0 && !s.allreduce_exact,
+        "w{id} step {}: exact result, the all-reduce was not quantized",
+        s.step
+    );
+}
+
+/// Asserts that every worker in `ids` reported the same result hash at every
+/// step they all reported, and that each step is a valid quantized one;
+/// returns how many steps were compared.
+fn assert_same_results(c: &Cluster, ids: &[usize]) -> usize {
+    let all: Vec<BTreeMap<u64, StepRec>> = ids.iter().map(|&i| c.steps(i)).collect();
+    let mut n = 0;
+    for (step, s0) in &all[0] {
+        check_quantized(ids[0], s0);
+        let mut everyone = true;
+        for (j, steps) in all.iter().enumerate().skip(1) {
+            match steps.get(step) {
+                Some(s) => {
+                    check_quantized(ids[j], s);
+                    assert_eq!(
+                        (s.world, s.ar_hash),
+                        (s0.world, s0.ar_hash),
+                        "w{} and w{} disagree on the quantized result of step {step}",
+                        ids[0],
+                        ids[j]
+                    );
+                }
+                None => everyone = false,
+            }
+        }
+        n += usize::from(everyone);
+    }
+    n
+}
+
+fn sigkill_mid_quantized_allreduce_with(n: usize) {
+    let _g = serial();
+    let mut c = Cluster::new(5_000);
+    let min_world = n.to_string();
+    // 4M f32 per all-reduce, quantized to u8 (about 4 MiB on the wire per
+    // segment pass): the ring transfer dominates each step.
+    let args = [
+        "--elems",
+        "4194304",
+        "--state-mib",
+        "1",
+        "--min-world",
+        &min_world,
+        "--trace",
+        "--quant",
+        "minmax",
+        "--quant-type",
+        "u8",
+    ];
+    let ids: Vec<usize> = (0..n).map(|_| c.spawn(&args)).collect();
+    c.wait_steps(&ids, 3, Duration::from_secs(60));
+    let before = assert_same_results(&c, &ids);
+    assert!(before >= 3, "only {before} common steps before the kill");
+    let victim = ids[n - 1];
+    let survivors: Vec<usize> = ids[..n - 1].to_vec();
+    // Aim at the middle of the next ring transfer.
+    let typical_ms = c
+        .steps(victim)
+        .values()
+        .map(|s| s.ar_ms)
+        .fold(f64::INFINITY, f64::min);
+    let aim = Duration::from_secs_f64((typical_ms / 2.0).max(5.0) / 1e3);
+    c.wait_all_begin(&ids, "allreduce");
+    std::thread::sleep(aim);
+    let killed_at = Instant::now();
+    c.procs.kill(victim).expect("SIGKILL the victim");
+
+    let mut failed: BTreeMap<usize, RetryRec> = BTreeMap::new();
+    let mut recovered: BTreeMap<usize, StepRec> = BTreeMap::new();
+    c.wait_for(
+        "every survivor to step with world n-1",
+        Duration::from_secs(30),
+        |_, id, r| {
+            if let Record::Retry(rr) = r {
+                failed.entry(id).or_insert(rr.clone());
+            }
+            if let Record::Step(s) = r {
+                if s.world as usize == n - 1 {
+                    recovered.entry(id).or_insert(s.clone());
+                }
+            }
+            survivors
+                .iter()
+                .all(|s| recovered.contains_key(s))
+                .then_some(())
+        },
+    );
+    let recovery = killed_at.elapsed();
+    for &s in &survivors {
+        let r = failed.get(&s).unwrap_or_else(|| {
+            panic!(
+                "w{s} stepped with world {} without a RETRY: the kill missed the all-reduce \
+                 (aimed {:.0} ms into it)\n{}",
+                n - 1,
+                aim.as_secs_f64() * 1e3,
+                c.diagnostics()
+            )
+        });
+        let st = &recovered[&s];
+        println!(
+            "w{s}: RETRY step={} err={} wait_ms={} restored={}; recovered at step {} \
+             (world {}, ar_err {:e}, bound {:e})",
+            r.step,
+            r.err,
+            r.wait_ms,
+            r.restored,
+            st.step,
+            st.world,
+            st.ar_err.unwrap_or(f64::NAN),
+            u8_minmax_sum_bound(st.world as usize)
+        );
+        assert_eq!(r.err, "RankConnectionLost");
+        assert!(r.restored, "the in-place buffer must be restored");
+        assert_eq!(st.step, r.step, "the retry must complete the failed step");
+        assert_eq!(st.retries, 1, "one failed attempt, then success");
+        check_quantized(s, st);
+    }
+    // The survivors' retried results are bit-identical.
+    let first = &recovered[&survivors[0]];
+    for &s in &survivors[1..] {
+        assert_eq!(
+            (recovered[&s].step, recovered[&s].ar_hash),
+            (first.step, first.ar_hash),
+            "w{} and w{s} differ after the retry",
+            survivors[0]
+        );
+    }
+    println!(
+        "kill -> all {} survivors stepping with world {}: {} ms",
+        n - 1,
+        n - 1,
+        recovery.as_millis()
+    );
+    // A few more steps among the survivors, all identical and within bound.
+    c.wait_steps(
+        &survivors,
+        c.step_count(survivors[0]) + 2,
+        Duration::from_secs(30),
+    );
+    let common = assert_same_results(&c, &survivors);
+    assert!(common >= 5, "only {common} common steps");
+    println!(
+        "quantized results agree on {common} common steps of the survivors \
+         (bounds: world {n} {:e}, world {} {:e})",
+        u8_minmax_sum_bound(n),
+        n - 1,
+        u8_minmax_sum_bound(n - 1)
+    );
+}
+
+#[test]
+fn sigkill_mid_quantized_allreduce() {
+    sigkill_mid_quantized_allreduce_with(3);
+}
+
+#[test]
+fn sigkill_mid_quantized_allreduce_ring_of_four() {
+    sigkill_mid_quantized_allreduce_with(4);
+}
+
+#[test]
+fn documented_bound_is_tight_enough_to_matter() {
+    // The bound is a few 8-bit steps of the final range, not a loose constant.
+    for w in 2..=4 {
+        let b = u8_minmax_sum_bound(w);
+        let per_hop: f64 = (1..=w).map(|k| 6.0 * k as f64 / 510.0).sum();
+        assert!(
+            b >= per_hop && b < 1.01 * per_hop,
+            "w {w}: {b} vs {per_hop}"
+        );
+    }
+}
