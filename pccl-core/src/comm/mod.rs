@@ -53,6 +53,8 @@ pub struct CommunicatorConfig {
     pub chunk_bytes: usize,
     /// Worker threads of the communicator's runtime.
     pub worker_threads: usize,
+    /// Socket options of data connections (buffers, congestion control;
+    /// the latter defaults to `$PCCL_TCP_CONGESTION`).
     pub socket: SocketTuning,
 }
 
@@ -71,7 +73,10 @@ impl CommunicatorConfig {
             connect_timeout: Duration::from_secs(10),
             chunk_bytes: 512 << 10,
             worker_threads: 2,
-            socket: SocketTuning::default(),
+            socket: SocketTuning {
+                congestion: transport::CongestionControl::from_env(),
+                ..SocketTuning::default()
+            },
         }
     }
 

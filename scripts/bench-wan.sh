@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# WAN pccl-bench: one peer per emulated internet host (../shared/wan-emu).
+#
+#   sudo scripts/bench-wan.sh N [-- pccl-bench options]
+#   e.g. sudo PCCL_TCP_CONGESTION=cubic scripts/bench-wan.sh 4 -- --sizes 16M,64M --iters 3
+#
+# Environment:
+#   WAN_EMU       path of wan-emu (default: ../shared/wan-emu beside the project root)
+#   WAN_OPTS      options of `wan.sh up N` (default: 100 ms RTT, 0.01 % loss
+#                 per direction, 250 Mbit/s uplink, 64 MiB TCP buffer max)
+#   POOLS         pool sizes to compare, one swarm each (default "1 4 16")
+#   PCCL_TCP_CONGESTION  congestion control of the data connections (e.g.
+#                 cubic); the hosts' default is BBR, and a namespace cannot
+#                 default to CUBIC here, so the library sets it per socket
+#   LOG_DIR       where every peer's table and stderr are kept
+#
+# Brings up hosts h0..hN-1 (wan.sh up), runs pccl-master in h0 and one
+# `pccl-bench --peer-only` per host for each pool size, prints rank 0's table
+# per pool size and a summary (busbw against the uplink rate), and tears the
+# emulation down on exit. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+n=${1:?usage: bench-wan.sh N [-- pccl-bench options]}
+shift
+[[ "${1:-}" == "--" ]] && shift
+wan_emu=${WAN_EMU:-$root/../shared/wan-emu}
+wan_opts=${WAN_OPTS:---delay 50ms --loss 0.01% --rate 250mbit --tcp-mem 64M}
+pools=${POOLS:-1 4 16}
+log_dir=${LOG_DIR:-${TMPDIR:-/tmp}/pccl-bench-wan}
+target=${CARGO_TARGET_DIR:-target}
+wan="$wan_emu/wan.sh"
+[[ -x "$wan" ]] || { echo "bench-wan: $wan not found (set WAN_EMU)" >&2; exit 2; }
+
+cargo build --release -p pccl-stress --bin pccl-bench -p pccl-core --bin pccl-master >&2
+bench="$(realpath "$target/release/pccl-bench")"
+master_bin="$(realpath "$target/release/pccl-master")"
+mkdir -p "$log_dir"
+
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    "$wan" down >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# shellcheck disable=SC2086
+"$wan" up "$n" $wan_opts >"$log_dir/wan-up.log" 2>&1 || { cat "$log_dir/wan-up.log" >&2; exit 1; }
+master_ip=$("$wan" ip h0)
+# A free port inside h0 (the namespace is fresh; the kernel picks).
+port=$("$wan" exec h0 python3 -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')
+"$wan" exec h0 "$master_bin" --listen "$master_ip:$port" --log-level warn >"$log_dir/master.log" 2>&1 &
+pids+=($!)
+sleep 0.5
+
+rate=$(sed -n 's/.*--rate \([^ ]*\).*/\1/p' <<<"$wan_opts")
+echo "# $(date -u +%FT%TZ) bench-wan: N=$n, wan.sh up $n $wan_opts, cc ${PCCL_TCP_CONGESTION:-default (bbr)}, pools $pools, nproc $(nproc)"
+summary=()
+for pool in $pools; do
+    peers=()
+    for i in $(seq 0 $((n - 1))); do
+        ip=$("$wan" ip "h$i")
+        "$wan" exec "h$i" "$bench" --peer-only --master "$master_ip:$port" -n "$n" \
+            --rank-hint "$i" --bind-ip "$ip" --pool-size "$pool" --no-probe "$@" \
+            >"$log_dir/pool$pool-peer$i.txt" 2>"$log_dir/pool$pool-peer$i.stderr" &
+        peers+=($!)
+        pids+=($!)
+    done
+    status=0
+    for p in "${peers[@]}"; do wait "$p" || status=1; done
+    echo "## pool size $pool"
+    cat "$log_dir/pool$pool-peer0.txt"
+    if [[ $status != 0 ]]; then
+        echo "# some peer failed with pool $pool; see $log_dir" >&2
+        exit 1
+    fi
+    summary+=("pool $pool: $(grep '^# pccl-bench:' "$log_dir/pool$pool-peer0.txt" | sed 's/^# pccl-bench: //')")
+done
+echo "## summary (uplink rate ${rate:-unlimited} per host)"
+printf '# %s\n' "${summary[@]}"
