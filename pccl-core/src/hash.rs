@@ -56,7 +56,7 @@ pub const fn leaf_count(len: u64) -> u64 {
 /// `leaf` should be one leaf as defined in `docs/hashing.md`.
 #[inline]
 pub fn leaf_hash(leaf: &[u8]) -> u64 {
-    xxh3_64(leaf)
+    xxh3(leaf)
 }
 
 /// Root of the tree from the leaf hashes (in leaf order) and the total byte
@@ -71,7 +71,7 @@ pub fn root_hash(leaf_hashes: &[u64], total_len: u64) -> u64 {
                 buf.extend_from_slice(&leaf.to_le_bytes());
             }
             buf.extend_from_slice(&total_len.to_le_bytes());
-            xxh3_64(&buf)
+            xxh3(&buf)
         }
     }
 }
@@ -141,7 +141,7 @@ impl StreamingTensorHasher {
                 let whole = data.len() - data.len() % LEAF_SIZE;
                 let (leaves, rest) = data.split_at(whole);
                 for leaf in leaves.chunks_exact(LEAF_SIZE) {
-                    self.root.update(&xxh3_64(leaf).to_le_bytes());
+                    self.root.update(&xxh3(leaf).to_le_bytes());
                 }
                 data = rest;
                 continue;
@@ -188,6 +188,185 @@ impl std::fmt::Debug for StreamingTensorHasher {
     }
 }
 
+/// XXH3-64 with seed 0 and the default secret, i.e. exactly `xxh3_64`, but
+/// with an AVX2 inner loop picked at run time for inputs on XXH3's long path
+/// (over 240 bytes, so every full leaf). `xxhash-rust` chooses its SIMD code
+/// at compile time, and the default x86-64 target only guarantees SSE2.
+#[inline]
+fn xxh3(data: &[u8]) -> u64 {
+    #[cfg(all(target_arch = "x86_64", not(target_feature = "avx2")))]
+    {
+        if data.len() > avx2::MID_SIZE_MAX && avx2::available() {
+            // SAFETY: the CPU supports AVX2 (checked at run time).
+            return unsafe { avx2::xxh3_64_long(data) };
+        }
+    }
+    xxh3_64(data)
+}
+
+/// XXH3-64's long path (seed 0, default secret) with AVX2, as in the
+/// reference `xxhash.h` (v0.8.x): `XXH3_hashLong_64b` with
+/// `XXH3_accumulate_512_avx2` and `XXH3_scrambleAcc_avx2`. Tested equal to
+/// `xxhash-rust`'s `xxh3_64` on every length class of the long path.
+#[cfg(target_arch = "x86_64")]
+#[allow(dead_code)] // unused when the build already enables AVX2
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Inputs up to this length take XXH3's short and mid-size paths.
+    pub(super) const MID_SIZE_MAX: usize = 240;
+    const STRIPE_LEN: usize = 64;
+    const SECRET_CONSUME_RATE: usize = 8;
+    const SECRET_SIZE: usize = 192;
+    const STRIPES_PER_BLOCK: usize = (SECRET_SIZE - STRIPE_LEN) / SECRET_CONSUME_RATE;
+    const BLOCK_LEN: usize = STRIPE_LEN * STRIPES_PER_BLOCK;
+    const SECRET_LASTACC_START: usize = 7;
+    const SECRET_MERGEACCS_START: usize = 11;
+    /// How far ahead of the stripe being hashed to prefetch (`XXH_PREFETCH_DIST`).
+    const PREFETCH_DIST: usize = 384;
+
+    const PRIME32_1: u64 = 0x9E37_79B1;
+    const PRIME32_2: u64 = 0x85EB_CA77;
+    const PRIME32_3: u64 = 0xC2B2_AE3D;
+    const PRIME64_1: u64 = 0x9E37_79B1_85EB_CA87;
+    const PRIME64_2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    const PRIME64_3: u64 = 0x1656_67B1_9E37_79F9;
+    const PRIME64_4: u64 = 0x85EB_CA77_C2B2_AE63;
+    const PRIME64_5: u64 = 0x27D4_EB2F_1656_67C5;
+
+    const INITIAL_ACC: [u64; 8] = [
+        PRIME32_3, PRIME64_1, PRIME64_2, PRIME64_3, PRIME64_4, PRIME32_2, PRIME64_5, PRIME32_1,
+    ];
+
+    /// XXH3's default secret (`XXH3_kSecret`).
+    const SECRET: [u8; SECRET_SIZE] = [
+        0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad,
+        0x1c, 0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3,
+        0x67, 0x1f, 0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc,
+        0xff, 0x72, 0x21, 0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6,
+        0x81, 0x3a, 0x26, 0x4c, 0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb, 0x88, 0xd0, 0x65,
+        0x8b, 0x1b, 0x53, 0x2e, 0xa3, 0x71, 0x64, 0x48, 0x97, 0xa2, 0x0d, 0xf9, 0x4e, 0x38, 0x19,
+        0xef, 0x46, 0xa9, 0xde, 0xac, 0xd8, 0xa8, 0xfa, 0x76, 0x3f, 0xe3, 0x9c, 0x34, 0x3f, 0xf9,
+        0xdc, 0xbb, 0xc7, 0xc7, 0x0b, 0x4f, 0x1d, 0x8a, 0x51, 0xe0, 0x4b, 0xcd, 0xb4, 0x59, 0x31,
+        0xc8, 0x9f, 0x7e, 0xc9, 0xd9, 0x78, 0x73, 0x64, 0xea, 0xc5, 0xac, 0x83, 0x34, 0xd3, 0xeb,
+        0xc3, 0xc5, 0x81, 0xa0, 0xff, 0xfa, 0x13, 0x63, 0xeb, 0x17, 0x0d, 0xdd, 0x51, 0xb7, 0xf0,
+        0xda, 0x49, 0xd3, 0x16, 0x55, 0x26, 0x29, 0xd4, 0x68, 0x9e, 0x2b, 0x16, 0xbe, 0x58, 0x7d,
+        0x47, 0xa1, 0xfc, 0x8f, 0xf8, 0xb8, 0xd1, 0x7a, 0xd0, 0x31, 0xce, 0x45, 0xcb, 0x3a, 0x8f,
+        0x95, 0x16, 0x04, 0x28, 0xaf, 0xd7, 0xfb, 0xca, 0xbb, 0x4b, 0x40, 0x7e,
+    ];
+
+    /// Whether this CPU has AVX2 (the standard library caches the answer).
+    #[inline]
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx2")
+    }
+
+    /// `XXH3_accumulate_512`: one 64-byte stripe into the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn accumulate_512(acc: &mut [__m256i; 2], stripe: *const u8, secret: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(stripe.wrapping_add(PREFETCH_DIST) as *const i8);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let data = _mm256_loadu_si256(stripe.add(32 * i) as *const __m256i);
+            let key = _mm256_loadu_si256(secret.add(32 * i) as *const __m256i);
+            let data_key = _mm256_xor_si256(data, key);
+            let data_key_hi = _mm256_srli_epi64::<32>(data_key);
+            let product = _mm256_mul_epu32(data_key, data_key_hi);
+            // Swap the two 64-bit words of each 128-bit half: acc[i ^ 1] += data[i].
+            let swapped = _mm256_shuffle_epi32::<0b01_00_11_10>(data);
+            *a = _mm256_add_epi64(*a, _mm256_add_epi64(product, swapped));
+        }
+    }
+
+    /// `XXH3_scrambleAcc`, at the end of every block.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn scramble(acc: &mut [__m256i; 2], secret: *const u8) {
+        let prime = _mm256_set1_epi32(PRIME32_1 as i32);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let shifted = _mm256_xor_si256(*a, _mm256_srli_epi64::<47>(*a));
+            let key = _mm256_loadu_si256(secret.add(32 * i) as *const __m256i);
+            let data_key = _mm256_xor_si256(shifted, key);
+            let data_key_hi = _mm256_srli_epi64::<32>(data_key);
+            let lo = _mm256_mul_epu32(data_key, prime);
+            let hi = _mm256_mul_epu32(data_key_hi, prime);
+            *a = _mm256_add_epi64(lo, _mm256_slli_epi64::<32>(hi));
+        }
+    }
+
+    fn read64(at: usize) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&SECRET[at..at + 8]);
+        u64::from_le_bytes(b)
+    }
+
+    fn mul128_fold64(a: u64, b: u64) -> u64 {
+        let p = (a as u128).wrapping_mul(b as u128);
+        (p as u64) ^ ((p >> 64) as u64)
+    }
+
+    fn avalanche(mut h: u64) -> u64 {
+        h ^= h >> 37;
+        h = h.wrapping_mul(0x1656_6791_9E37_79F9);
+        h ^ (h >> 32)
+    }
+
+    /// `XXH3_64bits(input)`; meant for `input.len() > MID_SIZE_MAX` (shorter
+    /// inputs go to `xxhash-rust`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn xxh3_64_long(input: &[u8]) -> u64 {
+        let len = input.len();
+        if len <= MID_SIZE_MAX {
+            return xxhash_rust::xxh3::xxh3_64(input);
+        }
+        let p = input.as_ptr();
+        let secret = SECRET.as_ptr();
+        let init = INITIAL_ACC.as_ptr() as *const __m256i;
+        let mut acc = [_mm256_loadu_si256(init), _mm256_loadu_si256(init.add(1))];
+        let nb_blocks = (len - 1) / BLOCK_LEN;
+        for n in 0..nb_blocks {
+            let block = p.add(n * BLOCK_LEN);
+            for s in 0..STRIPES_PER_BLOCK {
+                accumulate_512(
+                    &mut acc,
+                    block.add(s * STRIPE_LEN),
+                    secret.add(s * SECRET_CONSUME_RATE),
+                );
+            }
+            scramble(&mut acc, secret.add(SECRET_SIZE - STRIPE_LEN));
+        }
+        let nb_stripes = ((len - 1) - BLOCK_LEN * nb_blocks) / STRIPE_LEN;
+        let block = p.add(nb_blocks * BLOCK_LEN);
+        for s in 0..nb_stripes {
+            accumulate_512(
+                &mut acc,
+                block.add(s * STRIPE_LEN),
+                secret.add(s * SECRET_CONSUME_RATE),
+            );
+        }
+        accumulate_512(
+            &mut acc,
+            p.add(len - STRIPE_LEN),
+            secret.add(SECRET_SIZE - STRIPE_LEN - SECRET_LASTACC_START),
+        );
+        let mut lanes = [0u64; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[0]);
+        _mm256_storeu_si256((lanes.as_mut_ptr() as *mut __m256i).add(1), acc[1]);
+        let mut h = (len as u64).wrapping_mul(PRIME64_1);
+        for i in 0..4 {
+            let at = SECRET_MERGEACCS_START + 16 * i;
+            h = h.wrapping_add(mul128_fold64(
+                lanes[2 * i] ^ read64(at),
+                lanes[2 * i + 1] ^ read64(at + 8),
+            ));
+        }
+        avalanche(h)
+    }
+}
+
 /// `available_parallelism()`, read once (on Linux it reads cgroup files).
 fn default_threads() -> usize {
     static THREADS: OnceLock<usize> = OnceLock::new();
@@ -222,7 +401,7 @@ fn effective_threads(
 /// leaf boundary) into consecutive 8-byte slots of `out`.
 fn hash_leaves_into(data: &[u8], out: &mut [u8]) {
     for (slot, leaf) in out.chunks_exact_mut(8).zip(data.chunks(LEAF_SIZE)) {
-        slot.copy_from_slice(&xxh3_64(leaf).to_le_bytes());
+        slot.copy_from_slice(&xxh3(leaf).to_le_bytes());
     }
 }
 
@@ -269,7 +448,7 @@ fn hash_impl(bytes: &[u8], threads: usize, min_per_thread: usize) -> u64 {
         return root_hash(&[], 0);
     }
     if len <= LEAF_SIZE {
-        return root_of_one(xxh3_64(bytes), len as u64);
+        return root_of_one(xxh3(bytes), len as u64);
     }
     let n_leaves = len.div_ceil(LEAF_SIZE);
     let mut root = vec![0u8; n_leaves * 8 + 8];
@@ -295,7 +474,7 @@ fn hash_impl(bytes: &[u8], threads: usize, min_per_thread: usize) -> u64 {
             }
         }
     }
-    xxh3_64(&root)
+    xxh3(&root)
 }
 
 /// Fills `out` with the hashes of global leaves `first..first + out.len()`,
@@ -317,7 +496,7 @@ fn hash_global_leaves(tensors: &[&[u8]], starts: &[usize], first: usize, out: &m
                 }
             }
         };
-        *slot = xxh3_64(leaf);
+        *slot = xxh3(leaf);
         j += 1;
     }
 }
@@ -454,6 +633,46 @@ mod tests {
         // 3 MiB of zeros: large enough for tensor_hash to use threads.
         let zeros = vec![0u8; 3 << 20];
         assert_eq!(tensor_hash(&zeros), 0x854B76DFDDF38BE6);
+    }
+
+    /// The run-time AVX2 path equals `xxhash-rust` on every length class of
+    /// XXH3's long path: one stripe, partial blocks, whole blocks (the
+    /// `len - 1` boundary), a full leaf, and arbitrary lengths.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_long_path_matches_xxh3() {
+        if !avx2::available() {
+            eprintln!("no AVX2 on this CPU; nothing to compare");
+            return;
+        }
+        let buf = random_bytes(3 * LEAF_SIZE + 4096, 21);
+        let mut lens: Vec<usize> = (241..=2200).collect();
+        for k in 1..=70usize {
+            for d in [-1isize, 0, 1] {
+                lens.push((k * 1024).saturating_add_signed(d));
+            }
+        }
+        lens.extend([
+            LEAF_SIZE - 1,
+            LEAF_SIZE,
+            LEAF_SIZE + 1,
+            3 * LEAF_SIZE + 4096,
+        ]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+        lens.extend((0..500).map(|_| rng.gen_range(241..buf.len())));
+        for len in lens {
+            for start in [0, 1, 7] {
+                let Some(data) = buf.get(start..start + len) else {
+                    continue;
+                };
+                // SAFETY: AVX2 is available (checked above).
+                let got = unsafe { avx2::xxh3_64_long(data) };
+                assert_eq!(got, xxh3_64(data), "len {len} at offset {start}");
+            }
+        }
+        let zeros = vec![0u8; LEAF_SIZE];
+        // SAFETY: as above.
+        assert_eq!(unsafe { avx2::xxh3_64_long(&zeros) }, xxh3_64(&zeros));
     }
 
     #[test]

@@ -114,7 +114,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -126,9 +126,63 @@ use crate::hash;
 use crate::transport::{self, SocketTuning};
 use crate::wire::{ConnKind, Hello, PeerEntry, PeerId, MAX_NAME_LEN};
 
+/// Where the time of one shared-state sync went, as seen by the peer that
+/// ran it ([`last_sync_timings`]). Durations marked "summed" add up the
+/// parallel connections, so they can exceed the wall time of their phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SyncTimings {
+    /// The protocol part of the sync, from sending the vote to the master's
+    /// result (the local hash of the tensors before the vote is not in it).
+    pub protocol: Duration,
+    /// Vote sent until the master's plan arrived: the master waits for every
+    /// peer of the group, so this is mostly the slowest peer's hashing.
+    pub wait_plan: Duration,
+    /// Plan received until every fetched tensor was in and verified (zero
+    /// when nothing was fetched).
+    pub fetch: Duration,
+    /// Summed: time spent waiting for and reading response bytes.
+    pub fetch_recv: Duration,
+    /// Summed: hashing received leaves.
+    pub fetch_hash: Duration,
+    /// Computing the roots from the leaf hashes and comparing them.
+    pub verify: Duration,
+    /// Transfer reported (or plan received, when nothing was fetched) until
+    /// the master's result: waiting for the group's receivers.
+    pub wait_result: Duration,
+    /// Parallel connections used for fetching.
+    pub fetch_connections: usize,
+    /// Sources given up during the fetch (died, refused, wrong content).
+    pub failed_sources: usize,
+    /// Summed: writing requested ranges to fetching peers (includes any
+    /// upload rate limiting).
+    pub serve: Duration,
+}
+
+thread_local! {
+    static LAST_TIMINGS: std::cell::Cell<Option<SyncTimings>> = const { std::cell::Cell::new(None) };
+}
+
+/// The timing breakdown of the last shared-state sync that the calling thread
+/// ran (successful or not), or `None` if it never ran one. A diagnostic: the
+/// same figures are logged at debug level by each sync.
+pub fn last_sync_timings() -> Option<SyncTimings> {
+    LAST_TIMINGS.with(|t| t.get())
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
 /// Bytes fetched per request; a multiple of the hash leaf size so each range
 /// hashes independently and ranges can be fetched in parallel.
 const RANGE_BYTES: usize = 64 * hash::LEAF_SIZE;
+/// Requests a fetching connection keeps outstanding: the next range is
+/// already queued at the holder while the current one streams in, so no
+/// round trip is spent idle between ranges.
+const PIPELINE_DEPTH: usize = 2;
+/// Most bytes read from the socket in one call, so that the leaves a read
+/// completes are hashed while still in the CPU cache.
+const RECV_PIECE: usize = 4 * hash::LEAF_SIZE;
 /// How long a server waits for its own plan when a request arrives early.
 const PLAN_WAIT: Duration = Duration::from_secs(10);
 
@@ -148,6 +202,90 @@ struct Serving {
     tensors: HashMap<String, ServedTensor>,
     cancel: CancellationToken,
     tx_bytes: Arc<AtomicU64>,
+    serve_ns: Arc<AtomicU64>,
+}
+
+/// Environment variable capping how fast a peer uploads shared state to
+/// the peers fetching from it, in bytes per second over all its connections
+/// together (see `docs/shared-state.md`). Read when a communicator is
+/// created. Unset, empty or `0`: no limit.
+pub const UPLOAD_LIMIT_ENV: &str = "PCCL_SHARED_STATE_UPLOAD_BPS";
+
+/// Parses an upload limit: a decimal number of bytes per second, optionally
+/// followed by `K`, `M` or `G` (powers of 1000) or `Ki`, `Mi`, `Gi` (powers of
+/// 1024). `Ok(None)` means no limit (empty or zero).
+pub fn parse_upload_limit(text: &str) -> std::result::Result<Option<u64>, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: u64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of bytes per second"))?;
+    let mult: u64 = match unit.trim() {
+        "" => 1,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        u => {
+            return Err(format!(
+                "unknown unit '{u}' in '{text}' (K, M, G, Ki, Mi, Gi)"
+            ))
+        }
+    };
+    let bps = num
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{text}' is too large"))?;
+    Ok((bps > 0).then_some(bps))
+}
+
+/// Paces a server's uploads to a byte rate, over all its connections
+/// together: each piece reserves the next free slot of a virtual link and
+/// is written when its slot begins, so there is no burst beyond one piece.
+#[derive(Debug)]
+struct UploadLimiter {
+    bytes_per_sec: u64,
+    /// When the virtual link is free again.
+    next_free: Mutex<Instant>,
+}
+
+impl UploadLimiter {
+    fn new(bytes_per_sec: u64) -> Self {
+        UploadLimiter {
+            bytes_per_sec: bytes_per_sec.max(1),
+            next_free: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Bytes written at once: at most ~10 ms worth, between 4 KiB and 1 MiB.
+    fn piece(&self) -> usize {
+        (self.bytes_per_sec / 100).clamp(4 << 10, 1 << 20) as usize
+    }
+
+    /// Reserves the link for `n` bytes; returns when they may be written.
+    fn reserve(&self, n: usize) -> Instant {
+        let now = Instant::now();
+        let took = Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+        let Ok(mut next) = self.next_free.lock() else {
+            return now;
+        };
+        let start = (*next).max(now);
+        *next = start + took;
+        start
+    }
+
+    async fn write(&self, s: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+        for piece in data.chunks(self.piece()) {
+            tokio::time::sleep_until(self.reserve(piece.len()).into()).await;
+            s.write_all(piece).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Serves this peer's shared-state tensors during a sync.
@@ -158,10 +296,32 @@ pub(crate) struct SharedStateServer {
     tuning: SocketTuning,
     timeout: Duration,
     me: Mutex<PeerId>,
+    upload_limit: Option<UploadLimiter>,
 }
 
 impl SharedStateServer {
+    /// A server; its upload limit comes from [`UPLOAD_LIMIT_ENV`].
     pub fn new(shutdown: CancellationToken, tuning: SocketTuning, timeout: Duration) -> Arc<Self> {
+        let limit = match std::env::var(UPLOAD_LIMIT_ENV) {
+            Ok(v) => parse_upload_limit(&v).unwrap_or_else(|e| {
+                tracing::warn!("ignoring {UPLOAD_LIMIT_ENV}: {e}");
+                None
+            }),
+            Err(_) => None,
+        };
+        Self::with_upload_limit(shutdown, tuning, timeout, limit)
+    }
+
+    /// A server uploading at most `bytes_per_sec` (None: unlimited).
+    pub fn with_upload_limit(
+        shutdown: CancellationToken,
+        tuning: SocketTuning,
+        timeout: Duration,
+        bytes_per_sec: Option<u64>,
+    ) -> Arc<Self> {
+        if let Some(bps) = bytes_per_sec {
+            tracing::info!(bytes_per_sec = bps, "shared-state uploads are rate-limited");
+        }
         Arc::new(SharedStateServer {
             current: watch::channel(0).0,
             serving: RwLock::new(None),
@@ -169,6 +329,7 @@ impl SharedStateServer {
             tuning,
             timeout,
             me: Mutex::new(PeerId::default()),
+            upload_limit: bytes_per_sec.map(UploadLimiter::new),
         })
     }
 
@@ -200,16 +361,18 @@ impl SharedStateServer {
     async fn begin(
         &self,
         tensors: HashMap<String, ServedTensor>,
-    ) -> (CancellationToken, Arc<AtomicU64>) {
+    ) -> (CancellationToken, Arc<AtomicU64>, Arc<AtomicU64>) {
         let cancel = self.shutdown.child_token();
         let tx = Arc::new(AtomicU64::new(0));
+        let serve_ns = Arc::new(AtomicU64::new(0));
         *self.serving.write().await = Some(Serving {
             sync_id: 0,
             tensors,
             cancel: cancel.clone(),
             tx_bytes: tx.clone(),
+            serve_ns: serve_ns.clone(),
         });
-        (cancel, tx)
+        (cancel, tx, serve_ns)
     }
 
     async fn set_sync_id(&self, sync_id: u64) {
@@ -289,10 +452,19 @@ impl SharedStateServer {
             let data = unsafe {
                 std::slice::from_raw_parts((ptr + offset as usize) as *const u8, len as usize)
             };
+            let t0 = Instant::now();
+            let send = async {
+                match &self.upload_limit {
+                    Some(limit) => limit.write(&mut s, data).await,
+                    None => s.write_all(data).await,
+                }
+            };
             tokio::select! {
                 _ = sv.cancel.cancelled() => return Ok(()),
-                r = s.write_all(data) => r?,
+                r = send => r?,
             }
+            sv.serve_ns
+                .fetch_add(nanos(t0.elapsed()), Ordering::Relaxed);
             sv.tx_bytes.fetch_add(len + 17, Ordering::Relaxed);
         }
     }
@@ -306,10 +478,13 @@ struct Target {
     expected: u64,
     /// Verified against the serving peer's declared hash instead of `expected`.
     inequality: bool,
+    /// Leaf hashes of the received bytes, filled in range by range.
     leaves: Mutex<Vec<u64>>,
     declared: Mutex<Option<u64>>,
 }
 
+/// A piece of one tensor; starts on a leaf boundary.
+#[derive(Clone, Copy)]
 struct Range {
     target: usize,
     offset: usize,
@@ -324,8 +499,24 @@ struct FetchJob {
     sources: Vec<PeerEntry>,
     failed_sources: Mutex<HashSet<PeerId>>,
     rx_bytes: AtomicU64,
+    recv_ns: AtomicU64,
+    hash_ns: AtomicU64,
     tuning: SocketTuning,
     timeout: Duration,
+}
+
+/// Why a range did not arrive from a source.
+enum RangeError {
+    /// The connection broke or misbehaved.
+    Io(io::Error),
+    /// The source answered, but refused the range or holds other content.
+    Refused(String),
+}
+
+impl From<io::Error> for RangeError {
+    fn from(e: io::Error) -> Self {
+        RangeError::Io(e)
+    }
 }
 
 impl FetchJob {
@@ -342,6 +533,10 @@ impl FetchJob {
         if let Ok(mut f) = self.failed_sources.lock() {
             f.insert(id);
         }
+    }
+
+    fn pop_range(&self) -> Option<Range> {
+        self.queue.lock().ok().and_then(|mut q| q.pop_front())
     }
 
     async fn connect(&self, src: &PeerEntry) -> io::Result<TcpStream> {
@@ -362,12 +557,7 @@ impl FetchJob {
         Ok(s)
     }
 
-    /// Fetches one range into its destination; returns the source's declared hash.
-    async fn fetch_range(
-        &self,
-        s: &mut TcpStream,
-        r: &Range,
-    ) -> io::Result<std::result::Result<u64, String>> {
+    async fn send_request(&self, s: &mut TcpStream, r: &Range) -> io::Result<()> {
         let t = &self.targets[r.target];
         let mut req = Vec::with_capacity(28 + t.name.len());
         req.extend_from_slice(&self.sync_id.to_le_bytes());
@@ -375,87 +565,148 @@ impl FetchJob {
         req.extend_from_slice(&(r.len as u64).to_le_bytes());
         req.extend_from_slice(&(t.name.len() as u32).to_le_bytes());
         req.extend_from_slice(t.name.as_bytes());
-        s.write_all(&req).await?;
+        s.write_all(&req).await
+    }
+
+    /// Receives the answer to an already sent request for `r` straight into
+    /// the destination tensor, hashing each leaf as soon as it is complete
+    /// (while it is still in cache, and overlapped with the other
+    /// connections' traffic). Only a range that arrived whole and from a
+    /// source declaring the right content has its leaf hashes recorded.
+    async fn receive_range(&self, s: &mut TcpStream, r: &Range) -> Result<(), RangeError> {
+        let t = &self.targets[r.target];
+        let mut recv_ns = 0u64;
+        let t0 = Instant::now();
         let mut resp = [0u8; 17];
         s.read_exact(&mut resp).await?;
+        recv_ns += nanos(t0.elapsed());
         let status = resp[0];
         let declared = u64::from_le_bytes(resp[1..9].try_into().unwrap_or_default());
         let body = u64::from_le_bytes(resp[9..17].try_into().unwrap_or_default());
         if status != STATUS_OK {
-            return Ok(Err(format!(
+            self.recv_ns.fetch_add(recv_ns, Ordering::Relaxed);
+            return Err(RangeError::Refused(format!(
                 "source refused tensor '{}' (status {status})",
                 t.name
             )));
         }
         if body != r.len as u64 {
-            return Err(io::Error::other("source sent a range of the wrong size"));
+            return Err(io::Error::other("source sent a range of the wrong size").into());
         }
-        // SAFETY: ranges of one fetch are disjoint, the destination tensor is
-        // valid for `len` bytes for the whole sync, and every fetch task is
-        // joined before the sync returns.
+        if !t.inequality && declared != t.expected {
+            // Do not even read the body: this source holds other content.
+            return Err(RangeError::Refused(format!(
+                "source does not hold the popular content of tensor '{}'",
+                t.name
+            )));
+        }
+        debug_assert_eq!(r.offset % hash::LEAF_SIZE, 0);
+        // SAFETY: ranges of one fetch are disjoint (and each is received by
+        // one task at a time), the destination tensor is valid for `len`
+        // bytes for the whole sync, and every fetch task is joined before
+        // the sync returns.
         let dst = unsafe { std::slice::from_raw_parts_mut((t.ptr + r.offset) as *mut u8, r.len) };
-        s.read_exact(dst).await?;
+        let mut leaves = Vec::with_capacity(r.len.div_ceil(hash::LEAF_SIZE));
+        let mut hash_ns = 0u64;
+        let (mut got, mut hashed) = (0usize, 0usize);
+        while got < r.len {
+            let end = (got + RECV_PIECE).min(r.len);
+            let t0 = Instant::now();
+            let n = s.read(&mut dst[got..end]).await;
+            let t1 = Instant::now();
+            recv_ns += nanos(t1 - t0);
+            let n = n?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            got += n;
+            let mut hashed_any = false;
+            while hashed < got && (got - hashed >= hash::LEAF_SIZE || got == r.len) {
+                let leaf_end = (hashed + hash::LEAF_SIZE).min(r.len);
+                leaves.push(hash::leaf_hash(&dst[hashed..leaf_end]));
+                hashed = leaf_end;
+                hashed_any = true;
+            }
+            if hashed_any {
+                hash_ns += nanos(t1.elapsed());
+            }
+        }
+        self.recv_ns.fetch_add(recv_ns, Ordering::Relaxed);
+        self.hash_ns.fetch_add(hash_ns, Ordering::Relaxed);
         self.rx_bytes
             .fetch_add(r.len as u64 + 17, Ordering::Relaxed);
         let first_leaf = r.offset / hash::LEAF_SIZE;
-        if let Ok(mut leaves) = t.leaves.lock() {
-            for (i, chunk) in dst.chunks(hash::LEAF_SIZE).enumerate() {
-                leaves[first_leaf + i] = hash::leaf_hash(chunk);
+        if let Ok(mut all) = t.leaves.lock() {
+            if let Some(slots) = all.get_mut(first_leaf..first_leaf + leaves.len()) {
+                slots.copy_from_slice(&leaves);
             }
         }
-        Ok(Ok(declared))
+        if let Ok(mut d) = t.declared.lock() {
+            *d = Some(declared);
+        }
+        Ok(())
     }
 
+    /// One connection's loop: takes ranges from the shared queue, keeps up
+    /// to [`PIPELINE_DEPTH`] of them requested at its source, and when the
+    /// source fails requests the ranges it holds again from the next one.
     async fn worker(self: Arc<Self>, start: usize) -> Result<()> {
         let mut conn: Option<(PeerEntry, TcpStream)> = None;
+        // Ranges this worker owns; the first `sent` are requested on `conn`.
+        let mut mine: VecDeque<Range> = VecDeque::with_capacity(PIPELINE_DEPTH);
+        let mut sent = 0usize;
         loop {
-            let Some(range) = self.queue.lock().ok().and_then(|mut q| q.pop_front()) else {
+            while mine.len() < PIPELINE_DEPTH {
+                match self.pop_range() {
+                    Some(r) => mine.push_back(r),
+                    None => break,
+                }
+            }
+            let Some(&front) = mine.front() else {
                 return Ok(());
             };
-            loop {
-                if conn.is_none() {
-                    let Some(src) = self.next_source(start) else {
-                        return Err(Error::RankConnectionLost(
-                            "every peer holding the popular shared state failed during the transfer".into(),
-                        ));
-                    };
-                    match self.connect(&src).await {
-                        Ok(s) => conn = Some((src, s)),
-                        Err(e) => {
-                            tracing::warn!(peer = %self.me, from = %src.id, "cannot reach shared-state source: {e}");
-                            self.mark_failed(src.id);
-                            continue;
-                        }
+            if conn.is_none() {
+                sent = 0;
+                let Some(src) = self.next_source(start) else {
+                    return Err(Error::RankConnectionLost(
+                        "every peer holding the popular shared state failed during the transfer"
+                            .into(),
+                    ));
+                };
+                match self.connect(&src).await {
+                    Ok(s) => conn = Some((src, s)),
+                    Err(e) => {
+                        tracing::warn!(peer = %self.me, from = %src.id, "cannot reach shared-state source: {e}");
+                        self.mark_failed(src.id);
                     }
                 }
-                let Some((src, s)) = conn.as_mut() else {
-                    continue;
-                };
-                let t = &self.targets[range.target];
-                match self.fetch_range(s, &range).await {
-                    Ok(Ok(declared)) => {
-                        if !t.inequality && declared != t.expected {
-                            tracing::warn!(peer = %self.me, from = %src.id, tensor = %t.name,
-                                "source does not hold the popular content; trying another");
-                            self.mark_failed(src.id);
-                            conn = None;
-                            continue;
-                        }
-                        if let Ok(mut d) = t.declared.lock() {
-                            *d = Some(declared);
-                        }
-                        break;
-                    }
-                    Ok(Err(why)) => {
-                        tracing::warn!(peer = %self.me, from = %src.id, "{why}; trying another source");
-                        self.mark_failed(src.id);
-                        conn = None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(peer = %self.me, from = %src.id, "shared-state transfer broke: {e}; trying another source");
-                        self.mark_failed(src.id);
-                        conn = None;
-                    }
+                continue;
+            }
+            let Some((src, s)) = conn.as_mut() else {
+                continue;
+            };
+            let outcome = async {
+                while sent < mine.len() {
+                    self.send_request(s, &mine[sent]).await?;
+                    sent += 1;
+                }
+                self.receive_range(s, &front).await
+            }
+            .await;
+            match outcome {
+                Ok(()) => {
+                    mine.pop_front();
+                    sent -= 1;
+                }
+                Err(RangeError::Refused(why)) => {
+                    tracing::warn!(peer = %self.me, from = %src.id, "{why}; trying another source");
+                    self.mark_failed(src.id);
+                    conn = None;
+                }
+                Err(RangeError::Io(e)) => {
+                    tracing::warn!(peer = %self.me, from = %src.id, "shared-state transfer broke: {e}; trying another source");
+                    self.mark_failed(src.id);
+                    conn = None;
                 }
             }
         }
@@ -479,6 +730,7 @@ pub(crate) async fn fetch_tensors(
     items: &[(String, u64)],
     sources: Vec<PeerEntry>,
     opts: TransferOpts,
+    timings: &mut SyncTimings,
 ) -> Result<u64> {
     let TransferOpts {
         parallel,
@@ -527,6 +779,7 @@ pub(crate) async fn fetch_tensors(
         }
     }
     let workers = parallel.clamp(1, 8).min(queue.len().max(1));
+    timings.fetch_connections = workers;
     let job = Arc::new(FetchJob {
         me,
         sync_id,
@@ -535,6 +788,8 @@ pub(crate) async fn fetch_tensors(
         sources,
         failed_sources: Mutex::new(HashSet::new()),
         rx_bytes: AtomicU64::new(0),
+        recv_ns: AtomicU64::new(0),
+        hash_ns: AtomicU64::new(0),
         tuning,
         timeout,
     });
@@ -557,7 +812,11 @@ pub(crate) async fn fetch_tensors(
             }
         }
     }
+    timings.fetch_recv = Duration::from_nanos(job.recv_ns.load(Ordering::Relaxed));
+    timings.fetch_hash = Duration::from_nanos(job.hash_ns.load(Ordering::Relaxed));
+    timings.failed_sources = job.failed_sources.lock().map(|f| f.len()).unwrap_or(0);
     result?;
+    let verify_start = Instant::now();
     for t in &job.targets {
         let leaves = t.leaves.lock().map(|l| l.clone()).unwrap_or_default();
         let got = hash::root_hash(&leaves, t.len as u64);
@@ -573,6 +832,7 @@ pub(crate) async fn fetch_tensors(
             )));
         }
     }
+    timings.verify = verify_start.elapsed();
     Ok(job.rx_bytes.load(Ordering::Relaxed))
 }
 
@@ -609,7 +869,9 @@ pub(crate) async fn run_sync(
             .collect()
     };
     let mut waiter = ctl.wait(WaitKey::Sync)?;
-    let (cancel, tx_bytes) = server.begin(served).await;
+    let (cancel, tx_bytes, serve_ns) = server.begin(served).await;
+    let mut tm = SyncTimings::default();
+    let started = Instant::now();
     let outcome = async {
         ctl.send(&PeerMsg::SyncVote {
             revision: state.revision,
@@ -627,6 +889,7 @@ pub(crate) async fn run_sync(
                 })
                 .collect(),
         })?;
+        let voted = Instant::now();
         let (sync_id, revision, fetch, sources) = match waiter.recv().await? {
             Routed::Msg(MasterMsg::SyncPlan { sync_id, revision, fetch, sources }) => (sync_id, revision, fetch, sources),
             Routed::Msg(MasterMsg::SyncResult { ok: false, code, reason, .. }) => {
@@ -634,35 +897,122 @@ pub(crate) async fn run_sync(
             }
             _ => return Err(Error::Internal("unexpected answer to a shared-state vote".into())),
         };
+        let planned = Instant::now();
+        tm.wait_plan = planned - voted;
         server.set_sync_id(sync_id).await;
         let mut rx = 0;
         if !fetch.is_empty() {
             tracing::info!(peer = %me, sync_id, revision, tensors = fetch.len(), "fetching shared state");
             let items: Vec<(String, u64)> = fetch.into_iter().map(|f| (f.name, f.expected_hash)).collect();
-            let fetched = fetch_tensors(me, sync_id, state, &items, sources, opts).await;
+            let fetched = fetch_tensors(me, sync_id, state, &items, sources, opts, &mut tm).await;
+            tm.fetch = planned.elapsed();
             let ok = fetched.is_ok();
             ctl.send(&PeerMsg::SyncTransferDone { sync_id, ok, failed_source: None })?;
             rx = fetched?;
         }
-        loop {
+        let reported = Instant::now();
+        let result = loop {
             match waiter.recv().await? {
                 Routed::Msg(MasterMsg::SyncResult { sync_id: id, ok, code, reason }) if id == sync_id || id == 0 => {
-                    if !ok {
-                        return Err(crate::comm::error_from_code(code, reason));
-                    }
-                    break;
+                    break (ok, code, reason);
                 }
                 _ => continue,
             }
+        };
+        tm.wait_result = reported.elapsed();
+        let (ok, code, reason) = result;
+        if !ok {
+            return Err(crate::comm::error_from_code(code, reason));
         }
         state.revision = revision;
         Ok(rx)
     }
     .await;
     server.end(&cancel).await;
+    tm.protocol = started.elapsed();
+    tm.serve = Duration::from_nanos(serve_ns.load(Ordering::Relaxed));
+    tracing::debug!(peer = %me, ok = outcome.is_ok(), timings = ?tm, "shared-state sync timings");
+    LAST_TIMINGS.with(|t| t.set(Some(tm)));
     let rx = outcome?;
     Ok(crate::SyncInfo {
         tx_bytes: tx_bytes.load(Ordering::Relaxed),
         rx_bytes: rx,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_limits_parse() {
+        assert_eq!(parse_upload_limit(""), Ok(None));
+        assert_eq!(parse_upload_limit("  "), Ok(None));
+        assert_eq!(parse_upload_limit("0"), Ok(None));
+        assert_eq!(parse_upload_limit("0M"), Ok(None));
+        assert_eq!(parse_upload_limit("1500"), Ok(Some(1500)));
+        assert_eq!(parse_upload_limit(" 25M "), Ok(Some(25_000_000)));
+        assert_eq!(parse_upload_limit("3k"), Ok(Some(3_000)));
+        assert_eq!(parse_upload_limit("2G"), Ok(Some(2_000_000_000)));
+        assert_eq!(parse_upload_limit("16Mi"), Ok(Some(16 << 20)));
+        assert_eq!(parse_upload_limit("64 Ki"), Ok(Some(64 << 10)));
+        assert_eq!(parse_upload_limit("1Gi"), Ok(Some(1 << 30)));
+        for bad in [
+            "M",
+            "-5",
+            "1.5M",
+            "10MB",
+            "ten",
+            "99999999999999999999",
+            "18446744073709551615G",
+        ] {
+            assert!(
+                parse_upload_limit(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn upload_limiter_paces_pieces_back_to_back() {
+        // 1 MB/s: pieces of 10 kB (10 ms each) get consecutive slots, shared
+        // by every caller; an idle link grants no credit for the past.
+        let l = UploadLimiter::new(1_000_000);
+        assert_eq!(l.piece(), 10_000);
+        let t0 = Instant::now();
+        let a = l.reserve(10_000);
+        let b = l.reserve(10_000);
+        let c = l.reserve(5_000);
+        let d = l.reserve(1);
+        assert!(a >= t0 && a <= Instant::now());
+        assert_eq!(b - a, Duration::from_millis(10));
+        assert_eq!(c - b, Duration::from_millis(10));
+        assert_eq!(d - c, Duration::from_millis(5));
+        // Pieces stay within [4 KiB, 1 MiB].
+        assert_eq!(UploadLimiter::new(1).piece(), 4 << 10);
+        assert_eq!(UploadLimiter::new(10_000_000_000).piece(), 1 << 20);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn upload_limiter_holds_the_rate_on_a_socket() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.unwrap();
+            buf
+        });
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // 200 kB at 1 MB/s: at least ~190 ms (the first piece goes at once).
+        let limiter = UploadLimiter::new(1_000_000);
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let t0 = Instant::now();
+        limiter.write(&mut s, &data).await.unwrap();
+        let took = t0.elapsed();
+        drop(s);
+        assert_eq!(reader.await.unwrap(), data);
+        assert!(took >= Duration::from_millis(185), "took {took:?}");
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
 }

@@ -124,7 +124,10 @@ fn set_congestion(sock: &SockRef<'_>, cc: CongestionControl) {
 
 #[cfg(not(target_os = "linux"))]
 fn set_congestion(_sock: &SockRef<'_>, cc: CongestionControl) {
-    tracing::debug!("TCP congestion control '{}' is only settable on Linux", cc.as_str());
+    tracing::debug!(
+        "TCP congestion control '{}' is only settable on Linux",
+        cc.as_str()
+    );
 }
 
 /// Binds a listener on `ip:port`, trying `port+1`, `port+2`, ... up to

@@ -219,3 +219,109 @@ fn mismatched_tensor_sets_are_invalid_arguments() {
         .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)));
 }
+
+/// Peers like `connect_peers`, with `pool` parallel connections each.
+fn connect_peers_with_pool(
+    master: std::net::SocketAddr,
+    n: usize,
+    pool: u32,
+) -> Vec<std::sync::Arc<pccl_core::Communicator>> {
+    let mut peers: Vec<std::sync::Arc<pccl_core::Communicator>> = Vec::new();
+    for i in 0..n {
+        let mut cfg = config(master);
+        cfg.p2p_connection_pool_size = pool;
+        let joiner = std::thread::spawn(move || {
+            let c = pccl_core::Communicator::new(cfg).expect("new communicator");
+            c.connect().expect("connect");
+            std::sync::Arc::new(c)
+        });
+        let target = i as u32 + 1;
+        on_all(&peers, move |_, c| admit_until(c, target));
+        peers.push(joiner.join().expect("connect thread"));
+    }
+    peers
+}
+
+fn bytes_of(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A newcomer fetches, over four pipelined connections from two holders,
+/// tensors whose sizes are not multiples of the range or leaf size (plus an
+/// empty one, a one-byte one, and an unequal tensor larger than a range that
+/// must come whole from one holder); every byte arrives and is verified.
+#[test]
+fn pipelined_fetch_from_two_holders_with_odd_sizes() {
+    use pccl_core::shared_state::last_sync_timings;
+    let m = master();
+    let peers = connect_peers_with_pool(m.local_addr(), 3, 4);
+    // 4 MiB ranges, 64 KiB leaves: 9 MiB + 12345 B spans three ranges and
+    // ends in a partial leaf.
+    let big = 9 * (1 << 20) + 12_345;
+    let unequal = 5 * (1 << 20) + 3;
+    let results = on_all(&peers, move |i, c| {
+        let newcomer = i == 2;
+        let seed = if newcomer { 1000 } else { 1 };
+        let mut a = bytes_of(seed, big);
+        let mut one = vec![if newcomer { 0u8 } else { 42 }; 1];
+        let mut empty: Vec<f32> = Vec::new();
+        let mut mid: Vec<u16> = (0..70_000u32)
+            .map(|k| (k as u16).wrapping_mul(if newcomer { 3 } else { 7 }))
+            .collect();
+        let mut local = bytes_of(10 + i as u64, unequal);
+        let mut st = SharedState::new(
+            if newcomer { 0 } else { 4 },
+            vec![
+                SharedTensor::new("a", &mut a),
+                SharedTensor::new("one", &mut one),
+                SharedTensor::new("empty", &mut empty),
+                SharedTensor::new("mid", &mut mid),
+                SharedTensor::new("local", &mut local).allow_content_inequality(true),
+            ],
+        );
+        let info = c
+            .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+            .expect("sync");
+        let rev = st.revision;
+        drop(st);
+        let timings = last_sync_timings().expect("timings of the sync just run");
+        (info, rev, timings, a, one, mid, local)
+    });
+    let want_mid: Vec<u16> = (0..70_000u32).map(|k| (k as u16).wrapping_mul(7)).collect();
+    let (info, rev, timings, a, one, mid, local) = &results[2];
+    assert_eq!(*rev, 4, "the newcomer adopts the group's revision");
+    assert!(a == &bytes_of(1, big), "tensor 'a' arrived intact");
+    assert_eq!(one, &vec![42u8]);
+    assert_eq!(mid, &want_mid);
+    assert!(
+        local == &results[0].6 || local == &results[1].6,
+        "the unequal tensor is one holder's copy, whole"
+    );
+    let payload = (big + 1 + 2 * 70_000 + unequal) as u64;
+    assert!(
+        info.rx_bytes >= payload && info.rx_bytes < payload + 64 * 17,
+        "rx {} for {payload} payload bytes",
+        info.rx_bytes
+    );
+    assert_eq!(timings.fetch_connections, 4);
+    assert_eq!(timings.failed_sources, 0);
+    assert!(timings.fetch > std::time::Duration::ZERO);
+    let served: u64 = results[..2].iter().map(|r| r.0.tx_bytes).sum();
+    assert_eq!(
+        served, info.rx_bytes,
+        "holders served what the newcomer received"
+    );
+    for (i, r) in results[..2].iter().enumerate() {
+        assert_eq!(r.0.rx_bytes, 0, "holder {i} fetched nothing");
+        assert_eq!(r.2.fetch, std::time::Duration::ZERO, "holder {i}");
+        assert_eq!(r.2.fetch_connections, 0, "holder {i}");
+    }
+}
