@@ -186,6 +186,24 @@ const RECV_PIECE: usize = 4 * hash::LEAF_SIZE;
 /// How long a server waits for its own plan when a request arrives early.
 const PLAN_WAIT: Duration = Duration::from_secs(10);
 
+/// Default of [`crate::CommunicatorConfig::shared_state_stall_timeout`]: how
+/// long a fetch connection with requests outstanding may receive no byte at
+/// all before its source is given up and its ranges are requested from the
+/// next holder.
+///
+/// The same as the master's default peer timeout (5 s), so a holder that
+/// stays connected but stops sending (frozen, swapped out, wedged) costs a
+/// fetching peer about what a silent peer costs a collective, instead of
+/// waiting on TCP: a stopped process's kernel keeps acknowledging and
+/// answering keepalive probes, so the connection never breaks by itself, and
+/// even a vanished host is only detected after ~16 s of keepalive. It leaves
+/// room for what a live holder can do: a few consecutive retransmission
+/// timeouts on a lossy path (200 ms, 400 ms, 800 ms, 1.6 s ...), and the
+/// pauses of an upload limit (at most 10 ms per connection sharing it,
+/// [`UPLOAD_LIMIT_ENV`]). A false alarm only costs re-requesting at most
+/// two ranges (`PIPELINE_DEPTH`) from another holder.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 const STATUS_OK: u8 = 0;
 const STATUS_NOT_SERVING: u8 = 1;
 const STATUS_UNKNOWN_TENSOR: u8 = 2;
@@ -247,6 +265,14 @@ pub fn parse_upload_limit(text: &str) -> std::result::Result<Option<u64>, String
 /// Paces a server's uploads to a byte rate, over all its connections
 /// together: each piece reserves the next free slot of a virtual link and
 /// is written when its slot begins, so there is no burst beyond one piece.
+///
+/// A piece is at most 10 ms of the link (one byte below 100 B/s), and a
+/// connection holds at most one reservation at a time, so a connection
+/// waits at most about (connections sharing the limit) x 10 ms between two
+/// pieces: a fetching peer sees bytes arrive steadily, and its stall
+/// deadline ([`DEFAULT_STALL_TIMEOUT`]) never mistakes a rate-limited
+/// holder for a frozen one (that would take ~500 connections on one
+/// limited holder for a 5 s deadline).
 #[derive(Debug)]
 struct UploadLimiter {
     bytes_per_sec: u64,
@@ -262,9 +288,10 @@ impl UploadLimiter {
         }
     }
 
-    /// Bytes written at once: at most ~10 ms worth, between 4 KiB and 1 MiB.
+    /// Bytes written at once: ~10 ms worth, between 1 byte and 1 MiB (so
+    /// never more than 10 ms of the link above 100 B/s, see the type's docs).
     fn piece(&self) -> usize {
-        (self.bytes_per_sec / 100).clamp(4 << 10, 1 << 20) as usize
+        (self.bytes_per_sec / 100).clamp(1, 1 << 20) as usize
     }
 
     /// Reserves the link for `n` bytes; returns when they may be written.
@@ -295,13 +322,39 @@ pub(crate) struct SharedStateServer {
     shutdown: CancellationToken,
     tuning: SocketTuning,
     timeout: Duration,
+    /// Deadline for the small reads and writes around a range (the rest of
+    /// a request, a refusal); zero: none. Ranges themselves are not under it
+    /// (see `serve_conn`).
+    stall: Duration,
     me: Mutex<PeerId>,
     upload_limit: Option<UploadLimiter>,
 }
 
+/// Awaits a socket operation of the server, failing with `TimedOut` if it
+/// completes nothing within `stall` (zero: no deadline).
+async fn within<T>(
+    stall: Duration,
+    op: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    if stall.is_zero() {
+        return op.await;
+    }
+    tokio::time::timeout(stall, op).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the fetching peer made no progress for {stall:?}"),
+        ))
+    })
+}
+
 impl SharedStateServer {
     /// A server; its upload limit comes from [`UPLOAD_LIMIT_ENV`].
-    pub fn new(shutdown: CancellationToken, tuning: SocketTuning, timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        shutdown: CancellationToken,
+        tuning: SocketTuning,
+        timeout: Duration,
+        stall: Duration,
+    ) -> Arc<Self> {
         let limit = match std::env::var(UPLOAD_LIMIT_ENV) {
             Ok(v) => parse_upload_limit(&v).unwrap_or_else(|e| {
                 tracing::warn!("ignoring {UPLOAD_LIMIT_ENV}: {e}");
@@ -309,7 +362,7 @@ impl SharedStateServer {
             }),
             Err(_) => None,
         };
-        Self::with_upload_limit(shutdown, tuning, timeout, limit)
+        Self::with_upload_limit(shutdown, tuning, timeout, stall, limit)
     }
 
     /// A server uploading at most `bytes_per_sec` (None: unlimited).
@@ -317,6 +370,7 @@ impl SharedStateServer {
         shutdown: CancellationToken,
         tuning: SocketTuning,
         timeout: Duration,
+        stall: Duration,
         bytes_per_sec: Option<u64>,
     ) -> Arc<Self> {
         if let Some(bps) = bytes_per_sec {
@@ -328,6 +382,7 @@ impl SharedStateServer {
             shutdown,
             tuning,
             timeout,
+            stall,
             me: Mutex::new(PeerId::default()),
             upload_limit: bytes_per_sec.map(UploadLimiter::new),
         })
@@ -414,36 +469,42 @@ impl SharedStateServer {
                 return Ok(());
             }
             let mut name = vec![0u8; name_len];
-            s.read_exact(&mut name).await?;
+            within(self.stall, s.read_exact(&mut name)).await?;
             let name = String::from_utf8_lossy(&name).into_owned();
             // A request may beat our own plan from the master by a little.
             let mut cur = self.current.subscribe();
             let _ = tokio::time::timeout(PLAN_WAIT, cur.wait_for(|c| *c >= sync_id)).await;
             let guard = self.serving.read().await;
-            let (status, hash, ptr, tlen) = match guard.as_ref() {
+            let found = match guard.as_ref() {
                 Some(sv) if sv.sync_id == sync_id => match sv.tensors.get(&name) {
                     Some(t) => {
                         let ok = offset
                             .checked_add(len)
                             .is_some_and(|end| end <= t.len as u64);
                         if ok {
-                            (STATUS_OK, t.hash, t.ptr, t.len)
+                            Ok((sv, t.hash, t.ptr, t.len))
                         } else {
-                            (STATUS_BAD_RANGE, 0, 0, 0)
+                            Err(STATUS_BAD_RANGE)
                         }
                     }
-                    None => (STATUS_UNKNOWN_TENSOR, 0, 0, 0),
+                    None => Err(STATUS_UNKNOWN_TENSOR),
                 },
-                _ => (STATUS_NOT_SERVING, 0, 0, 0),
+                _ => Err(STATUS_NOT_SERVING),
             };
-            let mut resp = [0u8; 17];
-            resp[0] = status;
-            resp[1..9].copy_from_slice(&hash.to_le_bytes());
-            let body_len = if status == STATUS_OK { len } else { 0 };
-            resp[9..17].copy_from_slice(&body_len.to_le_bytes());
-            s.write_all(&resp).await?;
-            let Some(sv) = guard.as_ref().filter(|_| status == STATUS_OK) else {
-                continue;
+            let (sv, hash, ptr, tlen) = match found {
+                Ok(f) => f,
+                Err(status) => {
+                    // A refusal is written without the serving lock, so a
+                    // peer that stopped reading cannot hold up `begin` or
+                    // `end` of this peer's own syncs.
+                    drop(guard);
+                    let resp = response_head(status, 0, 0);
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Ok(()),
+                        r = within(self.stall, s.write_all(&resp)) => r?,
+                    }
+                    continue;
+                }
             };
             debug_assert!(offset as usize + len as usize <= tlen);
             // SAFETY: the tensor stays registered (and its memory valid) while
@@ -452,8 +513,18 @@ impl SharedStateServer {
             let data = unsafe {
                 std::slice::from_raw_parts((ptr + offset as usize) as *const u8, len as usize)
             };
+            let resp = response_head(STATUS_OK, hash, len);
             let t0 = Instant::now();
+            // Everything written while the read guard is held, header
+            // included, is cancelled by `end` (a peer that stopped reading
+            // can fill the socket buffer at any byte): a frozen receiver
+            // never blocks this peer's own sync. There is no progress
+            // deadline here: how long a live receiver's kernel takes to make
+            // room in a large send buffer is not a sign of life on this side
+            // (the receiver's own stall deadline and the master's peer
+            // timeout are), and the write ends with the sync anyway.
             let send = async {
+                s.write_all(&resp).await?;
                 match &self.upload_limit {
                     Some(limit) => limit.write(&mut s, data).await,
                     None => s.write_all(data).await,
@@ -468,6 +539,15 @@ impl SharedStateServer {
             sv.tx_bytes.fetch_add(len + 17, Ordering::Relaxed);
         }
     }
+}
+
+/// The head of a response: status, the holder's hash of the tensor, body length.
+fn response_head(status: u8, hash: u64, body_len: u64) -> [u8; 17] {
+    let mut resp = [0u8; 17];
+    resp[0] = status;
+    resp[1..9].copy_from_slice(&hash.to_le_bytes());
+    resp[9..17].copy_from_slice(&body_len.to_le_bytes());
+    resp
 }
 
 /// Destination of one fetched tensor.
@@ -503,6 +583,9 @@ struct FetchJob {
     hash_ns: AtomicU64,
     tuning: SocketTuning,
     timeout: Duration,
+    /// Progress deadline of a connection with requests outstanding (zero:
+    /// none, wait for TCP to break the connection).
+    stall: Duration,
 }
 
 /// Why a range did not arrive from a source.
@@ -511,11 +594,33 @@ enum RangeError {
     Io(io::Error),
     /// The source answered, but refused the range or holds other content.
     Refused(String),
+    /// No byte moved for the stall deadline while requests were outstanding:
+    /// the source is frozen or its path is dead (the socket may never break,
+    /// e.g. a stopped process's kernel keeps acknowledging).
+    Stalled,
 }
 
 impl From<io::Error> for RangeError {
     fn from(e: io::Error) -> Self {
         RangeError::Io(e)
+    }
+}
+
+/// Awaits one socket operation of a fetch, giving up with
+/// [`RangeError::Stalled`] if it completes nothing within `stall` (zero: no
+/// deadline). Applied to every read and write of a connection with requests
+/// outstanding, each of which completes as soon as any byte moves, so it is
+/// a deadline on progress: a slow but live source never trips it.
+async fn progress<T>(
+    stall: Duration,
+    op: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, RangeError> {
+    if stall.is_zero() {
+        return Ok(op.await?);
+    }
+    match tokio::time::timeout(stall, op).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(RangeError::Stalled),
     }
 }
 
@@ -548,7 +653,13 @@ impl FetchJob {
             to: src.id,
         };
         transport::write_hello(&mut s, &hello).await?;
-        let echo = transport::read_hello(&mut s, self.timeout)
+        // A frozen holder's kernel still completes the TCP handshake: its
+        // missing echo is a stall like any other.
+        let greet = match self.stall.is_zero() {
+            true => self.timeout,
+            false => self.timeout.min(self.stall),
+        };
+        let echo = transport::read_hello(&mut s, greet)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
         if echo != hello {
@@ -557,7 +668,7 @@ impl FetchJob {
         Ok(s)
     }
 
-    async fn send_request(&self, s: &mut TcpStream, r: &Range) -> io::Result<()> {
+    async fn send_request(&self, s: &mut TcpStream, r: &Range) -> Result<(), RangeError> {
         let t = &self.targets[r.target];
         let mut req = Vec::with_capacity(28 + t.name.len());
         req.extend_from_slice(&self.sync_id.to_le_bytes());
@@ -565,7 +676,7 @@ impl FetchJob {
         req.extend_from_slice(&(r.len as u64).to_le_bytes());
         req.extend_from_slice(&(t.name.len() as u32).to_le_bytes());
         req.extend_from_slice(t.name.as_bytes());
-        s.write_all(&req).await
+        progress(self.stall, s.write_all(&req)).await
     }
 
     /// Receives the answer to an already sent request for `r` straight into
@@ -578,8 +689,12 @@ impl FetchJob {
         let mut recv_ns = 0u64;
         let t0 = Instant::now();
         let mut resp = [0u8; 17];
-        s.read_exact(&mut resp).await?;
+        let head = progress(self.stall, s.read_exact(&mut resp)).await;
         recv_ns += nanos(t0.elapsed());
+        if let Err(e) = head {
+            self.recv_ns.fetch_add(recv_ns, Ordering::Relaxed);
+            return Err(e);
+        }
         let status = resp[0];
         let declared = u64::from_le_bytes(resp[1..9].try_into().unwrap_or_default());
         let body = u64::from_le_bytes(resp[9..17].try_into().unwrap_or_default());
@@ -612,7 +727,7 @@ impl FetchJob {
         while got < r.len {
             let end = (got + RECV_PIECE).min(r.len);
             let t0 = Instant::now();
-            let n = s.read(&mut dst[got..end]).await;
+            let n = progress(self.stall, s.read(&mut dst[got..end])).await;
             let t1 = Instant::now();
             recv_ns += nanos(t1 - t0);
             let n = n?;
@@ -708,6 +823,17 @@ impl FetchJob {
                     self.mark_failed(src.id);
                     conn = None;
                 }
+                Err(RangeError::Stalled) => {
+                    tracing::warn!(
+                        peer = %self.me,
+                        from = %src.id,
+                        "shared-state source stalled: nothing received for {:.1} s with {} ranges outstanding; trying another source",
+                        self.stall.as_secs_f64(),
+                        mine.len()
+                    );
+                    self.mark_failed(src.id);
+                    conn = None;
+                }
             }
         }
     }
@@ -718,7 +844,10 @@ impl FetchJob {
 pub(crate) struct TransferOpts {
     pub parallel: usize,
     pub tuning: SocketTuning,
+    /// Connect and greeting deadline.
     pub timeout: Duration,
+    /// Progress deadline of a fetch connection ([`DEFAULT_STALL_TIMEOUT`]).
+    pub stall: Duration,
 }
 
 /// Fetches `items` (name, expected hash) into `state`'s tensors from `sources`.
@@ -736,6 +865,7 @@ pub(crate) async fn fetch_tensors(
         parallel,
         tuning,
         timeout,
+        stall,
     } = opts;
     if sources.is_empty() {
         return Err(Error::NoSharedStateAvailable(
@@ -792,6 +922,7 @@ pub(crate) async fn fetch_tensors(
         hash_ns: AtomicU64::new(0),
         tuning,
         timeout,
+        stall,
     });
     // Spread receivers over holders instead of all starting at the first.
     let spread = me.0[0] as usize;
@@ -988,9 +1119,25 @@ mod tests {
         assert_eq!(b - a, Duration::from_millis(10));
         assert_eq!(c - b, Duration::from_millis(10));
         assert_eq!(d - c, Duration::from_millis(5));
-        // Pieces stay within [4 KiB, 1 MiB].
-        assert_eq!(UploadLimiter::new(1).piece(), 4 << 10);
+        // Pieces stay within [1 B, 1 MiB], and at most 10 ms of the link
+        // from 100 B/s up: a slow limit never leaves a connection silent for
+        // long (the fetch's stall deadline must not trip on it).
+        assert_eq!(UploadLimiter::new(1).piece(), 1);
         assert_eq!(UploadLimiter::new(10_000_000_000).piece(), 1 << 20);
+        for bps in [
+            100,
+            1_000,
+            4_095,
+            50_000,
+            409_600,
+            1 << 20,
+            100 << 20,
+            1 << 30,
+        ] {
+            let l = UploadLimiter::new(bps);
+            let slot = Duration::from_secs_f64(l.piece() as f64 / bps as f64);
+            assert!(slot <= Duration::from_millis(10), "{bps} B/s: {slot:?}");
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -1014,5 +1161,246 @@ mod tests {
         assert_eq!(reader.await.unwrap(), data);
         assert!(took >= Duration::from_millis(185), "took {took:?}");
         assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    fn peer(b: u8) -> PeerId {
+        PeerId([b; 16])
+    }
+
+    /// A holder serving `data` as tensor "w" for `sync_id`, on loopback.
+    async fn holder(
+        id: PeerId,
+        data: &[u8],
+        sync_id: u64,
+        stall: Duration,
+    ) -> (Arc<SharedStateServer>, CancellationToken, PeerEntry) {
+        let server = SharedStateServer::with_upload_limit(
+            CancellationToken::new(),
+            SocketTuning::default(),
+            Duration::from_secs(5),
+            stall,
+            None,
+        );
+        server.set_me(id);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        server.spawn_listener(l, CancellationToken::new());
+        let served = HashMap::from([(
+            "w".to_string(),
+            ServedTensor {
+                ptr: data.as_ptr() as usize,
+                len: data.len(),
+                hash: hash::tensor_hash(data),
+            },
+        )]);
+        let (cancel, _, _) = server.begin(served).await;
+        server.set_sync_id(sync_id).await;
+        (server, cancel, entry(id, port))
+    }
+
+    fn entry(id: PeerId, port: u16) -> PeerEntry {
+        PeerEntry {
+            id,
+            group: 0,
+            ip: "127.0.0.1".parse().unwrap(),
+            p2p_port: 0,
+            ss_port: port,
+            bench_port: 0,
+        }
+    }
+
+    /// A holder that greets, answers the first request with its header and
+    /// half the body, then goes silent with the connection open (what a
+    /// SIGSTOPped peer looks like: its kernel still acknowledges).
+    async fn frozen_holder(id: PeerId, data: Arc<Vec<u8>>) -> PeerEntry {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut conns = Vec::new();
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let hello = transport::read_hello(&mut s, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                transport::write_hello(&mut s, &hello).await.unwrap();
+                let mut head = [0u8; 28];
+                s.read_exact(&mut head).await.unwrap();
+                let offset = u64::from_le_bytes(head[8..16].try_into().unwrap()) as usize;
+                let len = u64::from_le_bytes(head[16..24].try_into().unwrap()) as usize;
+                let name_len = u32::from_le_bytes(head[24..28].try_into().unwrap()) as usize;
+                let mut name = vec![0u8; name_len];
+                s.read_exact(&mut name).await.unwrap();
+                let h = hash::tensor_hash(&data);
+                s.write_all(&response_head(STATUS_OK, h, len as u64))
+                    .await
+                    .unwrap();
+                s.write_all(&data[offset..offset + len / 2]).await.unwrap();
+                conns.push(s);
+            }
+        });
+        entry(id, port)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetch_fails_over_from_a_stalled_source() {
+        // 10 MiB = 3 ranges over one connection, which starts at the frozen
+        // holder (sources[0], `me` spreads to index 0).
+        let data: Arc<Vec<u8>> =
+            Arc::new((0..10 << 20).map(|i: u32| ((i * 7) >> 3) as u8).collect());
+        let stall = Duration::from_millis(300);
+        let frozen = frozen_holder(peer(1), data.clone()).await;
+        let (_server, _cancel, live) = holder(peer(2), &data, 7, stall).await;
+        let mut dst = vec![0u8; data.len()];
+        let state = SharedState::new(0, vec![SharedTensor::new("w", &mut dst)]);
+        let items = vec![("w".to_string(), hash::tensor_hash(&data))];
+        let opts = TransferOpts {
+            parallel: 1,
+            tuning: SocketTuning::default(),
+            timeout: Duration::from_secs(5),
+            stall,
+        };
+        let mut tm = SyncTimings::default();
+        let t0 = Instant::now();
+        let got = fetch_tensors(
+            peer(0),
+            7,
+            &state,
+            &items,
+            vec![frozen, live],
+            opts,
+            &mut tm,
+        )
+        .await;
+        let took = t0.elapsed();
+        drop(state);
+        assert_eq!(got.unwrap(), data.len() as u64 + 3 * 17);
+        assert!(dst == *data, "fetched bytes differ");
+        assert_eq!(tm.failed_sources, 1);
+        assert!(took >= stall, "gave up before the deadline: {took:?}");
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetch_without_a_live_source_fails_at_the_deadline() {
+        let data: Arc<Vec<u8>> = Arc::new(vec![3u8; 1 << 20]);
+        let stall = Duration::from_millis(200);
+        let sources = vec![
+            frozen_holder(peer(1), data.clone()).await,
+            frozen_holder(peer(2), data.clone()).await,
+        ];
+        let mut dst = vec![0u8; data.len()];
+        let state = SharedState::new(0, vec![SharedTensor::new("w", &mut dst)]);
+        let items = vec![("w".to_string(), hash::tensor_hash(&data))];
+        let opts = TransferOpts {
+            parallel: 2,
+            tuning: SocketTuning::default(),
+            timeout: Duration::from_secs(5),
+            stall,
+        };
+        let mut tm = SyncTimings::default();
+        let t0 = Instant::now();
+        let got = fetch_tensors(peer(0), 7, &state, &items, sources, opts, &mut tm).await;
+        let took = t0.elapsed();
+        assert!(matches!(got, Err(Error::RankConnectionLost(_))), "{got:?}");
+        assert_eq!(tm.failed_sources, 2);
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    /// A fetching peer pipelines requests for `range`-byte ranges and never
+    /// reads: the holder's writes fill the socket buffers and block. Ending
+    /// the sync must not wait for them, and the next sync must begin.
+    async fn receiver_stops_reading(range: u64, tuning: SocketTuning) {
+        let data = vec![5u8; 64 << 20];
+        let server = SharedStateServer::with_upload_limit(
+            CancellationToken::new(),
+            tuning,
+            Duration::from_secs(5),
+            DEFAULT_STALL_TIMEOUT,
+            None,
+        );
+        server.set_me(peer(2));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        server.spawn_listener(l, CancellationToken::new());
+        let served = HashMap::from([(
+            "w".to_string(),
+            ServedTensor {
+                ptr: data.as_ptr() as usize,
+                len: data.len(),
+                hash: 1,
+            },
+        )]);
+        let (cancel, tx, _) = server.begin(served).await;
+        server.set_sync_id(7).await;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(n) = tuning.buffer_bytes {
+            sock.set_recv_buffer_size(n as u32).unwrap();
+        }
+        let mut s = sock.connect(addr).await.unwrap();
+        let hello = Hello {
+            kind: ConnKind::SharedState,
+            from: peer(0),
+            to: peer(2),
+        };
+        transport::write_hello(&mut s, &hello).await.unwrap();
+        transport::read_hello(&mut s, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (_rd, mut wr) = s.into_split();
+        // Requests go out until the holder stops reading them.
+        let writer = tokio::spawn(async move {
+            for k in 0.. {
+                let mut req = Vec::new();
+                for j in 0..64u64 {
+                    req.extend_from_slice(&7u64.to_le_bytes());
+                    req.extend_from_slice(&(((k * 64 + j) * range) % (64 << 20)).to_le_bytes());
+                    req.extend_from_slice(&range.to_le_bytes());
+                    req.extend_from_slice(&1u32.to_le_bytes());
+                    req.push(b'w');
+                }
+                if wr.write_all(&req).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Let the holder fill the buffers and block: wait until it has
+        // served nothing more for half a second (the kernel may still take
+        // a few small writes while it compacts a tiny receive buffer).
+        let (mut last, mut still) = (u64::MAX, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while still < 5 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let served = tx.load(Ordering::Relaxed);
+            if served == last {
+                still += 1;
+            } else {
+                (last, still) = (served, 0);
+            }
+        }
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(2), server.end(&cancel))
+            .await
+            .expect("ending the sync waited for a receiver that stopped reading");
+        let (next, _, _) =
+            tokio::time::timeout(Duration::from_secs(2), server.begin(HashMap::new()))
+                .await
+                .expect("the next sync could not begin");
+        server.end(&next).await;
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        writer.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receiver_that_stops_reading_does_not_hold_up_the_holder() {
+        // Blocked inside 4 MiB ranges.
+        receiver_stops_reading(4 << 20, SocketTuning::default()).await;
+        // Empty ranges and small buffers: blocked on writing response heads.
+        let small = SocketTuning {
+            buffer_bytes: Some(4096),
+            ..SocketTuning::default()
+        };
+        receiver_stops_reading(0, small).await;
     }
 }

@@ -649,3 +649,167 @@ fn distributor_killed_mid_transfer() {
     }
     c.assert_same_hashes(survivors[0], survivors[1]);
 }
+
+/// A holder frozen with SIGSTOP while a newcomer fetches from it: its
+/// sockets stay open and its kernel keeps acknowledging (and answering
+/// keepalive probes), but no byte comes. The newcomer's stream from it must
+/// hit the fetch's stall deadline (`shared_state_stall_timeout`, 5 s by
+/// default) and fail over to another holder, long before the master evicts
+/// the frozen peer; the newcomer's sync succeeds with the others' content.
+#[test]
+fn distributor_frozen_mid_transfer() {
+    let _g = serial();
+    // The master's peer timeout (15 s) is longer than the bound asserted on
+    // the newcomer's sync below (10 s), itself well above the stall deadline
+    // (5 s): the sync can only finish in time through the fetch's own
+    // deadline, not because the master dropped the frozen holder (which does
+    // not end the newcomer's fetch anyway).
+    let mut c = Cluster::new(15_000);
+    // As in `distributor_killed_mid_transfer`: 64 MiB served by three
+    // holders capped at 16 MiB/s each, fetched by a newcomer with pool 3
+    // (one stream per holder), so the victim is certainly streaming 200 ms
+    // after the fetch starts (each stream takes ~1.3 s).
+    const LIMIT: &str = "16Mi";
+    let args = [
+        "--elems",
+        "65536",
+        "--state-mib",
+        "64",
+        "--pool",
+        "3",
+        "--min-world",
+        "3",
+    ];
+    let ids: Vec<usize> = (0..3)
+        .map(|_| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_pccl-worker"));
+            cmd.arg("--master")
+                .arg(c.master.local_addr().to_string())
+                .arg("--exit-on-stdin-eof")
+                .args(args)
+                .env("PCCL_SHARED_STATE_UPLOAD_BPS", LIMIT);
+            let name = format!("w{}", c.procs.len());
+            let id = c.procs.spawn(name, cmd).expect("spawn pccl-worker");
+            c.records.push(Vec::new());
+            c.stderr.push(Vec::new());
+            id
+        })
+        .collect();
+    c.wait_steps(&ids, 2, Duration::from_secs(60));
+    let victim = ids[1];
+    let victim_peer = c.records[victim]
+        .iter()
+        .find_map(|r| match r {
+            Record::Joined { peer, .. } => Some(peer.clone()),
+            _ => None,
+        })
+        .expect("the victim printed its peer id");
+    // `--trace`: the newcomer's first BEGIN allreduce comes right after its
+    // sync returned (its STEP line only after the all-reduce, which waits for
+    // the master to evict the frozen holder).
+    let newcomer = c.spawn(&[
+        "--elems",
+        "65536",
+        "--state-mib",
+        "64",
+        "--pool",
+        "3",
+        "--log",
+        "info",
+        "--trace",
+    ]);
+    c.wait_stderr(newcomer, "fetching shared state", Duration::from_secs(40));
+    std::thread::sleep(Duration::from_millis(200));
+    c.procs
+        .signal(victim, libc::SIGSTOP)
+        .expect("SIGSTOP a holder");
+    let stopped_at = Instant::now();
+    // `Procs`' drop SIGKILLs and reaps every child, stopped ones included,
+    // should an assertion below fail.
+    let synced = c.wait_for(
+        "the newcomer's sync to return",
+        Duration::from_secs(30),
+        |_, id, r| match r {
+            Record::Begin { op, .. } if id == newcomer && op == "allreduce" => {
+                Some(stopped_at.elapsed())
+            }
+            Record::Rejoin { reason, msg } if id == newcomer => {
+                panic!("the newcomer's sync failed ({reason}: {msg})");
+            }
+            _ => None,
+        },
+    );
+    let stall_lines: Vec<String> = c.stderr[newcomer]
+        .iter()
+        .filter(|l| l.contains("stalled") && l.contains("trying another source"))
+        .cloned()
+        .collect();
+    for l in c.stderr[newcomer]
+        .iter()
+        .filter(|l| l.contains("trying another source") || l.contains("shared-state source"))
+    {
+        println!("newcomer log: {l}");
+    }
+    println!(
+        "SIGSTOP -> newcomer's sync returned: {} ms (victim {victim_peer})",
+        synced.as_millis()
+    );
+    assert!(
+        stall_lines.iter().any(|l| l.contains(&victim_peer)),
+        "the newcomer never gave up on the frozen holder {victim_peer}\n{}",
+        c.diagnostics()
+    );
+    assert!(
+        synced < Duration::from_secs(10),
+        "the newcomer's sync returned {} ms after the holder froze",
+        synced.as_millis()
+    );
+
+    // Its state is the group's: compare with the live holders once the
+    // frozen one is evicted and the all-reduce goes on without it.
+    let first = c.wait_for(
+        "the newcomer's first step",
+        Duration::from_secs(40),
+        |_, id, r| match r {
+            Record::Step(s) if id == newcomer => Some(s.clone()),
+            Record::Rejoin { reason, msg } if id == newcomer => {
+                panic!("the newcomer rejoined ({reason}: {msg})");
+            }
+            _ => None,
+        },
+    );
+    println!(
+        "newcomer: first step {} world {} fetched {} bytes, sync {:.0} ms; {} ms after the stop",
+        first.step,
+        first.world,
+        first.sync_rx,
+        first.sync_ms,
+        stopped_at.elapsed().as_millis()
+    );
+    assert!(
+        first.sync_rx >= (64 << 20) - 4 * 4096,
+        "the newcomer's first step fetched only {} bytes",
+        first.sync_rx
+    );
+    let survivors = [ids[0], ids[2]];
+    c.wait_steps(
+        &[survivors[0], survivors[1], newcomer],
+        c.step_count(survivors[0]) + 2,
+        Duration::from_secs(40),
+    );
+    for s in survivors {
+        let theirs = c.steps(s);
+        let at = theirs
+            .get(&first.step)
+            .unwrap_or_else(|| panic!("w{s} did not report step {}", first.step));
+        assert_eq!(
+            at.state_hash, first.state_hash,
+            "the newcomer's state differs from w{s}'s"
+        );
+        c.assert_same_hashes(s, newcomer);
+    }
+    c.assert_same_hashes(survivors[0], survivors[1]);
+    // Thaw the victim only to kill it (it was evicted long ago).
+    let _ = c.procs.signal(victim, libc::SIGCONT);
+    c.procs.kill(victim).expect("SIGKILL the frozen holder");
+}

@@ -49,6 +49,11 @@ pub struct CommunicatorConfig {
     pub advertised_ip: Option<IpAddr>,
     /// Deadline for TCP connects and greetings.
     pub connect_timeout: Duration,
+    /// Progress deadline of a shared-state fetch: a connection with
+    /// requests outstanding that receives no byte for this long gives up its
+    /// source and requests its ranges from the next holder (zero: none).
+    /// Default [`crate::shared_state::DEFAULT_STALL_TIMEOUT`] (5 s).
+    pub shared_state_stall_timeout: Duration,
     /// Size of a pipelined sub-chunk on the wire.
     pub chunk_bytes: usize,
     /// Worker threads of the communicator's runtime.
@@ -71,6 +76,7 @@ impl CommunicatorConfig {
             port_attempts: 64,
             advertised_ip: None,
             connect_timeout: Duration::from_secs(10),
+            shared_state_stall_timeout: crate::shared_state::DEFAULT_STALL_TIMEOUT,
             chunk_bytes: 512 << 10,
             worker_threads: 2,
             socket: SocketTuning {
@@ -122,6 +128,7 @@ impl Communicator {
             shutdown.clone(),
             cfg.socket,
             cfg.connect_timeout,
+            cfg.shared_state_stall_timeout,
         );
         Ok(Communicator {
             cfg,
@@ -1085,6 +1092,7 @@ impl Communicator {
             parallel: self.cfg.p2p_connection_pool_size.max(1) as usize,
             tuning: self.cfg.socket,
             timeout: self.cfg.connect_timeout,
+            stall: self.cfg.shared_state_stall_timeout,
         };
         self.block_on(crate::shared_state::run_sync(
             &ctl, &server, state, strategy, hashes, opts,
