@@ -775,10 +775,12 @@ PCCL_EXPORT pcclResult_t pcclSetLogLevel(pcclLogLevel_t level);
  * @param connect_timeout_ms Limit for establishing one connection (master or
  *        peer). 0 keeps the default.
  *
- * Note: in this version a silent peer is removed by the master after its
- * own timeout (pcclSetMasterPeerTimeout, default 5000 ms), which fails the
- * collectives it took part in; peer_liveness_timeout_ms is accepted and
- * recorded but does not yet shorten or lengthen that on the peer side.
+ * In this version peer_liveness_timeout_ms is how long a shared-state
+ * transfer may make no progress before this peer gives up on the sending
+ * peer and fetches from another holder (default 5000 ms). In collectives a
+ * silent peer is removed by the master after its own timeout
+ * (pcclSetMasterPeerTimeout, default 5000 ms), which fails the collectives
+ * it took part in on every survivor.
  *
  * @return pcclSuccess on success.
  * @return pcclNotInitialized if pcclInit has not been called.

@@ -46,10 +46,6 @@ pub(crate) struct CommHandle {
 
 struct CommInner {
     cfg: CommunicatorConfig,
-    /// Requested with `pcclSetCommunicatorTimeouts`; pccl-core has no
-    /// per-communicator liveness setting yet (the master's peer timeout
-    /// governs), so it is only recorded.
-    peer_liveness_timeout_ms: Option<u32>,
     comm: Option<Communicator>,
     /// Tags of async all-reduces started and not yet awaited.
     async_tags: HashSet<u64>,
@@ -159,7 +155,6 @@ pub unsafe extern "C" fn pcclCreateCommunicator(
         let handle = Arc::new(CommHandle {
             inner: Mutex::new(CommInner {
                 cfg,
-                peer_liveness_timeout_ms: None,
                 comm: None,
                 async_tags: HashSet::new(),
                 destroyed: false,
@@ -191,7 +186,10 @@ pub unsafe extern "C" fn pcclSetCommunicatorTimeouts(
             g.cfg.connect_timeout = Duration::from_millis(u64::from(connect_timeout_ms));
         }
         if peer_liveness_timeout_ms != 0 {
-            g.peer_liveness_timeout_ms = Some(peer_liveness_timeout_ms);
+            // Collectives: the master's peer timeout decides; here it bounds
+            // how long a shared-state transfer may stall before failover.
+            g.cfg.shared_state_stall_timeout =
+                Duration::from_millis(u64::from(peer_liveness_timeout_ms));
         }
         Ok(())
     })
@@ -280,11 +278,6 @@ pub unsafe extern "C" fn pcclConnect(communicator: *mut pcclComm_t) -> pcclResul
             return Err(Error::InvalidUsage(
                 "the communicator is already connected".into(),
             ));
-        }
-        if let Some(ms) = g.peer_liveness_timeout_ms {
-            tracing::debug!(
-                "peer liveness timeout of {ms} ms requested; the master's peer timeout governs in this version"
-            );
         }
         // A fresh core communicator per attempt: a failed attempt is dropped
         // whole (its runtime and listeners stop), so retrying starts clean.
