@@ -12,7 +12,13 @@
 #   PCCL_TCP_CONGESTION  congestion control of the data connections (e.g.
 #                 cubic); the hosts' default is BBR, and a namespace cannot
 #                 default to CUBIC here, so the library sets it per socket
+#   SSAI          net.ipv4.tcp_slow_start_after_idle inside the hosts (default
+#                 0: a pooled connection that sat idle keeps its congestion
+#                 window; `keep` leaves the kernel default, 1)
 #   LOG_DIR       where every peer's table and stderr are kept
+#   NO_BUILD=1    use the binaries already in $CARGO_TARGET_DIR/release
+#   IPERF_REF=0   skip the reference: an iperf3 ring (every host to the next
+#                 at once, 10 s, same congestion control, pool-size streams)
 #
 # Brings up hosts h0..hN-1 (wan.sh up), runs pccl-master in h0 and one
 # `pccl-bench --peer-only` per host for each pool size, prints rank 0's table
@@ -32,7 +38,9 @@ target=${CARGO_TARGET_DIR:-target}
 wan="$wan_emu/wan.sh"
 [[ -x "$wan" ]] || { echo "bench-wan: $wan not found (set WAN_EMU)" >&2; exit 2; }
 
-cargo build --release -p pccl-stress --bin pccl-bench -p pccl-core --bin pccl-master >&2
+if [[ "${NO_BUILD:-0}" != 1 ]]; then
+    cargo build --release -p pccl-stress --bin pccl-bench -p pccl-core --bin pccl-master >&2
+fi
 bench="$(realpath "$target/release/pccl-bench")"
 master_bin="$(realpath "$target/release/pccl-master")"
 mkdir -p "$log_dir"
@@ -47,6 +55,12 @@ trap cleanup EXIT
 
 # shellcheck disable=SC2086
 "$wan" up "$n" $wan_opts >"$log_dir/wan-up.log" 2>&1 || { cat "$log_dir/wan-up.log" >&2; exit 1; }
+ssai=${SSAI:-0}
+if [[ "$ssai" != keep ]]; then
+    for i in $(seq 0 $((n - 1))); do
+        "$wan" exec "h$i" sysctl -qw "net.ipv4.tcp_slow_start_after_idle=$ssai"
+    done
+fi
 master_ip=$("$wan" ip h0)
 # A free port inside h0 (the namespace is fresh; the kernel picks).
 port=$("$wan" exec h0 python3 -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')
@@ -55,8 +69,44 @@ pids+=($!)
 sleep 0.5
 
 rate=$(sed -n 's/.*--rate \([^ ]*\).*/\1/p' <<<"$wan_opts")
-echo "# $(date -u +%FT%TZ) bench-wan: N=$n, wan.sh up $n $wan_opts, cc ${PCCL_TCP_CONGESTION:-default (bbr)}, pools $pools, nproc $(nproc)"
+echo "# $(date -u +%FT%TZ) bench-wan: N=$n, wan.sh up $n $wan_opts, cc ${PCCL_TCP_CONGESTION:-default (bbr)}, tcp_slow_start_after_idle ${ssai/keep/default}, pools $pools, nproc $(nproc)"
+# Reference: the raw emulated ring, iperf3 with the same congestion control
+# and as many streams as the pool, every host sending to the next at once.
+iperf_ring() { # streams -> mean per-link receive rate over the last 5 s, Mbit/s
+    local p=$1 pids=() i j cc_opt=()
+    [[ -n "${PCCL_TCP_CONGESTION:-}" ]] && cc_opt=(-C "$PCCL_TCP_CONGESTION")
+    for i in $(seq 0 $((n - 1))); do
+        "$wan" exec "h$i" iperf3 -s -D -1 -p 5201 >/dev/null 2>&1
+    done
+    sleep 0.5
+    for i in $(seq 0 $((n - 1))); do
+        j=$(((i + 1) % n))
+        timeout 30 "$wan" exec "h$i" iperf3 -c "$("$wan" ip "h$j")" -p 5201 -t 10 -P "$p" "${cc_opt[@]}" -J \
+            >"$log_dir/iperf-P$p-h$i.json" 2>/dev/null &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do wait "$i" || true; done
+    python3 - "$log_dir" "$p" "$n" <<'PY'
+import json, sys
+d, p, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rates = []
+for i in range(n):
+    try:
+        j = json.load(open(f"{d}/iperf-P{p}-h{i}.json"))
+        iv = j["intervals"][-5:]
+        rates.append(sum(x["sum"]["bits_per_second"] for x in iv) / len(iv) / 1e6)
+    except Exception:
+        pass
+print(f"{sum(rates) / len(rates):.0f}" if rates else "n/a")
+PY
+}
+
 summary=()
+if [[ "${IPERF_REF:-1}" == 1 ]] && command -v iperf3 >/dev/null; then
+    for pool in $pools; do
+        summary+=("iperf3 ring, $pool streams per link: $(iperf_ring "$pool") Mbit/s per link (mean over links, last 5 of 10 s)")
+    done
+fi
 for pool in $pools; do
     peers=()
     for i in $(seq 0 $((n - 1))); do
