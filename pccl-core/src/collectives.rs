@@ -131,9 +131,10 @@ struct SendItem {
     payload: Payload,
 }
 
-/// Lets the p2p readers write raw all-gather payloads straight into the
-/// caller's result buffer instead of a pool buffer that the ring would then
-/// copy.
+/// Lets the p2p readers write all-gather values straight into the caller's
+/// result buffer (raw payloads are read into it; quantized ones are decoded
+/// into it on the reader's task), instead of the ring copying or decoding
+/// them from a pool buffer on its own task.
 ///
 /// Memory safety: all-gather frames are only ever landed in the ranges of
 /// segments this peer does not own, which nothing else writes or reads
@@ -182,18 +183,36 @@ impl Landing {
         }
     }
 
-    /// The byte range of the result buffer a frame's payload belongs in, if
-    /// it is a well-formed raw all-gather frame of this op whose slot was
-    /// free (the slot is claimed). Anything else returns `None` and takes
-    /// the normal path, where the ring validates it.
+    /// The byte range of the result buffer a frame's values belong in, if
+    /// it is a well-formed all-gather frame of this op whose slot was free
+    /// (the slot is claimed). Anything else returns `None` and takes the
+    /// normal path, where the ring validates it. Raw payloads are read
+    /// straight into that range; quantized ones are read into a buffer and
+    /// decoded into it with [`Landing::decode`].
+    pub(crate) fn is_quantized(&self) -> bool {
+        self.p.quant.is_some()
+    }
+
+    /// Decodes a quantized all-gather payload into `len` bytes of the result
+    /// buffer at `off` (a range [`Landing::target`] returned). `None` if the
+    /// op has closed its landing.
+    pub(crate) fn decode(&self, off: usize, len: usize, payload: &[u8]) -> Option<Result<()>> {
+        let (q, algo) = self.p.quant?;
+        let dtype = self.p.dtype;
+        self.with_dst(off, len, |dst| {
+            quant::dequantize_into(dtype, q, algo, None, payload, dst)
+        })
+    }
+
     pub(crate) fn target(&self, h: &DataHeader) -> Option<(usize, usize)> {
         let p = &self.p;
         let step = h.step as usize;
-        if p.quant.is_some()
-            || h.encoding != Encoding::Raw
-            || step < p.world - 1
-            || step >= p.steps()
-        {
+        let encoding = if p.quant.is_some() {
+            Encoding::Quantized
+        } else {
+            Encoding::Raw
+        };
+        if h.encoding != encoding || step < p.world - 1 || step >= p.steps() {
             return None;
         }
         let seg = p.recv_segment(step);
@@ -205,7 +224,7 @@ impl Landing {
         let ds = p.dtype.size();
         if h.elem_offset != start as u64
             || h.elems as usize != n
-            || h.payload_len as usize != n * ds
+            || h.payload_len as usize != p.payload_len(n)
         {
             return None;
         }
@@ -259,7 +278,7 @@ pub(crate) async fn run_ring(
     pool: Arc<OutPool>,
     bufs: &Arc<BufPool>,
 ) -> Result<(u64, u64)> {
-    let landing = p.quant.is_none().then(|| Arc::new(Landing::new(p, acc)));
+    let landing = Some(Arc::new(Landing::new(p, acc)));
     if let Some(l) = &landing {
         route.set_landing(l.clone());
     }
@@ -514,8 +533,9 @@ impl RingState<'_> {
                     }
                     Some((q, algo)) => {
                         let mut sum = self.bufs.get(len);
-                        sum.copy_from_slice(mine);
-                        quant::dequantize_into(p.dtype, q, algo, Some(p.op), &payload, &mut sum)?;
+                        quant::dequantize_reduce_from(
+                            p.dtype, q, algo, p.op, mine, &payload, &mut sum,
+                        )?;
                         drop(payload);
                         let (_, n) = p.chunk(seg, c);
                         let mut out = self.bufs.get(quant::encoded_len(p.dtype, q, algo, n));
@@ -534,8 +554,7 @@ impl RingState<'_> {
             match p.quant {
                 None => kernels::reduce_from(p.dtype, p.op, dst, &payload, mine),
                 Some((q, algo)) => {
-                    dst.copy_from_slice(mine);
-                    quant::dequantize_into(p.dtype, q, algo, Some(p.op), &payload, dst)?;
+                    quant::dequantize_reduce_from(p.dtype, q, algo, p.op, mine, &payload, dst)?
                 }
             }
             drop(payload);
@@ -547,9 +566,8 @@ impl RingState<'_> {
                 Some((q, algo)) => {
                     let (_, n) = p.chunk(seg, c);
                     let mut enc = self.bufs.get(quant::encoded_len(p.dtype, q, algo, n));
-                    quant::quantize(p.dtype, q, algo, dst, &mut enc)?;
                     // The owner keeps exactly what the others will decode.
-                    quant::dequantize_into(p.dtype, q, algo, None, &enc, dst)?;
+                    quant::quantize_adopt(p.dtype, q, algo, dst, &mut enc)?;
                     let plen = enc.len();
                     self.enqueue(self.header(w - 1, seg, c, plen), Payload::Owned(enc))
                 }
@@ -557,11 +575,18 @@ impl RingState<'_> {
         } else {
             let last = step == p.steps() - 1;
             if frame.landed {
-                // The reader already wrote it into `acc`.
-                return if last {
-                    Ok(())
-                } else {
-                    self.send_from(self.acc, step + 1, seg, c)
+                // The reader already wrote (or decoded) it into `acc`.
+                return match (last, p.quant) {
+                    (true, _) => Ok(()),
+                    (false, None) => self.send_from(self.acc, step + 1, seg, c),
+                    // Forward the encoded bytes as they came.
+                    (false, Some(_)) => {
+                        let plen = frame.payload.len();
+                        self.enqueue(
+                            self.header(step + 1, seg, c, plen),
+                            Payload::Owned(frame.payload),
+                        )
+                    }
                 };
             }
             // A frame the reader did not land (quantized, or it came before

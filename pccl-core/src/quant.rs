@@ -282,6 +282,104 @@ pub fn dequantize_into(
     Ok(())
 }
 
+/// [`quantize`] and adopt the result in one pass: encodes `data` into `out`
+/// (exactly the bytes [`quantize`] writes) and overwrites `data` with
+/// exactly the bits `dequantize_into(src_dtype, q, algo, None, out, data)`
+/// would write afterwards. Block by block, each decoded value is computed
+/// right after its code is chosen, while the block is in registers / L1,
+/// instead of a second pass that re-reads and unpacks the codes.
+///
+/// This is what a segment owner does before sending its final (quantized)
+/// values: it keeps exactly what every other peer will decode. `data` may
+/// be unaligned.
+///
+/// Errors (`InvalidArgument`, neither buffer written): as for [`quantize`].
+pub fn quantize_adopt(
+    src_dtype: DataType,
+    q: DataType,
+    algo: QuantizationAlgorithm,
+    data: &mut [u8],
+    out: &mut [u8],
+) -> Result<()> {
+    check_combo(src_dtype, q, algo)?;
+    let n = whole_elems(src_dtype, data.len(), "quantize_adopt data")?;
+    let need = encoded_len(src_dtype, q, algo, n);
+    if out.len() != need {
+        return Err(Error::InvalidArgument(format!(
+            "quantize_adopt: output is {} bytes, {n} elements need {need}",
+            out.len()
+        )));
+    }
+    let mask = sign_mask(q);
+    match (src_dtype, q.size()) {
+        (DataType::F16, 1) => quantize_adopt_impl::<F16Src, u8>(algo, mask, data, out),
+        (DataType::BF16, 1) => quantize_adopt_impl::<Bf16Src, u8>(algo, mask, data, out),
+        (DataType::F32, 1) => quantize_adopt_impl::<F32Src, u8>(algo, mask, data, out),
+        (DataType::F32, 2) => quantize_adopt_impl::<F32Src, u16>(algo, mask, data, out),
+        (DataType::F64, 1) => quantize_adopt_impl::<F64Src, u8>(algo, mask, data, out),
+        (DataType::F64, 2) => quantize_adopt_impl::<F64Src, u16>(algo, mask, data, out),
+        _ => {
+            return Err(Error::Internal(
+                "quantize_adopt: unhandled type combination".into(),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// `dst[i] = op(a[i], decoded[i])`, where `decoded` is the decoding of
+/// `enc` (`dst.len() / src_dtype.size()` elements): the same bits as
+/// `dst.copy_from_slice(a)` followed by
+/// `dequantize_into(src_dtype, q, algo, Some(op), enc, dst)` (`a` is the
+/// destination operand of [`crate::kernels::reduce_into`]: same operand
+/// order, NaN rules and `Avg`-accumulates-like-`Sum`), without the copy.
+/// Works block by block, so each decoded block is reduced while in L1.
+/// `a` and `dst` may be unaligned. Arbitrary `enc` bytes never panic.
+///
+/// Errors (`InvalidArgument`, `dst` untouched): as for [`dequantize_into`],
+/// or `a.len() != dst.len()`.
+pub fn dequantize_reduce_from(
+    src_dtype: DataType,
+    q: DataType,
+    algo: QuantizationAlgorithm,
+    op: ReduceOp,
+    a: &[u8],
+    enc: &[u8],
+    dst: &mut [u8],
+) -> Result<()> {
+    validate(src_dtype, q, algo, op)?;
+    let n = whole_elems(src_dtype, dst.len(), "dequantize_reduce_from destination")?;
+    if a.len() != dst.len() {
+        return Err(Error::InvalidArgument(format!(
+            "dequantize_reduce_from: operand is {} bytes, destination {}",
+            a.len(),
+            dst.len()
+        )));
+    }
+    let need = encoded_len(src_dtype, q, algo, n);
+    if enc.len() != need {
+        return Err(Error::InvalidArgument(format!(
+            "dequantize_reduce_from: encoded input is {} bytes, {n} elements need {need}",
+            enc.len()
+        )));
+    }
+    let mask = sign_mask(q);
+    match (src_dtype, q.size()) {
+        (DataType::F16, 1) => dequantize_from_impl::<F16Src, u8>(algo, mask, op, a, enc, dst),
+        (DataType::BF16, 1) => dequantize_from_impl::<Bf16Src, u8>(algo, mask, op, a, enc, dst),
+        (DataType::F32, 1) => dequantize_from_impl::<F32Src, u8>(algo, mask, op, a, enc, dst),
+        (DataType::F32, 2) => dequantize_from_impl::<F32Src, u16>(algo, mask, op, a, enc, dst),
+        (DataType::F64, 1) => dequantize_from_impl::<F64Src, u8>(algo, mask, op, a, enc, dst),
+        (DataType::F64, 2) => dequantize_from_impl::<F64Src, u16>(algo, mask, op, a, enc, dst),
+        _ => {
+            return Err(Error::Internal(
+                "dequantize_reduce_from: unhandled type combination".into(),
+            ))
+        }
+    }
+    Ok(())
+}
+
 fn whole_elems(dtype: DataType, len: usize, what: &str) -> Result<usize> {
     if !len.is_multiple_of(dtype.size()) {
         return Err(Error::InvalidArgument(format!(
@@ -440,6 +538,25 @@ trait Source {
     fn load(bytes: &[u8], out: &mut [Self::C], scratch: &mut [u16; B]);
     /// Rounds `ys` to the source type and returns its native-order bytes.
     fn to_bytes<'a>(ys: &'a [Self::C], scratch: &'a mut [u16; B]) -> &'a [u8];
+    /// The values of `bytes` (len m * SIZE) in the compute type: `bytes`
+    /// itself when it is already an aligned `[C]`, else loaded into `buf` (len m).
+    fn view<'a>(bytes: &'a [u8], buf: &'a mut [Self::C], scratch: &mut [u16; B]) -> &'a [Self::C];
+    /// Like [`Source::view`], mutable; `true` when the values live in `buf`
+    /// and must be stored back with [`Source::to_bytes`].
+    fn view_mut<'a>(
+        bytes: &'a mut [u8],
+        buf: &'a mut [Self::C],
+        scratch: &mut [u16; B],
+    ) -> (&'a mut [Self::C], bool);
+    /// Where to decode values destined for `bytes`: `bytes` itself when it
+    /// is an aligned `[C]`, else `buf` (not loaded; `true`: store back).
+    fn view_out<'a>(bytes: &'a mut [u8], buf: &'a mut [Self::C]) -> (&'a mut [Self::C], bool);
+}
+
+/// Whether `bytes` is aligned for `T`.
+#[inline(always)]
+fn aligned_for<T>(bytes: &[u8]) -> bool {
+    (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
 }
 
 struct F16Src;
@@ -466,6 +583,24 @@ macro_rules! half_source {
                 <$fmt>::narrow(ys, bits);
                 bytemuck::cast_slice::<u16, u8>(bits)
             }
+            #[inline(always)]
+            fn view<'a>(bytes: &'a [u8], buf: &'a mut [f32], scratch: &mut [u16; B]) -> &'a [f32] {
+                Self::load(bytes, buf, scratch);
+                buf
+            }
+            #[inline(always)]
+            fn view_mut<'a>(
+                bytes: &'a mut [u8],
+                buf: &'a mut [f32],
+                scratch: &mut [u16; B],
+            ) -> (&'a mut [f32], bool) {
+                Self::load(bytes, buf, scratch);
+                (buf, true)
+            }
+            #[inline(always)]
+            fn view_out<'a>(_bytes: &'a mut [u8], buf: &'a mut [f32]) -> (&'a mut [f32], bool) {
+                (buf, true)
+            }
         }
     };
 }
@@ -489,6 +624,33 @@ macro_rules! wide_source {
             fn to_bytes<'a>(ys: &'a [$t], _scratch: &'a mut [u16; B]) -> &'a [u8] {
                 bytemuck::cast_slice::<$t, u8>(ys)
             }
+            #[inline(always)]
+            fn view<'a>(bytes: &'a [u8], buf: &'a mut [$t], _scratch: &mut [u16; B]) -> &'a [$t] {
+                if aligned_for::<$t>(bytes) {
+                    return bytemuck::cast_slice(bytes);
+                }
+                bytemuck::cast_slice_mut::<$t, u8>(buf).copy_from_slice(bytes);
+                buf
+            }
+            #[inline(always)]
+            fn view_mut<'a>(
+                bytes: &'a mut [u8],
+                buf: &'a mut [$t],
+                _scratch: &mut [u16; B],
+            ) -> (&'a mut [$t], bool) {
+                if aligned_for::<$t>(bytes) {
+                    return (bytemuck::cast_slice_mut(bytes), false);
+                }
+                bytemuck::cast_slice_mut::<$t, u8>(buf).copy_from_slice(bytes);
+                (buf, true)
+            }
+            #[inline(always)]
+            fn view_out<'a>(bytes: &'a mut [u8], buf: &'a mut [$t]) -> (&'a mut [$t], bool) {
+                if aligned_for::<$t>(bytes) {
+                    return (bytemuck::cast_slice_mut(bytes), false);
+                }
+                (buf, true)
+            }
         }
     };
 }
@@ -509,6 +671,25 @@ trait Code: Pod + Zeroable {
     fn write_payload(cs: &[Self], payload: &mut [u8]);
     /// Reads codes from the payload (little-endian).
     fn read_payload(payload: &[u8], cs: &mut [Self]);
+    /// The codes of `payload`: the payload itself when it can be viewed as
+    /// `[Self]` (aligned), else read into `buf`.
+    #[inline(always)]
+    fn view<'a>(payload: &'a [u8], buf: &'a mut [Self]) -> &'a [Self] {
+        if aligned_for::<Self>(payload) {
+            return bytemuck::cast_slice(payload);
+        }
+        Self::read_payload(payload, buf);
+        buf
+    }
+    /// Where to write the codes for `payload`: the payload itself when
+    /// aligned, else `buf` (`true`: copy to the payload with `write_payload`).
+    #[inline(always)]
+    fn view_out<'a>(payload: &'a mut [u8], buf: &'a mut [Self]) -> (&'a mut [Self], bool) {
+        if aligned_for::<Self>(payload) {
+            return (bytemuck::cast_slice_mut(payload), false);
+        }
+        (buf, true)
+    }
 }
 
 impl Code for u8 {
@@ -585,56 +766,112 @@ fn fill_codes<Q: Code>(cs: &mut [Q], stored: u32) {
     }
 }
 
-#[inline(always)]
-fn encode_minmax_loop<C: QFloat, Q: Code>(
-    xs: &[C],
-    cs: &mut [Q],
-    lo: C,
-    hi: C,
-    qmax: C,
-    mask: u32,
-    scale: impl Fn(C) -> C,
-) {
-    for (&x, c) in xs.iter().zip(cs.iter_mut()) {
-        let dl = x - lo;
-        let dh = hi - x;
-        // Measure from the nearer end (mirrors the decoder; never overflows).
-        let t = if dl <= dh {
-            scale(dl)
-        } else {
-            qmax - scale(dh)
-        };
-        *c = Q::from_u32(clamp_round(t, qmax) ^ mask);
+/// A block being encoded: read-only (`&[C]`, [`quantize`]) or adopting
+/// (`&mut [C]`, [`quantize_adopt`]: each value is replaced by the decoding
+/// of its code, computed right after the code is chosen).
+trait EncBlock<C: QFloat> {
+    fn xs(&self) -> &[C];
+    /// `cs[i] = enc(x[i]) ^ mask`; adopting: also `x[i] = dec(enc(x[i]))`.
+    fn encode<Q: Code>(
+        self,
+        cs: &mut [Q],
+        mask: u32,
+        enc: impl Fn(C) -> u32,
+        dec: impl Fn(u32) -> C,
+    );
+    /// Adopting: decode `cs` (filled another way) into the block.
+    fn adopt<Q: Code>(self, algo: QuantizationAlgorithm, m0: C, m1: C, cs: &[Q], mask: u32, cap: C);
+}
+
+impl<C: QFloat> EncBlock<C> for &[C] {
+    #[inline(always)]
+    fn xs(&self) -> &[C] {
+        self
+    }
+    #[inline(always)]
+    fn encode<Q: Code>(
+        self,
+        cs: &mut [Q],
+        mask: u32,
+        enc: impl Fn(C) -> u32,
+        _dec: impl Fn(u32) -> C,
+    ) {
+        let m = self.len().min(cs.len());
+        let (xs, cs) = (&self[..m], &mut cs[..m]);
+        for (&x, c) in xs.iter().zip(cs.iter_mut()) {
+            *c = Q::from_u32(enc(x) ^ mask);
+        }
+    }
+    #[inline(always)]
+    fn adopt<Q: Code>(self, _: QuantizationAlgorithm, _: C, _: C, _: &[Q], _: u32, _: C) {}
+}
+
+impl<C: QFloat> EncBlock<C> for &mut [C] {
+    #[inline(always)]
+    fn xs(&self) -> &[C] {
+        self
+    }
+    #[inline(always)]
+    fn encode<Q: Code>(
+        self,
+        cs: &mut [Q],
+        mask: u32,
+        enc: impl Fn(C) -> u32,
+        dec: impl Fn(u32) -> C,
+    ) {
+        let m = self.len().min(cs.len());
+        let (xs, cs) = (&mut self[..m], &mut cs[..m]);
+        for (x, c) in xs.iter_mut().zip(cs.iter_mut()) {
+            let u = enc(*x);
+            *c = Q::from_u32(u ^ mask);
+            *x = dec(u);
+        }
+    }
+    #[inline(always)]
+    fn adopt<Q: Code>(
+        self,
+        algo: QuantizationAlgorithm,
+        m0: C,
+        m1: C,
+        cs: &[Q],
+        mask: u32,
+        cap: C,
+    ) {
+        decode_block(algo, m0, m1, cs, self, mask, cap);
     }
 }
 
+/// Code of `x` (MinMax): measured from the nearer end (mirrors the
+/// decoder; never overflows).
 #[inline(always)]
-fn encode_zps_loop<C: QFloat, Q: Code>(
-    xs: &[C],
-    cs: &mut [Q],
-    zp: C,
-    qmax: C,
-    mask: u32,
-    scale: impl Fn(C) -> C,
-) {
-    for (&x, c) in xs.iter().zip(cs.iter_mut()) {
-        let t = scale(x) + zp;
-        *c = Q::from_u32(clamp_round(t, qmax) ^ mask);
-    }
+fn minmax_code<C: QFloat>(x: C, lo: C, hi: C, qmax: C, scale: impl Fn(C) -> C) -> u32 {
+    let dl = x - lo;
+    let dh = hi - x;
+    let t = if dl <= dh {
+        scale(dl)
+    } else {
+        qmax - scale(dh)
+    };
+    clamp_round(t, qmax)
 }
 
-/// Encodes one block into codes; returns the two metadata values.
+/// Encodes one block into codes; returns the two metadata values. An
+/// adopting block (`&mut [C]`) ends up holding exactly what
+/// [`decode_block`] makes of the codes and metadata.
 #[inline(always)]
-fn encode_block<C: QFloat, Q: Code>(
+fn encode_block<C: QFloat, Q: Code, X: EncBlock<C>>(
     algo: QuantizationAlgorithm,
-    xs: &[C],
+    x: X,
     cs: &mut [Q],
     mask: u32,
+    cap: C,
 ) -> (C, C) {
-    let qmax = C::from_i32(Q::QMAX as i32);
-    let (lo, hi, finite) = block_stats(xs);
+    let qmax_i = Q::QMAX as i32;
+    let qmax = C::from_i32(qmax_i);
+    let (lo, hi, finite) = block_stats(x.xs());
     if !finite {
         fill_codes(cs, mask);
+        x.adopt(algo, C::NAN, C::NAN, cs, mask, cap);
         return (C::NAN, C::NAN);
     }
     match algo {
@@ -650,6 +887,7 @@ fn encode_block<C: QFloat, Q: Code>(
                     (v, C::ZERO, 0)
                 };
                 fill_codes(cs, u ^ mask);
+                x.adopt(algo, scale, zp, cs, mask, cap);
                 return (scale, zp);
             }
             let lo2 = if lo < C::ZERO { lo } else { C::ZERO };
@@ -661,29 +899,38 @@ fn encode_block<C: QFloat, Q: Code>(
             }
             let zp = C::from_i32(clamp_round(-lo2 / scale, qmax) as i32);
             let inv = C::from_i32(1) / scale;
+            let dec = |u: u32| decode_zps_one(u as i32, scale, zp, cap);
             if inv.is_finite() {
-                encode_zps_loop(xs, cs, zp, qmax, mask, |x| x * inv);
+                x.encode(cs, mask, |v| clamp_round(v * inv + zp, qmax), dec);
             } else {
-                encode_zps_loop(xs, cs, zp, qmax, mask, |x| x / scale);
+                x.encode(cs, mask, |v| clamp_round(v / scale + zp, qmax), dec);
             }
             (scale, zp)
         }
         // MinMax (None is refused before we get here; encode it as MinMax).
         _ => {
             let step = minmax_step(lo, hi, qmax);
+            let half = (Q::QMAX / 2) as i32;
+            let dec = |u: u32| decode_minmax_one(u as i32, lo, hi, step, qmax_i, half, cap);
             if step == C::ZERO {
                 if lo == hi {
                     fill_codes(cs, mask);
+                    x.adopt(algo, lo, hi, cs, mask, cap);
                 } else {
                     // Range below qmax subnormals: codes 0 and qmax decode to lo and hi.
-                    encode_minmax_loop(xs, cs, lo, hi, qmax, mask, |_| C::ZERO);
+                    x.encode(cs, mask, |v| minmax_code(v, lo, hi, qmax, |_| C::ZERO), dec);
                 }
             } else {
                 let inv = C::from_i32(1) / step;
                 if inv.is_finite() {
-                    encode_minmax_loop(xs, cs, lo, hi, qmax, mask, |d| d * inv);
+                    x.encode(cs, mask, |v| minmax_code(v, lo, hi, qmax, |d| d * inv), dec);
                 } else {
-                    encode_minmax_loop(xs, cs, lo, hi, qmax, mask, |d| d / step);
+                    x.encode(
+                        cs,
+                        mask,
+                        |v| minmax_code(v, lo, hi, qmax, |d| d / step),
+                        dec,
+                    );
                 }
             }
             (lo, hi)
@@ -704,6 +951,32 @@ fn clamp_abs<C: QFloat>(v: C, cap: C) -> C {
     }
 }
 
+/// Decoded value of code `u` (MinMax; `step = minmax_step(lo, hi, qmax)`,
+/// `half = qmax / 2`).
+#[inline(always)]
+fn decode_minmax_one<C: QFloat>(
+    u: i32,
+    lo: C,
+    hi: C,
+    step: C,
+    qmax_i: i32,
+    half: i32,
+    cap: C,
+) -> C {
+    let hi_side = u > half;
+    let base = if hi_side { hi } else { lo };
+    let k = if hi_side { u - qmax_i } else { u };
+    let v = base + C::from_i32(k) * step;
+    // k == 0 returns the endpoint itself (keeps -0.0 and exactness).
+    clamp_abs(if k == 0 { base } else { v }, cap)
+}
+
+/// Decoded value of code `u` (ZeroPointScale).
+#[inline(always)]
+fn decode_zps_one<C: QFloat>(u: i32, scale: C, zp: C, cap: C) -> C {
+    clamp_abs((C::from_i32(u) - zp) * scale, cap)
+}
+
 /// Decodes one block's codes into `ys` given its metadata; results are
 /// clamped to `[-cap, cap]` (the source type's finite range).
 #[inline(always)]
@@ -717,6 +990,8 @@ fn decode_block<C: QFloat, Q: Code>(
     cap: C,
 ) {
     let qmax_i = Q::QMAX as i32;
+    let m = cs.len().min(ys.len());
+    let (cs, ys) = (&cs[..m], &mut ys[..m]);
     if !(m0.is_finite() && m1.is_finite()) {
         // Non-finite block (or corrupt metadata): canonical NaN everywhere.
         // Computing with NaN/inf metadata would let the hardware pick NaN
@@ -730,8 +1005,7 @@ fn decode_block<C: QFloat, Q: Code>(
         QuantizationAlgorithm::ZeroPointScale => {
             let (scale, zp) = (m0, m1);
             for (&c, y) in cs.iter().zip(ys.iter_mut()) {
-                let u = (c.to_u32() ^ mask) as i32;
-                *y = clamp_abs((C::from_i32(u) - zp) * scale, cap);
+                *y = decode_zps_one((c.to_u32() ^ mask) as i32, scale, zp, cap);
             }
         }
         _ => {
@@ -740,12 +1014,7 @@ fn decode_block<C: QFloat, Q: Code>(
             let half = (Q::QMAX / 2) as i32;
             for (&c, y) in cs.iter().zip(ys.iter_mut()) {
                 let u = (c.to_u32() ^ mask) as i32;
-                let hi_side = u > half;
-                let base = if hi_side { hi } else { lo };
-                let k = if hi_side { u - qmax_i } else { u };
-                let v = base + C::from_i32(k) * step;
-                // k == 0 returns the endpoint itself (keeps -0.0 and exactness).
-                *y = clamp_abs(if k == 0 { base } else { v }, cap);
+                *y = decode_minmax_one(u, lo, hi, step, qmax_i, half, cap);
             }
         }
     }
@@ -758,6 +1027,13 @@ multiversion!(fn quantize_impl<S: Source, Q: Code>(
     out: &mut [u8],
 ) => quantize_portable);
 
+multiversion!(fn quantize_adopt_impl<S: Source, Q: Code>(
+    algo: QuantizationAlgorithm,
+    mask: u32,
+    data: &mut [u8],
+    out: &mut [u8],
+) => quantize_adopt_portable);
+
 multiversion!(fn dequantize_impl<S: Source, Q: Code>(
     algo: QuantizationAlgorithm,
     mask: u32,
@@ -766,6 +1042,45 @@ multiversion!(fn dequantize_impl<S: Source, Q: Code>(
     dst: &mut [u8],
 ) => dequantize_portable);
 
+multiversion!(fn dequantize_from_impl<S: Source, Q: Code>(
+    algo: QuantizationAlgorithm,
+    mask: u32,
+    op: ReduceOp,
+    a: &[u8],
+    enc: &[u8],
+    dst: &mut [u8],
+) => dequantize_from_portable);
+
+/// Splits the next block (`m` elements) off `rest`: its metadata and payload.
+#[inline(always)]
+fn take_block_mut<'a, C: QFloat, Q: Code>(
+    rest: &mut &'a mut [u8],
+    m: usize,
+) -> (&'a mut [u8], &'a mut [u8]) {
+    let ml = 2 * C::BYTES;
+    let (blk, tail) = std::mem::take(rest).split_at_mut(ml + m * size_of::<Q>());
+    *rest = tail;
+    blk.split_at_mut(ml)
+}
+
+/// Reads the next block (`m` elements) off `rest`: its metadata and payload.
+#[inline(always)]
+fn take_block<'a, C: QFloat, Q: Code>(rest: &mut &'a [u8], m: usize) -> (C, C, &'a [u8]) {
+    let ml = 2 * C::BYTES;
+    let (blk, tail) = rest.split_at(ml + m * size_of::<Q>());
+    *rest = tail;
+    let (meta, payload) = blk.split_at(ml);
+    let m0 = C::read_le(&meta[..C::BYTES]);
+    let m1 = C::read_le(&meta[C::BYTES..]);
+    (m0, m1, payload)
+}
+
+#[inline(always)]
+fn write_meta<C: QFloat>(meta: &mut [u8], m0: C, m1: C) {
+    m0.write_le(&mut meta[..C::BYTES]);
+    m1.write_le(&mut meta[C::BYTES..]);
+}
+
 #[inline(always)]
 fn quantize_portable<S: Source, Q: Code>(
     algo: QuantizationAlgorithm,
@@ -773,23 +1088,47 @@ fn quantize_portable<S: Source, Q: Code>(
     src: &[u8],
     out: &mut [u8],
 ) {
-    let ml = 2 * S::C::BYTES;
     let mut xbuf = [S::C::ZERO; B];
     let mut cbuf = [Q::zeroed(); B];
     let mut scratch = [0u16; B];
     let mut rest: &mut [u8] = out;
     for chunk in src.chunks(B * S::SIZE) {
         let m = chunk.len() / S::SIZE;
-        let (blk, tail) = std::mem::take(&mut rest).split_at_mut(ml + m * size_of::<Q>());
-        rest = tail;
-        let xs = &mut xbuf[..m];
-        S::load(chunk, xs, &mut scratch);
-        let cs = &mut cbuf[..m];
-        let (m0, m1) = encode_block::<S::C, Q>(algo, xs, cs, mask);
-        let (meta, payload) = blk.split_at_mut(ml);
-        m0.write_le(&mut meta[..S::C::BYTES]);
-        m1.write_le(&mut meta[S::C::BYTES..]);
-        Q::write_payload(cs, payload);
+        let (meta, payload) = take_block_mut::<S::C, Q>(&mut rest, m);
+        let xs = S::view(chunk, &mut xbuf[..m], &mut scratch);
+        let (cs, staged) = Q::view_out(payload, &mut cbuf[..m]);
+        let (m0, m1) = encode_block::<S::C, Q, _>(algo, xs, cs, mask, S::MAX);
+        write_meta(meta, m0, m1);
+        if staged {
+            Q::write_payload(&cbuf[..m], payload);
+        }
+    }
+}
+
+#[inline(always)]
+fn quantize_adopt_portable<S: Source, Q: Code>(
+    algo: QuantizationAlgorithm,
+    mask: u32,
+    data: &mut [u8],
+    out: &mut [u8],
+) {
+    let mut xbuf = [S::C::ZERO; B];
+    let mut cbuf = [Q::zeroed(); B];
+    let mut scratch = [0u16; B];
+    let mut rest: &mut [u8] = out;
+    for chunk in data.chunks_mut(B * S::SIZE) {
+        let m = chunk.len() / S::SIZE;
+        let (meta, payload) = take_block_mut::<S::C, Q>(&mut rest, m);
+        let (xs, staged_x) = S::view_mut(chunk, &mut xbuf[..m], &mut scratch);
+        let (cs, staged_c) = Q::view_out(payload, &mut cbuf[..m]);
+        let (m0, m1) = encode_block::<S::C, Q, _>(algo, xs, cs, mask, S::MAX);
+        write_meta(meta, m0, m1);
+        if staged_c {
+            Q::write_payload(&cbuf[..m], payload);
+        }
+        if staged_x {
+            chunk.copy_from_slice(S::to_bytes(&xbuf[..m], &mut scratch));
+        }
     }
 }
 
@@ -801,28 +1140,58 @@ fn dequantize_portable<S: Source, Q: Code>(
     enc: &[u8],
     dst: &mut [u8],
 ) {
-    let ml = 2 * S::C::BYTES;
     let mut ybuf = [S::C::ZERO; B];
     let mut cbuf = [Q::zeroed(); B];
     let mut scratch = [0u16; B];
     let mut rest = enc;
-    let dtype = S::DTYPE;
     for dchunk in dst.chunks_mut(B * S::SIZE) {
         let m = dchunk.len() / S::SIZE;
-        let (blk, tail) = rest.split_at(ml + m * size_of::<Q>());
-        rest = tail;
-        let (meta, payload) = blk.split_at(ml);
-        let m0 = S::C::read_le(&meta[..S::C::BYTES]);
-        let m1 = S::C::read_le(&meta[S::C::BYTES..]);
-        let cs = &mut cbuf[..m];
-        Q::read_payload(payload, cs);
+        let (m0, m1, payload) = take_block::<S::C, Q>(&mut rest, m);
+        let cs = Q::view(payload, &mut cbuf[..m]);
+        match op {
+            None => {
+                let (ys, staged) = S::view_out(dchunk, &mut ybuf[..m]);
+                decode_block::<S::C, Q>(algo, m0, m1, cs, ys, mask, S::MAX);
+                if staged {
+                    dchunk.copy_from_slice(S::to_bytes(&ybuf[..m], &mut scratch));
+                }
+            }
+            Some(op) => {
+                let ys = &mut ybuf[..m];
+                decode_block::<S::C, Q>(algo, m0, m1, cs, ys, mask, S::MAX);
+                let bytes = S::to_bytes(ys, &mut scratch);
+                crate::kernels::reduce_into(S::DTYPE, op, dchunk, bytes);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn dequantize_from_portable<S: Source, Q: Code>(
+    algo: QuantizationAlgorithm,
+    mask: u32,
+    op: ReduceOp,
+    a: &[u8],
+    enc: &[u8],
+    dst: &mut [u8],
+) {
+    let mut ybuf = [S::C::ZERO; B];
+    let mut cbuf = [Q::zeroed(); B];
+    let mut scratch = [0u16; B];
+    let mut rest = enc;
+    for (dchunk, achunk) in dst.chunks_mut(B * S::SIZE).zip(a.chunks(B * S::SIZE)) {
+        let m = dchunk.len() / S::SIZE;
+        let (m0, m1, payload) = take_block::<S::C, Q>(&mut rest, m);
+        let cs = Q::view(payload, &mut cbuf[..m]);
         let ys = &mut ybuf[..m];
         decode_block::<S::C, Q>(algo, m0, m1, cs, ys, mask, S::MAX);
         let bytes = S::to_bytes(ys, &mut scratch);
-        match op {
-            None => dchunk.copy_from_slice(bytes),
-            Some(op) => crate::kernels::reduce_into(dtype, op, dchunk, bytes),
-        }
+        // Copy this block of `a` (it stays in L1) and reduce into it with the
+        // very kernel `dequantize_into` uses: the same bits, down to which
+        // NaN payload a float sum of two NaNs keeps (the three-operand
+        // `kernels::reduce_from` may order such an addition differently).
+        dchunk.copy_from_slice(achunk);
+        crate::kernels::reduce_into(S::DTYPE, op, dchunk, bytes);
     }
 }
 
@@ -1110,6 +1479,327 @@ mod tests {
             (DataType::F64, 2) => quantize_portable::<F64Src, u16>(a, mask, src, out),
             _ => unreachable!(),
         }
+    }
+
+    /// xorshift64* (integer-only, so the known-answer data below does not
+    /// depend on any libm).
+    struct Xs(u64);
+    impl Xs {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        /// Uniform in [0, 1), exact.
+        fn unit(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn int(&mut self, lo: i64, hi: i64) -> i64 {
+            lo + (self.next() % (hi - lo) as u64) as i64
+        }
+    }
+
+    /// Source bytes of one element: a value (rounded to the source type) or raw bits.
+    fn push_elem(s: DataType, out: &mut Vec<u8>, v: f64, bits: Option<u64>) {
+        match (s, bits) {
+            (DataType::F16 | DataType::BF16, Some(b)) => out.extend((b as u16).to_ne_bytes()),
+            (DataType::F32, Some(b)) => out.extend((b as u32).to_ne_bytes()),
+            (DataType::F64, Some(b)) => out.extend(b.to_ne_bytes()),
+            _ => out.extend(to_src(s, &[v])),
+        }
+    }
+
+    /// Deterministic, libm-free test data with one kind of block after
+    /// another: smooth, all-equal, random bits (NaN/inf included),
+    /// subnormal, huge range, sparse, with an infinity, with a NaN, narrow
+    /// range far from zero. Integer PRNG and exact float operations only.
+    fn kat_data(s: DataType, n: usize, seed: u64) -> Vec<u8> {
+        let mut r = Xs(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let (emin, emax, tiny, big) = match s {
+            DataType::F16 => (-10, 4, 2f64.powi(-24), 65504.0),
+            DataType::BF16 => (-60, 60, 2f64.powi(-133), bf16::MAX.to_f64()),
+            DataType::F32 => (-60, 60, 2f64.powi(-149), f32::MAX as f64),
+            _ => (-300, 300, f64::from_bits(1), f64::MAX),
+        };
+        let mut out = Vec::with_capacity(n * s.size());
+        let mut b = 0usize;
+        while out.len() < n * s.size() {
+            let m = B.min(n - out.len() / s.size());
+            let kind = (b as u64 + seed) % 9;
+            let scale = 2f64.powi(r.int(emin, emax) as i32);
+            let offset = if r.next().is_multiple_of(3) {
+                scale * r.int(-20, 20) as f64
+            } else {
+                0.0
+            };
+            let konst = offset + scale * (r.unit() - 0.5);
+            let special = r.int(0, m as i64) as usize;
+            for i in 0..m {
+                let g = offset + scale * (r.unit() + r.unit() + r.unit() + r.unit() - 2.0);
+                let (v, bits) = match kind {
+                    0 => (g, None),
+                    1 => (konst, None),
+                    2 => (0.0, Some(r.next())),
+                    3 => (tiny * r.int(-100, 100) as f64, None),
+                    4 if i == special => (if r.next() & 1 == 0 { big } else { -big }, None),
+                    4 => (big * (2.0 * r.unit() - 1.0), None),
+                    5 if !r.next().is_multiple_of(10) => {
+                        (if r.next() & 1 == 0 { 0.0 } else { -0.0 }, None)
+                    }
+                    5 => (g, None),
+                    6 if i == special => {
+                        (f64::INFINITY * (1 - 2 * (r.next() & 1) as i64) as f64, None)
+                    }
+                    7 if i == special => (f64::NAN, None),
+                    8 => (1000.0 + r.int(0, 512) as f64 / 512.0, None),
+                    _ => (g, None),
+                };
+                push_elem(s, &mut out, v, bits);
+            }
+            b += 1;
+        }
+        out
+    }
+
+    fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+        bytes.iter().fold(h, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
+
+    /// Known answers: FNV-1a of the encoding and of the decoding of
+    /// `kat_data` (9 blocks of every kind plus a short one), per entry of
+    /// `combos()`. Captured before the kernels were optimized; any change
+    /// to the encoded or decoded bits fails here.
+    const KAT: [(u64, u64); 24] = [
+        (0xa189_16ef_9fea_8ac9, 0xd835_5e22_e813_f674),
+        (0x951f_5afa_03f0_ee7f, 0x5adc_54a3_499d_c206),
+        (0x6d8b_665e_1609_3906, 0x54bb_ce70_3a13_21bf),
+        (0xcb21_81dd_c934_62fb, 0x75dd_8106_fb43_8459),
+        (0x6f2e_f0ec_8284_07d1, 0x47c2_3a25_c2cf_e9bd),
+        (0x7b67_4c62_dfec_a55d, 0x01a0_c6c3_ecbd_2b5b),
+        (0x49f6_a141_4029_96e2, 0xd4b2_9aa0_3800_68bc),
+        (0xe7f7_bfa5_9ae0_fae9, 0xc439_a19d_119c_f254),
+        (0xaf55_fa02_93eb_5a15, 0x4fc1_3a81_272d_89d0),
+        (0x0424_52c6_5d00_89e9, 0xd590_67a4_de2a_5058),
+        (0x311e_13f5_6d40_993b, 0xac4b_3c8c_82e4_e01d),
+        (0x3799_8e85_d355_3eba, 0xe918_e215_a83a_0865),
+        (0x9bd1_f40d_a7d7_0644, 0x7903_ed77_8f2d_7f06),
+        (0x5db7_3d76_29fc_b753, 0xd5de_3e72_d35d_3421),
+        (0x3464_0912_8e8d_0301, 0x9aed_f04c_1f60_34c2),
+        (0x8c28_9759_5dca_a3dc, 0xf421_813d_642f_c635),
+        (0x9fcf_09b1_1269_777c, 0x5f83_58fa_ccbd_dba5),
+        (0x799c_250d_a631_b000, 0x9fe3_7cd3_defa_e3ad),
+        (0x5c3e_617c_88ab_b151, 0x2ce2_54b1_b4cc_fdc7),
+        (0x9ca0_ca35_c482_ba0a, 0x52d5_159d_086e_320c),
+        (0x3f6f_773c_beb4_21d2, 0x8615_44f3_93de_303e),
+        (0xe05a_7595_8dd4_88a6, 0x3c91_3268_c2f9_40e9),
+        (0x6c35_96df_ca33_f05e, 0x3367_7c27_aab4_6c19),
+        (0xe892_2506_f3a3_d893, 0x90a0_d520_15fd_0479),
+    ];
+
+    #[test]
+    fn known_answer_encodings_are_unchanged() {
+        let mut got = Vec::new();
+        for (i, (s, q, a)) in combos().into_iter().enumerate() {
+            let src = kat_data(s, 9 * B + 333, 5 + i as u64);
+            let (enc, dec) = roundtrip(s, q, a, &src);
+            let off = 0xcbf2_9ce4_8422_2325;
+            got.push((fnv1a(off, &enc), fnv1a(off, &dec)));
+        }
+        if got[..] != KAT[..] {
+            let table: Vec<String> = got
+                .iter()
+                .map(|(e, d)| format!("({e:#018x}, {d:#018x}),"))
+                .collect();
+            panic!("known answers changed; now:\n{}", table.join("\n"));
+        }
+    }
+
+    const FUSED_LENS: [usize; 6] = [0, 1, B - 1, B, B + 1, 5000];
+    const OPS: [ReduceOp; 4] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min];
+
+    /// `bytes` copied to offset `off` of a fresh buffer (for unaligned slices).
+    fn at_offset(bytes: &[u8], off: usize) -> Vec<u8> {
+        let mut v = vec![0xa5u8; bytes.len() + off];
+        v[off..].copy_from_slice(bytes);
+        v
+    }
+
+    /// Checks `quantize_adopt` against `quantize` + `dequantize_into(None)`
+    /// for one input, at data offset `doff` and output offset `eoff`.
+    fn check_adopt(
+        s: DataType,
+        q: DataType,
+        a: QuantizationAlgorithm,
+        src: &[u8],
+        doff: usize,
+        eoff: usize,
+    ) {
+        let (enc, dec) = roundtrip(s, q, a, src);
+        let mut data = at_offset(src, doff);
+        let mut out = vec![0x5au8; enc.len() + eoff];
+        quantize_adopt(s, q, a, &mut data[doff..], &mut out[eoff..]).unwrap();
+        let n = src.len() / s.size();
+        let what = format!(
+            "{}->{} {a:?} n={n} doff={doff} eoff={eoff}",
+            s.name(),
+            q.name()
+        );
+        assert!(out[eoff..] == enc[..], "encoding differs: {what}");
+        assert!(data[doff..] == dec[..], "adopted values differ: {what}");
+    }
+
+    /// Checks `dequantize_reduce_from` against a copy + `dequantize_into(Some(op))`.
+    #[allow(clippy::too_many_arguments)]
+    fn check_reduce_from(
+        s: DataType,
+        q: DataType,
+        al: QuantizationAlgorithm,
+        op: ReduceOp,
+        a: &[u8],
+        enc: &[u8],
+        aoff: usize,
+        doff: usize,
+    ) {
+        let mut want = a.to_vec();
+        dequantize_into(s, q, al, Some(op), enc, &mut want).unwrap();
+        let abuf = at_offset(a, aoff);
+        let mut dst = vec![0x33u8; a.len() + doff];
+        dequantize_reduce_from(s, q, al, op, &abuf[aoff..], enc, &mut dst[doff..]).unwrap();
+        let n = a.len() / s.size();
+        assert!(
+            dst[doff..] == want[..],
+            "{}->{} {al:?} {op:?} n={n} aoff={aoff} doff={doff}",
+            s.name(),
+            q.name()
+        );
+    }
+
+    #[test]
+    fn quantize_adopt_is_quantize_then_dequantize() {
+        for (ci, (s, q, a)) in combos().into_iter().enumerate() {
+            for n in FUSED_LENS {
+                // kat_data starts at block kind `seed % 9`: nine seeds put every
+                // kind (NaN, inf, all-equal, subnormal, huge, ...) in every block.
+                for seed in 0..9u64 {
+                    let src = kat_data(s, n, seed + 100 * ci as u64);
+                    let (doff, eoff) = [(0, 0), (1, 1), (3, 2), (0, 1)][seed as usize % 4];
+                    check_adopt(s, q, a, &src, doff, eoff);
+                }
+            }
+            // Random data of every gen_data distribution.
+            for dist in 0..6 {
+                let src = to_src(s, &gen_data(s, dist, 2 * B + 77, 50 + dist as u64));
+                check_adopt(s, q, a, &src, 0, 0);
+                check_adopt(s, q, a, &src, 2, 3);
+            }
+        }
+    }
+
+    #[test]
+    fn dequantize_reduce_from_is_copy_then_reducing_dequantize() {
+        let mut rng = StdRng::seed_from_u64(99);
+        for (ci, (s, q, al)) in combos().into_iter().enumerate() {
+            for n in FUSED_LENS {
+                for seed in 0..9u64 {
+                    let x = kat_data(s, n, seed + 100 * ci as u64);
+                    let a = kat_data(s, n, seed * 7 + 3 + 100 * ci as u64);
+                    let (enc, _) = roundtrip(s, q, al, &x);
+                    // Arbitrary encoded bytes too (corrupt / non-finite metadata).
+                    let junk: Vec<u8> = (0..enc.len()).map(|_| rng.gen()).collect();
+                    let op = OPS[seed as usize % 4];
+                    let (aoff, doff) = [(0, 0), (1, 3), (2, 0), (0, 1)][(seed as usize / 4) % 4];
+                    check_reduce_from(s, q, al, op, &a, &enc, aoff, doff);
+                    check_reduce_from(
+                        s,
+                        q,
+                        al,
+                        OPS[(seed as usize + 1) % 4],
+                        &a,
+                        &junk,
+                        doff,
+                        aoff,
+                    );
+                }
+            }
+            for op in OPS {
+                let x = to_src(s, &gen_data(s, rng.gen(), 3 * B + 5, rng.gen()));
+                let a = to_src(s, &gen_data(s, rng.gen(), 3 * B + 5, rng.gen()));
+                let (enc, _) = roundtrip(s, q, al, &x);
+                check_reduce_from(s, q, al, op, &a, &enc, 0, 0);
+                check_reduce_from(s, q, al, op, &a, &enc, 1, 2);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, .. ProptestConfig::default() })]
+
+        #[test]
+        fn fused_kernels_match_the_composed_ones(
+            combo in 0usize..24, seed in any::<u64>(), n in 0usize..3300,
+            offs in 0usize..64, opi in 0usize..4,
+        ) {
+            let (s, q, a) = combos()[combo];
+            let src = kat_data(s, n, seed);
+            check_adopt(s, q, a, &src, offs % 8, offs / 8);
+            let other = kat_data(s, n, seed ^ 0x55);
+            let (enc, _) = roundtrip(s, q, a, &src);
+            check_reduce_from(s, q, a, OPS[opi], &other, &enc, offs / 8, offs % 8);
+        }
+    }
+
+    #[test]
+    fn fused_bad_arguments_are_errors_and_write_nothing() {
+        use DataType::*;
+        let mm = QuantizationAlgorithm::MinMax;
+        let src = to_src(F32, &gen_data(F32, 0, 10, 1));
+        let (enc, _) = roundtrip(F32, U8, mm, &src);
+        // quantize_adopt: wrong output length, partial element, bad combos.
+        let cases: [(DataType, DataType, QuantizationAlgorithm, usize, usize); 6] = [
+            (F32, U8, mm, 0, 1),
+            (F32, U8, mm, 1, 0),
+            (F32, U32, mm, 0, 0),
+            (I32, U8, mm, 0, 0),
+            (F16, U16, mm, 0, 0),
+            (F32, U8, QuantizationAlgorithm::None, 0, 0),
+        ];
+        for (s, q, a, dcut, ecut) in cases {
+            let mut data = src.clone();
+            let mut out = vec![0xeeu8; enc.len()];
+            let r = quantize_adopt(s, q, a, &mut data[dcut..], &mut out[ecut..]);
+            assert!(
+                matches!(r, Err(Error::InvalidArgument(_))),
+                "{s:?} {q:?} {a:?}"
+            );
+            assert_eq!(data, src);
+            assert!(out.iter().all(|&b| b == 0xee));
+        }
+        // dequantize_reduce_from.
+        let a = to_src(F32, &gen_data(F32, 1, 10, 2));
+        let bad: [(DataType, ReduceOp, usize, usize, usize); 6] = [
+            (F32, ReduceOp::Prod, 0, 0, 0),
+            (F32, ReduceOp::Sum, 0, 1, 0), // enc too short
+            (F32, ReduceOp::Sum, 0, 0, 4), // dst shorter than a
+            (F32, ReduceOp::Sum, 4, 0, 0), // a shorter than dst
+            (F32, ReduceOp::Sum, 1, 0, 1), // partial elements
+            (F16, ReduceOp::Sum, 0, 0, 0), // enc length wrong for f16
+        ];
+        for (s, op, acut, ecut, dcut) in bad {
+            let mut dst = vec![0x77u8; a.len()];
+            let r =
+                dequantize_reduce_from(s, U8, mm, op, &a[acut..], &enc[ecut..], &mut dst[dcut..]);
+            assert!(
+                matches!(r, Err(Error::InvalidArgument(_))),
+                "{s:?} {op:?} {acut} {ecut} {dcut}"
+            );
+            assert!(dst.iter().all(|&b| b == 0x77));
+        }
+        // Empty input is fine.
+        assert!(quantize_adopt(F32, U8, mm, &mut [], &mut []).is_ok());
+        assert!(dequantize_reduce_from(F32, U8, mm, ReduceOp::Sum, &[], &[], &mut []).is_ok());
     }
 
     #[test]

@@ -30,9 +30,10 @@ const EARLY_FRAME_WAIT: Duration = Duration::from_secs(30);
 /// A received data frame.
 pub struct Frame {
     pub header: DataHeader,
-    /// Empty when the reader landed the payload in the op's buffer.
+    /// Empty when the reader landed a raw payload in the op's buffer; for a
+    /// landed quantized frame, the encoded bytes (already decoded there).
     pub payload: PooledBuf,
-    /// Whether the payload was written straight into the op's result buffer.
+    /// Whether the frame's values were written straight into the op's result buffer.
     pub landed: bool,
 }
 
@@ -352,17 +353,39 @@ impl P2p {
                 .as_ref()
                 .and_then(|r| r.landing.get())
                 .and_then(|l| Some((l, l.target(&header)?)));
-            let frame = if let Some((landing, (off, _))) = landing {
-                match read_into_landing(&mut rd, landing, off, len, &self.bufs).await {
-                    // Landed in the op's buffer: the op only needs to hear of it.
-                    Ok(true) => Some(Frame {
-                        header,
-                        payload: PooledBuf::empty(),
-                        landed: true,
-                    }),
-                    // The op ended while the frame was arriving.
-                    Ok(false) => None,
-                    Err(e) => return format!("truncated frame: {e}"),
+            let frame = if let Some((landing, (off, dst_len))) = landing {
+                if landing.is_quantized() {
+                    // Read the encoded bytes, decode them into the op's
+                    // buffer here (off the op's task), hand on the bytes for
+                    // forwarding.
+                    let mut payload = self.bufs.get(len);
+                    if let Err(e) = rd.read_exact(&mut payload).await {
+                        return format!("truncated frame: {e}");
+                    }
+                    match landing.decode(off, dst_len, &payload) {
+                        Some(Ok(())) => Some(Frame {
+                            header,
+                            payload,
+                            landed: true,
+                        }),
+                        Some(Err(e)) => {
+                            tracing::warn!(peer = %me, from = %from, "undecodable frame ({e}); closing the connection");
+                            return format!("undecodable frame: {e}");
+                        }
+                        None => None,
+                    }
+                } else {
+                    match read_into_landing(&mut rd, landing, off, len, &self.bufs).await {
+                        // Landed in the op's buffer: the op only needs to hear of it.
+                        Ok(true) => Some(Frame {
+                            header,
+                            payload: PooledBuf::empty(),
+                            landed: true,
+                        }),
+                        // The op ended while the frame was arriving.
+                        Ok(false) => None,
+                        Err(e) => return format!("truncated frame: {e}"),
+                    }
                 }
             } else {
                 let mut payload = self.bufs.get(len);

@@ -1,10 +1,12 @@
 //! Single-core throughput of the all-reduce compute kernels: `reduce_into`,
-//! `quantize` and `dequantize_into`. Figures are GB/s of *source* bytes (one
+//! `quantize`, `dequantize_into` and the fused `quantize_adopt` /
+//! `dequantize_reduce_from` (next to the compositions they replace). Figures are GB/s of *source* bytes (one
 //! operand of `dst[i] = op(dst[i], src[i])`; the float tensor being encoded or
 //! decoded), measured on one thread, i.e. per core.
 //!
 //! ```text
 //! cargo run --release -p pccl-stress --bin kernel-bench -- --mib 64 --secs 1
+//! cargo run --release -p pccl-stress --bin kernel-bench -- --kib 512 --secs 1 --filter f32
 //! ```
 
 use clap::Parser;
@@ -19,6 +21,10 @@ struct Args {
     /// last-level cache to measure memory bandwidth, e.g. 64).
     #[arg(long, default_value_t = 64)]
     mib: usize,
+    /// Size of the source buffer in KiB instead (e.g. 512, the default ring
+    /// sub-chunk); overrides --mib.
+    #[arg(long)]
+    kib: Option<usize>,
     /// Minimum measuring time per benchmark, in seconds.
     #[arg(long, default_value_t = 1.0)]
     secs: f64,
@@ -94,11 +100,13 @@ fn report(name: &str, gbps: f64) {
 
 fn main() {
     let args = Args::parse();
-    let len = args.mib.max(1) << 20;
+    let (len, size) = match args.kib {
+        Some(k) => (k.max(1) << 10, format!("{} KiB", k.max(1))),
+        None => (args.mib.max(1) << 20, format!("{} MiB", args.mib.max(1))),
+    };
     let wanted = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));
     println!(
-        "kernel-bench: {} MiB source per call, >= {} s per benchmark, 1 thread; GB/s of source bytes",
-        args.mib.max(1),
+        "kernel-bench: {size} source per call, >= {} s per benchmark, 1 thread; GB/s of source bytes",
         args.secs
     );
 
@@ -153,7 +161,13 @@ fn main() {
         let qname = format!("quantize {tag}");
         let dname = format!("dequantize {tag}");
         let dsname = format!("dequantize+sum {tag}");
-        if !(wanted(&qname) || wanted(&dname) || wanted(&dsname)) {
+        // The segment owner's work, composed and fused.
+        let qdname = format!("quantize;dequantize {tag}");
+        let qaname = format!("quantize_adopt {tag}");
+        let cdname = format!("copy;dequantize+sum {tag}");
+        let drname = format!("dequantize_reduce_from sum {tag}");
+        let names = [&qname, &dname, &dsname, &qdname, &qaname, &cdname, &drname];
+        if !names.iter().any(|n| wanted(n)) {
             continue;
         }
         let mut src = vec![0u8; len];
@@ -199,6 +213,63 @@ fn main() {
                 black_box(r).ok();
             });
             report(&dsname, gbps);
+        }
+        if wanted(&qdname) {
+            let mut data = src.clone();
+            let gbps = measure(len, args.secs, || {
+                // Restore the input so every call encodes the same values.
+                black_box(&mut data).copy_from_slice(black_box(&src));
+                let r = quant::quantize(src_t, q, algo, black_box(&data), black_box(&mut enc));
+                black_box(r).ok();
+                let r = quant::dequantize_into(src_t, q, algo, None, &enc, black_box(&mut data));
+                black_box(r).ok();
+            });
+            report(&qdname, gbps);
+        }
+        if wanted(&qaname) {
+            let mut data = src.clone();
+            let gbps = measure(len, args.secs, || {
+                black_box(&mut data).copy_from_slice(black_box(&src));
+                let r = quant::quantize_adopt(
+                    src_t,
+                    q,
+                    algo,
+                    black_box(&mut data),
+                    black_box(&mut enc),
+                );
+                black_box(r).ok();
+            });
+            report(&qaname, gbps);
+        }
+        if wanted(&cdname) {
+            let gbps = measure(len, args.secs, || {
+                black_box(&mut dst).copy_from_slice(black_box(&src));
+                let r = quant::dequantize_into(
+                    src_t,
+                    q,
+                    algo,
+                    Some(ReduceOp::Sum),
+                    black_box(&enc),
+                    black_box(&mut dst),
+                );
+                black_box(r).ok();
+            });
+            report(&cdname, gbps);
+        }
+        if wanted(&drname) {
+            let gbps = measure(len, args.secs, || {
+                let r = quant::dequantize_reduce_from(
+                    src_t,
+                    q,
+                    algo,
+                    ReduceOp::Sum,
+                    black_box(&src),
+                    black_box(&enc),
+                    black_box(&mut dst),
+                );
+                black_box(r).ok();
+            });
+            report(&drname, gbps);
         }
     }
 }
