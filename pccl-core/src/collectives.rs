@@ -264,13 +264,17 @@ impl Landing {
 
 /// Runs the ring. `input` holds this peer's contribution and is only read;
 /// `acc` (the caller's receive buffer, distinct from `input`) receives the
-/// result. Returns (tx bytes, rx bytes). Fails promptly when the route's
-/// connection is lost or `abort` fires; every spawned task is joined, and
-/// the landing closed, before returning.
+/// result. `input_owner`, when the library owns the input memory (the copy
+/// of an in-place call), is kept alive by every sender task, so the memory
+/// outlives them even if this future is dropped half-way (a runtime shutting
+/// down with the op in flight). Returns (tx bytes, rx bytes). Fails promptly
+/// when the route's connection is lost or `abort` fires; every spawned task
+/// is joined, and the landing closed, before returning.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_ring(
     p: &RingParams,
     input: RawBuf,
+    input_owner: Option<Arc<Vec<u8>>>,
     acc: RawBuf,
     inbox: &mut mpsc::Receiver<Frame>,
     route: &OpRoute,
@@ -278,22 +282,28 @@ pub(crate) async fn run_ring(
     pool: Arc<OutPool>,
     bufs: &Arc<BufPool>,
 ) -> Result<(u64, u64)> {
-    let landing = Some(Arc::new(Landing::new(p, acc)));
-    if let Some(l) = &landing {
-        route.set_landing(l.clone());
-    }
+    let landing = Arc::new(Landing::new(p, acc));
+    route.set_landing(landing.clone());
+    // Closes the landing however this future ends, dropped included.
+    let landing_guard = CloseLanding(landing.clone());
     let (tx_q, rx_q) = async_channel::unbounded::<SendItem>();
     let send_failed = CancellationToken::new();
     let mut senders: JoinSet<Result<u64>> = JoinSet::new();
     for conn in &pool.conns {
-        senders.spawn(sender_task(conn.clone(), rx_q.clone(), send_failed.clone()));
+        senders.spawn(sender_task(
+            conn.clone(),
+            rx_q.clone(),
+            send_failed.clone(),
+            input_owner.clone(),
+        ));
     }
     drop(rx_q);
+    drop(input_owner);
     let mut state = RingState {
         p,
         input,
         acc,
-        landing: landing.as_deref(),
+        landing: Some(&landing),
         bufs,
         tx_q,
         rx_bytes: 0,
@@ -301,9 +311,7 @@ pub(crate) async fn run_ring(
     let result = state
         .drive(inbox, &route.lost, &route.lost_reason, abort, &send_failed)
         .await;
-    if let Some(l) = &landing {
-        l.close();
-    }
+    drop(landing_guard);
     // Closing the queue lets senders drain what is left and stop.
     state.tx_q.close();
     let mut tx_bytes = 0u64;
@@ -330,17 +338,31 @@ pub(crate) async fn run_ring(
     Ok((tx_bytes, state.rx_bytes))
 }
 
+/// Closes a [`Landing`] when dropped.
+struct CloseLanding(Arc<Landing>);
+
+impl Drop for CloseLanding {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Sends queued frames on one connection until the queue closes.
+/// `_input_owner` keeps library-owned input memory alive while this task
+/// may still read it.
 async fn sender_task(
     conn: Arc<OutConn>,
     queue: async_channel::Receiver<SendItem>,
     failed: CancellationToken,
+    _input_owner: Option<Arc<Vec<u8>>>,
 ) -> Result<u64> {
     let mut sent = 0u64;
     while let Ok(item) = queue.recv().await {
         let payload: &[u8] = match &item.payload {
             // SAFETY: the range was final when it was queued and the ring
             // never writes it again while the op runs (see `Landing`); the
-            // op joins this task before the buffer is released.
+            // op joins this task before the caller's buffers are released,
+            // and library-owned input lives in `_input_owner`.
             Payload::Borrowed { buf, off, len } => unsafe { buf.slice(*off, *len) },
             Payload::Owned(b) => b,
         };

@@ -559,7 +559,14 @@ def scenario_shared_torch(args) -> None:
 
 def scenario_interrupt(args) -> None:
     """Blocks in a call nobody completes; the test sends SIGINT."""
+    import signal
+
     import numpy as np
+
+    # A shell that starts the test suite in the background (`cmd &`) hands
+    # its children SIGINT ignored, and Python then installs no handler: put
+    # the default KeyboardInterrupt handler back, as an interactive run has.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     rank = args["rank"]
     comm = Communicator(args["master"])

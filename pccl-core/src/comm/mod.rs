@@ -879,15 +879,16 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
     // The ring reads its input from `send` and writes only `recv`. In place,
     // it reads a copy instead, which is also what a failure restores.
     let in_place = job.send == job.recv_addr;
-    let mut backup: Option<Vec<u8>> = None;
+    let mut backup: Option<Arc<Vec<u8>>> = None;
     let input = if in_place {
         let mut copy = job.p2p.take_scratch(job.bytes);
         // SAFETY: the caller guarantees `recv` is valid for `bytes` bytes.
         let src = unsafe { std::slice::from_raw_parts(job.recv_addr as *const u8, job.bytes) };
         copy[..job.bytes].copy_from_slice(src);
-        // SAFETY: `copy` lives in `backup` until every ring task is joined;
-        // moving the Vec does not move its heap buffer.
-        let raw = unsafe { RawBuf::new(copy.as_mut_ptr(), job.bytes) };
+        let copy = Arc::new(copy);
+        // SAFETY: the ring only reads the input; `copy` is kept alive by
+        // `backup` and by every sender task that may read it.
+        let raw = unsafe { RawBuf::new(copy.as_ptr() as *mut u8, job.bytes) };
         backup = Some(copy);
         raw
     } else {
@@ -913,12 +914,14 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
     let abort = CancellationToken::new();
     let right = route.right;
 
+    let input_owner = backup.clone();
     let ring_fut = async {
         let addr = job.ctl.addr_of(right)?;
         let pool = job.p2p.ensure_pool(right, addr).await?;
         collectives::run_ring(
             &params,
             input,
+            input_owner,
             job.recv,
             &mut inbox,
             &route,
@@ -999,7 +1002,9 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
             };
         }
     }
-    if let Some(b) = backup {
+    // Every ring task is joined here, so this is the last reference; the
+    // copy is kept for the next in-place op.
+    if let Some(b) = backup.and_then(|b| Arc::try_unwrap(b).ok()) {
         job.p2p.put_scratch(b);
     }
     outcome
