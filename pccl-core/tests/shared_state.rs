@@ -325,3 +325,84 @@ fn pipelined_fetch_from_two_holders_with_odd_sizes() {
         assert_eq!(r.2.fetch_connections, 0, "holder {i}");
     }
 }
+
+/// A group of three runs syncs (advancing its revision each step); a fourth
+/// peer joins the running group and its first sync brings it a 256 MiB
+/// state bit-identical to the others' (bytes and hashes compared), at the
+/// group's revision; the next steady-state sync moves nothing.
+#[test]
+fn newcomer_joins_a_running_group_of_three_and_gets_256_mib() {
+    use std::sync::{Arc, Barrier};
+    const BYTES: usize = 256 << 20;
+    let m = master();
+    let mut peers = connect_peers(m.local_addr(), 3, |_| 0);
+    // The group runs two steps at revisions 1 and 2 with identical content.
+    let group_state: Vec<u8> = bytes_of(42, BYTES);
+    let want_hash = pccl_core::hash::tensor_hash(&group_state);
+    let shared = Arc::new(group_state);
+    let ready = on_all(&peers, {
+        let shared = shared.clone();
+        move |_, c| {
+            let mut mine = shared.to_vec();
+            for rev in 1..=2u64 {
+                let mut st = SharedState::new(rev, vec![SharedTensor::new("w", &mut mine)]);
+                let info = c
+                    .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+                    .expect("group sync");
+                assert_eq!(info.rx_bytes, 0, "agreeing peers fetch nothing");
+            }
+            mine
+        }
+    });
+    // The newcomer connects while the group admits it.
+    let joiner = std::thread::spawn({
+        let cfg = config(m.local_addr());
+        move || {
+            let c = pccl_core::Communicator::new(cfg).expect("new communicator");
+            c.connect().expect("connect");
+            Arc::new(c)
+        }
+    });
+    on_all(&peers, |_, c| admit_until(c, 4));
+    peers.push(joiner.join().expect("joiner"));
+    let states: Vec<Vec<u8>> = {
+        let mut v = ready;
+        v.push(vec![0u8; BYTES]); // the newcomer's stale content
+        v
+    };
+    let states = Arc::new(std::sync::Mutex::new(states));
+    let barrier = Arc::new(Barrier::new(4));
+    let results = on_all(&peers, {
+        let states = states.clone();
+        move |i, c| {
+            let mut mine = std::mem::take(&mut states.lock().unwrap()[i]);
+            barrier.wait();
+            // Group peers step to revision 3; the newcomer offers revision 0.
+            let rev = if i == 3 { 0 } else { 3 };
+            let mut st = SharedState::new(rev, vec![SharedTensor::new("w", &mut mine)]);
+            let first = c
+                .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+                .expect("first sync with the newcomer");
+            let rev_after = st.revision;
+            st.revision += 1;
+            let second = c
+                .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+                .expect("steady-state sync");
+            drop(st);
+            (first, second, rev_after, mine)
+        }
+    });
+    for (i, (first, second, rev, bytes)) in results.iter().enumerate() {
+        assert_eq!(*rev, 3, "peer {i} is at the group's revision");
+        assert!(bytes[..] == shared[..], "peer {i}'s bytes differ");
+        assert_eq!(pccl_core::hash::tensor_hash(bytes), want_hash, "peer {i}");
+        assert_eq!((second.tx_bytes, second.rx_bytes), (0, 0), "peer {i}");
+        if i == 3 {
+            assert!(first.rx_bytes >= BYTES as u64, "newcomer fetched the state");
+        } else {
+            assert_eq!(first.rx_bytes, 0, "peer {i}");
+        }
+    }
+    let served: u64 = results.iter().map(|r| r.0.tx_bytes).sum();
+    assert!(served >= BYTES as u64);
+}
