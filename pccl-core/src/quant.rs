@@ -772,10 +772,14 @@ fn fill_codes<Q: Code>(cs: &mut [Q], stored: u32) {
 trait EncBlock<C: QFloat> {
     fn xs(&self) -> &[C];
     /// `cs[i] = enc(x[i]) ^ mask`; adopting: also `x[i] = dec(enc(x[i]))`.
+    /// `kern`, when given, describes `enc` and `dec` (and `cap` their
+    /// clamp) for the SIMD kernel, which then does a prefix of the block.
     fn encode<Q: Code>(
         self,
         cs: &mut [Q],
         mask: u32,
+        kern: Option<Kern<C>>,
+        cap: C,
         enc: impl Fn(C) -> u32,
         dec: impl Fn(u32) -> C,
     );
@@ -793,11 +797,16 @@ impl<C: QFloat> EncBlock<C> for &[C] {
         self,
         cs: &mut [Q],
         mask: u32,
+        kern: Option<Kern<C>>,
+        cap: C,
         enc: impl Fn(C) -> u32,
         _dec: impl Fn(u32) -> C,
     ) {
         let m = self.len().min(cs.len());
         let (xs, cs) = (&self[..m], &mut cs[..m]);
+        // SAFETY: `xs` is valid for `cs.len()` reads; no values are written.
+        let k = unsafe { simd_prefix(kern, cap, mask, xs.as_ptr(), std::ptr::null_mut(), cs) };
+        let (xs, cs) = (&xs[k..], &mut cs[k..]);
         for (&x, c) in xs.iter().zip(cs.iter_mut()) {
             *c = Q::from_u32(enc(x) ^ mask);
         }
@@ -816,11 +825,18 @@ impl<C: QFloat> EncBlock<C> for &mut [C] {
         self,
         cs: &mut [Q],
         mask: u32,
+        kern: Option<Kern<C>>,
+        cap: C,
         enc: impl Fn(C) -> u32,
         dec: impl Fn(u32) -> C,
     ) {
         let m = self.len().min(cs.len());
         let (xs, cs) = (&mut self[..m], &mut cs[..m]);
+        let p = xs.as_mut_ptr();
+        // SAFETY: `xs` is valid for `cs.len()` reads and writes, and no
+        // reference to it is used while the kernel runs.
+        let k = unsafe { simd_prefix(kern, cap, mask, p, p, cs) };
+        let (xs, cs) = (&mut xs[k..], &mut cs[k..]);
         for (x, c) in xs.iter_mut().zip(cs.iter_mut()) {
             let u = enc(*x);
             *c = Q::from_u32(u ^ mask);
@@ -901,9 +917,35 @@ fn encode_block<C: QFloat, Q: Code, X: EncBlock<C>>(
             let inv = C::from_i32(1) / scale;
             let dec = |u: u32| decode_zps_one(u as i32, scale, zp, cap);
             if inv.is_finite() {
-                x.encode(cs, mask, |v| clamp_round(v * inv + zp, qmax), dec);
+                let k = Kern::Zps {
+                    f: inv,
+                    div: false,
+                    scale,
+                    zp,
+                };
+                x.encode(
+                    cs,
+                    mask,
+                    Some(k),
+                    cap,
+                    |v| clamp_round(v * inv + zp, qmax),
+                    dec,
+                );
             } else {
-                x.encode(cs, mask, |v| clamp_round(v / scale + zp, qmax), dec);
+                let k = Kern::Zps {
+                    f: scale,
+                    div: true,
+                    scale,
+                    zp,
+                };
+                x.encode(
+                    cs,
+                    mask,
+                    Some(k),
+                    cap,
+                    |v| clamp_round(v / scale + zp, qmax),
+                    dec,
+                );
             }
             (scale, zp)
         }
@@ -918,19 +960,31 @@ fn encode_block<C: QFloat, Q: Code, X: EncBlock<C>>(
                     x.adopt(algo, lo, hi, cs, mask, cap);
                 } else {
                     // Range below qmax subnormals: codes 0 and qmax decode to lo and hi.
-                    x.encode(cs, mask, |v| minmax_code(v, lo, hi, qmax, |_| C::ZERO), dec);
+                    let enc = |v| minmax_code(v, lo, hi, qmax, |_| C::ZERO);
+                    x.encode(cs, mask, None, cap, enc, dec);
                 }
             } else {
                 let inv = C::from_i32(1) / step;
                 if inv.is_finite() {
-                    x.encode(cs, mask, |v| minmax_code(v, lo, hi, qmax, |d| d * inv), dec);
+                    let k = Kern::MinMax {
+                        lo,
+                        hi,
+                        f: inv,
+                        div: false,
+                        step,
+                    };
+                    let enc = |v| minmax_code(v, lo, hi, qmax, |d| d * inv);
+                    x.encode(cs, mask, Some(k), cap, enc, dec);
                 } else {
-                    x.encode(
-                        cs,
-                        mask,
-                        |v| minmax_code(v, lo, hi, qmax, |d| d / step),
-                        dec,
-                    );
+                    let k = Kern::MinMax {
+                        lo,
+                        hi,
+                        f: step,
+                        div: true,
+                        step,
+                    };
+                    let enc = |v| minmax_code(v, lo, hi, qmax, |d| d / step);
+                    x.encode(cs, mask, Some(k), cap, enc, dec);
                 }
             }
             (lo, hi)
@@ -1017,6 +1071,271 @@ fn decode_block<C: QFloat, Q: Code>(
                 *y = decode_minmax_one(u, lo, hi, step, qmax_i, half, cap);
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// AVX2 kernel for f32 -> 8-bit codes
+// ---------------------------------------------------------------------------
+
+/// The operands of a block's encoder (and decoder), for the SIMD kernel: the
+/// very values the scalar closures of [`encode_block`] use.
+#[derive(Clone, Copy)]
+enum Kern<C> {
+    /// MinMax: `t = dl <= dh ? s(dl) : qmax - s(dh)` with `s(d) = d * f`,
+    /// or `d / f` when `div`; decoded with [`decode_minmax_one`] (`step`).
+    MinMax {
+        lo: C,
+        hi: C,
+        f: C,
+        div: bool,
+        step: C,
+    },
+    /// ZeroPointScale: `t = s(v) + zp`, `s` as above; decoded with
+    /// [`decode_zps_one`] (`scale`, `zp`).
+    Zps { f: C, div: bool, scale: C, zp: C },
+}
+
+/// Encodes the longest prefix of the block that the SIMD kernel handles (a
+/// multiple of 32 elements; `f32` values, 8-bit codes, AVX2) and returns its
+/// length: `cs[i] = enc(xs[i]) ^ mask` and, when `ys` is not null,
+/// `ys[i] = dec(enc(xs[i]))`, bit for bit what the scalar loop computes. The
+/// caller does the rest of the block.
+///
+/// # Safety
+///
+/// `xs` is valid for `cs.len()` reads and `ys` is null or valid for
+/// `cs.len()` writes (it may equal `xs`; nothing else may access that
+/// memory meanwhile).
+#[inline(always)]
+#[allow(unused_variables)]
+unsafe fn simd_prefix<C: QFloat, Q: Code>(
+    kern: Option<Kern<C>>,
+    cap: C,
+    mask: u32,
+    xs: *const C,
+    ys: *mut C,
+    cs: &mut [Q],
+) -> usize {
+    #[cfg(test)]
+    if tests::NO_SIMD.with(|c| c.get()) {
+        return 0;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if C::BYTES == 4 && size_of::<Q>() == 1 && cs.len() >= 32 && crate::kernels::has_avx2() {
+        // `C` is `f32` (the only 4-byte compute type) and `Q` is `u8`: the casts succeed.
+        let f = |v: C| bytemuck::try_cast::<C, f32>(v).ok();
+        let op = match kern {
+            Some(Kern::MinMax {
+                lo,
+                hi,
+                f: g,
+                div,
+                step,
+            }) => avx2::Op {
+                minmax: true,
+                div,
+                a: f(lo),
+                b: f(hi),
+                f: f(g),
+                d: f(step),
+                cap: f(cap),
+                mask: mask as u8,
+            },
+            Some(Kern::Zps {
+                f: g,
+                div,
+                scale,
+                zp,
+            }) => avx2::Op {
+                minmax: false,
+                div,
+                a: f(zp),
+                b: f(zp),
+                f: f(g),
+                d: f(scale),
+                cap: f(cap),
+                mask: mask as u8,
+            },
+            None => return 0,
+        };
+        let cs = bytemuck::cast_slice_mut::<Q, u8>(cs);
+        // SAFETY: the CPU has AVX2 (checked above); `xs`, `ys` and `cs`
+        // are valid for `cs.len()` elements (this function's contract), and
+        // `C` is `f32` so the pointer casts keep the element size.
+        return unsafe { avx2::encode(&op, xs.cast::<f32>(), ys.cast::<f32>(), cs) };
+    }
+    0
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// A block's encoder in `f32` (see [`super::Kern`]): MinMax uses `a = lo`,
+    /// `b = hi`, `d = step`; ZeroPointScale `a = b = zp`, `d = scale`. The
+    /// `Option`s are all `Some` for an `f32` block.
+    pub(super) struct Op {
+        pub minmax: bool,
+        pub div: bool,
+        pub a: Option<f32>,
+        pub b: Option<f32>,
+        pub f: Option<f32>,
+        pub d: Option<f32>,
+        pub cap: Option<f32>,
+        pub mask: u8,
+    }
+
+    /// See [`super::simd_prefix`]; returns how many elements were done.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2; `xs` is valid for `cs.len()` reads, `ys` is
+    /// null or valid for `cs.len()` writes (it may equal `xs`).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn encode(op: &Op, xs: *const f32, ys: *mut f32, cs: &mut [u8]) -> usize {
+        let (Some(a), Some(b), Some(f), Some(d), Some(cap)) = (op.a, op.b, op.f, op.d, op.cap)
+        else {
+            return 0;
+        };
+        let p = Params {
+            a: _mm256_set1_ps(a),
+            b: _mm256_set1_ps(b),
+            f: _mm256_set1_ps(f),
+            d: _mm256_set1_ps(d),
+            cap: _mm256_set1_ps(cap),
+            neg_cap: _mm256_set1_ps(-cap),
+            mask: _mm256_set1_epi8(op.mask as i8),
+        };
+        let adopt = !ys.is_null();
+        // SAFETY (all arms): forwarded from this function's contract.
+        unsafe {
+            match (op.minmax, op.div, adopt) {
+                (true, false, false) => run::<true, false, false>(&p, xs, ys, cs),
+                (true, false, true) => run::<true, false, true>(&p, xs, ys, cs),
+                (true, true, false) => run::<true, true, false>(&p, xs, ys, cs),
+                (true, true, true) => run::<true, true, true>(&p, xs, ys, cs),
+                (false, false, false) => run::<false, false, false>(&p, xs, ys, cs),
+                (false, false, true) => run::<false, false, true>(&p, xs, ys, cs),
+                (false, true, false) => run::<false, true, false>(&p, xs, ys, cs),
+                (false, true, true) => run::<false, true, true>(&p, xs, ys, cs),
+            }
+        }
+    }
+
+    /// Broadcast operands (see [`Op`]).
+    struct Params {
+        a: __m256,
+        b: __m256,
+        f: __m256,
+        d: __m256,
+        cap: __m256,
+        neg_cap: __m256,
+        mask: __m256i,
+    }
+
+    /// `x * f` or `x / f`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn scale<const DIV: bool>(x: __m256, f: __m256) -> __m256 {
+        if DIV {
+            _mm256_div_ps(x, f)
+        } else {
+            _mm256_mul_ps(x, f)
+        }
+    }
+
+    /// Codes (`0..=255`, as `i32`, before the mask) of 8 values: the
+    /// operations of `minmax_code` / the ZeroPointScale closure and
+    /// `clamp_round`, in the same order. `max_ps(t, 0)` is `t > 0 ? t : 0`
+    /// and `min_ps(t, qmax)` is `t < qmax ? t : qmax`, as in `clamp_round`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn codes8<const MM: bool, const DIV: bool>(p: &Params, x: __m256) -> __m256i {
+        let qmax = _mm256_set1_ps(255.0);
+        let t = if MM {
+            let dl = _mm256_sub_ps(x, p.a);
+            let dh = _mm256_sub_ps(p.b, x);
+            let lo_side = _mm256_cmp_ps::<_CMP_LE_OQ>(dl, dh);
+            let tl = scale::<DIV>(dl, p.f);
+            let th = _mm256_sub_ps(qmax, scale::<DIV>(dh, p.f));
+            _mm256_blendv_ps(th, tl, lo_side)
+        } else {
+            _mm256_add_ps(scale::<DIV>(x, p.f), p.a)
+        };
+        let t = _mm256_max_ps(t, _mm256_setzero_ps());
+        let t = _mm256_min_ps(t, qmax);
+        let r = _mm256_add_ps(t, _mm256_set1_ps(<f32 as super::QFloat>::MAGIC));
+        _mm256_and_si256(_mm256_castps_si256(r), _mm256_set1_epi32(0xffff))
+    }
+
+    /// Decoded values of 8 codes `u` (before the mask): `decode_minmax_one`
+    /// / `decode_zps_one` and `clamp_abs`, in the same order.
+    /// `max_ps(-cap, v)` is `v < -cap ? -cap : v` and `min_ps(cap, v)` is
+    /// `v > cap ? cap : v`, as in `clamp_abs`.
+    ///
+    /// MinMax computes `base + kf * step` with `kf = -(float(-k))`: the
+    /// same value as `float(k)` except that `k == 0` gives `-0.0`, so the
+    /// product is `-0.0` (`step > 0` is finite here) and `base + -0.0` is
+    /// `base` exactly, even for `base == -0.0`: the scalar code's
+    /// `if k == 0 { base }` without a second blend.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn decode8<const MM: bool>(p: &Params, u: __m256i) -> __m256 {
+        let v = if MM {
+            let hi_side = _mm256_cmpgt_epi32(u, _mm256_set1_epi32(127));
+            let base = _mm256_blendv_ps(p.a, p.b, _mm256_castsi256_ps(hi_side));
+            // -k: qmax - u on the hi side, -u on the lo side.
+            let neg_k = _mm256_sub_epi32(_mm256_and_si256(hi_side, _mm256_set1_epi32(255)), u);
+            let kf = _mm256_xor_ps(_mm256_cvtepi32_ps(neg_k), _mm256_set1_ps(-0.0));
+            _mm256_add_ps(base, _mm256_mul_ps(kf, p.d))
+        } else {
+            _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), p.a), p.d)
+        };
+        _mm256_min_ps(p.cap, _mm256_max_ps(p.neg_cap, v))
+    }
+
+    /// The kernel, 32 elements at a time; returns how many were done.
+    ///
+    /// # Safety
+    ///
+    /// As [`encode`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run<const MM: bool, const DIV: bool, const ADOPT: bool>(
+        p: &Params,
+        xs: *const f32,
+        ys: *mut f32,
+        cs: &mut [u8],
+    ) -> usize {
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut i = 0;
+        for out in cs.chunks_exact_mut(32) {
+            let mut u = [_mm256_setzero_si256(); 4];
+            for (j, u) in u.iter_mut().enumerate() {
+                // SAFETY: `i + 32 <= cs.len()`, and `xs` is valid for
+                // `cs.len()` reads (`loadu` needs no alignment).
+                let x = unsafe { _mm256_loadu_ps(xs.add(i + 8 * j)) };
+                *u = codes8::<MM, DIV>(p, x);
+                if ADOPT {
+                    let y = decode8::<MM>(p, *u);
+                    // SAFETY: `ys` is valid for `cs.len()` writes; this
+                    // element was read just above and is not read again.
+                    unsafe { _mm256_storeu_ps(ys.add(i + 8 * j), y) };
+                }
+            }
+            // Codes fit in 0..=255: the saturating packs are exact. Per
+            // 128-bit lane they interleave the four vectors in groups of
+            // four; `order` puts the groups back in element order.
+            let ab = _mm256_packs_epi32(u[0], u[1]);
+            let cd = _mm256_packs_epi32(u[2], u[3]);
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+            let bytes = _mm256_xor_si256(bytes, p.mask);
+            // SAFETY: `out` is 32 writable bytes (`storeu` needs no alignment).
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast::<__m256i>(), bytes) };
+            i += 32;
+        }
+        i
     }
 }
 
@@ -1675,6 +1994,91 @@ mod tests {
             s.name(),
             q.name()
         );
+    }
+
+    thread_local! {
+        /// Set by a test to run the scalar encoder only (no SIMD kernel).
+        pub(super) static NO_SIMD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// `quantize` and `quantize_adopt` of `src`, with or without the SIMD kernel.
+    fn encode_both(
+        s: DataType,
+        q: DataType,
+        a: QuantizationAlgorithm,
+        src: &[u8],
+        simd: bool,
+    ) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        NO_SIMD.with(|c| c.set(!simd));
+        let n = src.len() / s.size();
+        let mut enc = vec![0u8; encoded_len(s, q, a, n)];
+        quantize(s, q, a, src, &mut enc).unwrap();
+        let mut data = src.to_vec();
+        let mut enc2 = vec![0u8; enc.len()];
+        quantize_adopt(s, q, a, &mut data, &mut enc2).unwrap();
+        NO_SIMD.with(|c| c.set(false));
+        (enc, enc2, data)
+    }
+
+    #[test]
+    fn simd_encoder_matches_the_scalar_loop() {
+        // Blocks that stress the kernel: ties of the rounding, signed zeros
+        // at either end, ranges that overflow, tiny steps (the division
+        // paths), all at lengths around multiples of 32.
+        let mut rng = StdRng::seed_from_u64(77);
+        let mut sets: Vec<Vec<f32>> = Vec::new();
+        for len in [31, 32, 33, 63, 64, 65, 100, B - 1, B, B + 40] {
+            sets.push(
+                (0..len)
+                    .map(|i| (i % 256) as f32 + 0.5 * (i % 3) as f32)
+                    .collect(),
+            );
+            sets.push((0..len).map(|i| -((i % 511) as f32) * 0.5).collect());
+            let mut v: Vec<f32> = (0..len).map(|_| rng.gen_range(0.0..3.0)).collect();
+            v[len / 2] = -0.0;
+            sets.push(v);
+            let mut v: Vec<f32> = (0..len).map(|_| rng.gen_range(-3.0..0.0)).collect();
+            v[len / 3] = -0.0;
+            v[len / 2] = 0.0;
+            sets.push(v);
+            let mut v: Vec<f32> = (0..len)
+                .map(|_| rng.gen_range(-1.0..1.0) * f32::MAX)
+                .collect();
+            v[0] = f32::MAX;
+            v[len - 1] = -f32::MAX;
+            sets.push(v);
+            let tiny = |k: u32| f32::from_bits(k);
+            sets.push((0..len).map(|i| tiny(i as u32 % 700)).collect());
+            sets.push((0..len).map(|i| -tiny(i as u32 % 70_000)).collect());
+            sets.push(
+                (0..len)
+                    .map(|_| rng.gen_range(-1.0e-36f32..2.0e-36))
+                    .collect(),
+            );
+            sets.push(
+                (0..len)
+                    .map(|_| f32::from_bits(rng.gen::<u32>() & 0xbfff_ffff))
+                    .collect(),
+            );
+        }
+        for dist in 0..6 {
+            sets.push(
+                gen_data(DataType::F32, dist, 3 * B + 45, 9 + dist as u64)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect(),
+            );
+        }
+        for q in [DataType::U8, DataType::I8] {
+            for a in ALGOS {
+                for xs in &sets {
+                    let src: Vec<u8> = xs.iter().flat_map(|x| x.to_ne_bytes()).collect();
+                    let want = encode_both(DataType::F32, q, a, &src, false);
+                    let got = encode_both(DataType::F32, q, a, &src, true);
+                    assert!(want == got, "{q:?} {a:?} n={}", xs.len());
+                }
+            }
+        }
     }
 
     #[test]
