@@ -298,13 +298,13 @@ pub(crate) async fn run_ring(
         ));
     }
     drop(rx_q);
-    drop(input_owner);
     let mut state = RingState {
-        p,
+        p: Arc::new(p.clone()),
         input,
+        _input_owner: input_owner,
         acc,
-        landing: Some(&landing),
-        bufs,
+        landing: Some(landing.clone()),
+        bufs: bufs.clone(),
         tx_q,
         rx_bytes: 0,
     };
@@ -386,17 +386,26 @@ async fn sender_task(
 ///   (the owned segment), finalizes it and sends it from there;
 /// * all-gather payloads land in `acc` (by the reader, see [`Landing`], or
 ///   here for quantized and early frames) and are forwarded from there.
-struct RingState<'a> {
-    p: &'a RingParams,
+///
+/// Quantized reduce-scatter hops (decode, reduce, re-encode: the costly
+/// part of a quantized op) run as tasks of their own on clones of this
+/// state, so sub-chunks are processed on both worker threads; they touch
+/// disjoint ranges (pool buffers, or the owned segment's chunk) and are all
+/// joined before the op ends.
+#[derive(Clone)]
+struct RingState {
+    p: Arc<RingParams>,
     input: RawBuf,
+    /// Keeps library-owned input memory alive in spawned hop tasks.
+    _input_owner: Option<Arc<Vec<u8>>>,
     acc: RawBuf,
-    landing: Option<&'a Landing>,
-    bufs: &'a Arc<BufPool>,
+    landing: Option<Arc<Landing>>,
+    bufs: Arc<BufPool>,
     tx_q: async_channel::Sender<SendItem>,
     rx_bytes: u64,
 }
 
-impl RingState<'_> {
+impl RingState {
     async fn drive(
         &mut self,
         inbox: &mut mpsc::Receiver<Frame>,
@@ -405,7 +414,44 @@ impl RingState<'_> {
         abort: &CancellationToken,
         send_failed: &CancellationToken,
     ) -> Result<()> {
-        let p = self.p;
+        let mut hops: JoinSet<Result<()>> = JoinSet::new();
+        let result = self
+            .drive_frames(inbox, lost, lost_reason, abort, send_failed, &mut hops)
+            .await;
+        if result.is_err() {
+            hops.abort_all();
+        }
+        // Every hop task is joined: they use the caller's buffers.
+        let mut hop_err = None;
+        while let Some(joined) = hops.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    hop_err.get_or_insert(e);
+                }
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => {
+                    hop_err.get_or_insert(Error::Internal(format!("ring hop task failed: {e}")));
+                }
+            }
+        }
+        result?;
+        match hop_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn drive_frames(
+        &mut self,
+        inbox: &mut mpsc::Receiver<Frame>,
+        lost: &CancellationToken,
+        lost_reason: &Arc<std::sync::Mutex<Option<String>>>,
+        abort: &CancellationToken,
+        send_failed: &CancellationToken,
+        hops: &mut JoinSet<Result<()>>,
+    ) -> Result<()> {
+        let p = self.p.clone();
         let steps = p.steps();
         let mut seen: Vec<Vec<bool>> = (0..steps)
             .map(|s| vec![false; p.chunks_in(p.recv_segment(s))])
@@ -422,20 +468,32 @@ impl RingState<'_> {
                 _ = abort.cancelled() => return Err(Error::RankConnectionLost("aborted by the master".into())),
                 _ = lost.cancelled() => return Err(Error::RankConnectionLost(lost_reason.lock().ok().and_then(|g| g.clone()).unwrap_or_else(|| "ring connection lost".into()))),
                 _ = send_failed.cancelled() => return Err(Error::RankConnectionLost("sending to the right neighbour failed".into())),
+                Some(joined) = hops.join_next(), if !hops.is_empty() => {
+                    match joined {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => return Err(e),
+                        Err(e) => return Err(Error::Internal(format!("ring hop task failed: {e}"))),
+                    }
+                }
                 f = inbox.recv() => f.ok_or_else(|| Error::Internal("inbox closed".into()))?,
             };
             self.rx_bytes += (DataHeader::LEN + frame.header.payload_len as usize) as u64;
             let (step, seg, c) = self.validate(&frame.header, &seen)?;
             seen[step][c] = true;
             remaining -= 1;
-            self.process(step, seg, c, frame)?;
+            if p.quant.is_some() && step < p.world - 1 {
+                let hop = self.clone();
+                hops.spawn(async move { hop.process(step, seg, c, frame) });
+            } else {
+                self.process(step, seg, c, frame)?;
+            }
         }
         Ok(())
     }
 
     /// Checks a frame against the schedule; returns (step, segment, chunk).
     fn validate(&self, h: &DataHeader, seen: &[Vec<bool>]) -> Result<(usize, usize, usize)> {
-        let p = self.p;
+        let p = &*self.p;
         let bad = |what: &str| {
             Error::RankConnectionLost(format!("left neighbour sent a malformed frame: {what}"))
         };
@@ -538,7 +596,7 @@ impl RingState<'_> {
     }
 
     fn process(&self, step: usize, seg: usize, c: usize, frame: Frame) -> Result<()> {
-        let p = self.p;
+        let p = &*self.p;
         let w = p.world;
         let (off, len) = self.byte_range(seg, c);
         let mine = self.input_slice(off, len);
@@ -613,7 +671,7 @@ impl RingState<'_> {
             }
             // A frame the reader did not land (quantized, or it came before
             // the landing was set up): its slot must still be free.
-            if let Some(l) = self.landing {
+            if let Some(l) = &self.landing {
                 if !l.claim(step, c) {
                     return Err(Error::RankConnectionLost(
                         "left neighbour sent a malformed frame: duplicate chunk".into(),
