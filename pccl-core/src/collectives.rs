@@ -458,9 +458,15 @@ impl RingState {
             .collect();
         let mut remaining: usize = seen.iter().map(Vec::len).sum();
 
-        // Step 0: this peer's own segment.
+        // Step 0: this peer's own segment (encoded in hop tasks when
+        // quantized, so the first frames do not wait for all of it).
         for c in 0..p.chunks_in(p.rank) {
-            self.send_input(p.rank, c)?;
+            if p.quant.is_some() {
+                let hop = self.clone();
+                hops.spawn(async move { hop.send_input(hop.p.rank, c) });
+            } else {
+                self.send_input(p.rank, c)?;
+            }
         }
         while remaining > 0 {
             let frame = tokio::select! {
