@@ -513,6 +513,8 @@ impl SharedStateServer {
             let data = unsafe {
                 std::slice::from_raw_parts((ptr + offset as usize) as *const u8, len as usize)
             };
+            tracing::debug!(peer = %me, to = %hello.from, tensor = %name, offset, len,
+                "serving a shared-state range");
             let resp = response_head(STATUS_OK, hash, len);
             let t0 = Instant::now();
             // Everything written while the read guard is held, header

@@ -4,241 +4,22 @@
 //! late, and killed while a newcomer fetches the shared state from them.
 //!
 //! Every child is SIGKILLed and reaped when a test ends, panics included
-//! ([`Procs`]'s drop); workers also exit when their stdin (a pipe from this
+//! (the `common::Cluster` harness); workers also exit when their stdin (a pipe from this
 //! process) closes. Children's stdout/stderr are read on threads; the tests
 //! wait for specific lines with deadlines, never for fixed sleeps. The tests
 //! run one at a time (a lock), so their timings do not disturb each other on
 //! small machines.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pccl_core::{MasterConfig, MasterNode};
+use common::{serial, Cluster};
 use pccl_stress::swarm::lines::{Record, StepRec};
-use pccl_stress::swarm::procs::{ProcEvent, Procs, Stream};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A master plus worker processes and everything they printed.
-struct Cluster {
-    master: MasterNode,
-    procs: Procs,
-    /// Per worker: parsed stdout records, in order.
-    records: Vec<Vec<Record>>,
-    /// Per worker: stderr lines.
-    stderr: Vec<Vec<String>>,
-}
-
-impl Cluster {
-    fn new(peer_timeout_ms: u64) -> Cluster {
-        let cfg = MasterConfig {
-            peer_timeout_ms,
-            ..MasterConfig::default()
-        };
-        let mut master =
-            MasterNode::bind("127.0.0.1:0".parse().expect("address"), cfg).expect("bind master");
-        master.run().expect("run master");
-        Cluster {
-            master,
-            procs: Procs::new(),
-            records: Vec::new(),
-            stderr: Vec::new(),
-        }
-    }
-
-    /// Starts a worker with `args` (on top of the master address and the
-    /// exit-with-the-test flag); returns its index.
-    fn spawn(&mut self, args: &[&str]) -> usize {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pccl-worker"));
-        cmd.arg("--master")
-            .arg(self.master.local_addr().to_string())
-            .arg("--exit-on-stdin-eof")
-            .args(args);
-        let name = format!("w{}", self.procs.len());
-        let id = self.procs.spawn(name, cmd).expect("spawn pccl-worker");
-        self.records.push(Vec::new());
-        self.stderr.push(Vec::new());
-        id
-    }
-
-    /// Handles one event if one arrives within `timeout`; returns the worker
-    /// and its new record, if the event was a protocol line.
-    fn pump(&mut self, timeout: Duration) -> Option<(usize, Option<Record>)> {
-        let ev = self.procs.next(timeout)?;
-        match ev {
-            ProcEvent::Line {
-                id,
-                stream: Stream::Stdout,
-                line,
-                ..
-            } => {
-                let rec = Record::parse(&line)
-                    .unwrap_or_else(|e| panic!("w{id} printed a malformed line: {e}"));
-                if let Some(r) = &rec {
-                    if let Record::Fatal { msg } = r {
-                        panic!("w{id} failed: {msg}\n{}", self.diagnostics());
-                    }
-                    self.records[id].push(r.clone());
-                }
-                Some((id, rec))
-            }
-            ProcEvent::Line {
-                id,
-                stream: Stream::Stderr,
-                line,
-                ..
-            } => {
-                self.stderr[id].push(line);
-                Some((id, None))
-            }
-            ProcEvent::Eof { id, .. } => Some((id, None)),
-        }
-    }
-
-    /// Pumps events until `f` returns `Some`, or panics after `within`.
-    fn wait_for<T>(
-        &mut self,
-        what: &str,
-        within: Duration,
-        mut f: impl FnMut(&Cluster, usize, &Record) -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                panic!(
-                    "timed out after {:.1} s waiting for {what}\n{}",
-                    within.as_secs_f64(),
-                    self.diagnostics()
-                );
-            }
-            if let Some((id, Some(rec))) = self.pump(left.min(Duration::from_millis(200))) {
-                if let Some(v) = f(self, id, &rec) {
-                    return v;
-                }
-            }
-        }
-    }
-
-    /// Waits until worker `id` prints a stderr line containing `needle`.
-    fn wait_stderr(&mut self, id: usize, needle: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        let mut seen = self.stderr[id].len();
-        if self.stderr[id].iter().any(|l| l.contains(needle)) {
-            return;
-        }
-        while Instant::now() < deadline {
-            self.pump(Duration::from_millis(50));
-            if self.stderr[id][seen..].iter().any(|l| l.contains(needle)) {
-                return;
-            }
-            seen = self.stderr[id].len();
-        }
-        panic!(
-            "timed out waiting for '{needle}' on w{id}'s stderr\n{}",
-            self.diagnostics()
-        );
-    }
-
-    fn steps(&self, id: usize) -> BTreeMap<u64, StepRec> {
-        self.records[id]
-            .iter()
-            .filter_map(|r| match r {
-                Record::Step(s) => Some((s.step, s.clone())),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn step_count(&self, id: usize) -> usize {
-        self.records[id]
-            .iter()
-            .filter(|r| matches!(r, Record::Step(_)))
-            .count()
-    }
-
-    fn retries(&self, id: usize) -> Vec<pccl_stress::swarm::lines::RetryRec> {
-        self.records[id]
-            .iter()
-            .filter_map(|r| match r {
-                Record::Retry(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Waits until each worker in `ids` has printed at least `n` STEP lines.
-    fn wait_steps(&mut self, ids: &[usize], n: usize, within: Duration) {
-        let ids = ids.to_vec();
-        if ids.iter().all(|&i| self.step_count(i) >= n) {
-            return;
-        }
-        self.wait_for(&format!("{n} steps on {ids:?}"), within, |c, _, _| {
-            ids.iter().all(|&i| c.step_count(i) >= n).then_some(())
-        });
-    }
-
-    /// Waits until every worker in `ids` has begun `op` of the same step
-    /// (`--trace` lines): the master then commences the operation at once,
-    /// so a fault injected a little later lands inside its ring transfer.
-    fn wait_all_begin(&mut self, ids: &[usize], op: &str) -> u64 {
-        let mut begun: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-        let ids = ids.to_vec();
-        self.wait_for(
-            &format!("every worker to begin a {op}"),
-            Duration::from_secs(20),
-            |_, id, r| match r {
-                Record::Begin { step, op: o, .. } if o == op && ids.contains(&id) => {
-                    let who = begun.entry(*step).or_default();
-                    if !who.contains(&id) {
-                        who.push(id);
-                    }
-                    (who.len() == ids.len()).then_some(*step)
-                }
-                _ => None,
-            },
-        )
-    }
-
-    /// Asserts that `a` and `b` reported equal state hashes at every step
-    /// both reported; returns how many steps were compared.
-    fn assert_same_hashes(&self, a: usize, b: usize) -> usize {
-        let (sa, sb) = (self.steps(a), self.steps(b));
-        let mut n = 0;
-        for (step, ra) in &sa {
-            if let Some(rb) = sb.get(step) {
-                assert_eq!(
-                    ra.state_hash, rb.state_hash,
-                    "w{a} and w{b} disagree on the shared state at step {step}"
-                );
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Last records and stderr lines of every worker.
-    fn diagnostics(&self) -> String {
-        let mut s = String::new();
-        for id in 0..self.records.len() {
-            s.push_str(&format!("--- w{id} stdout (last 8):\n"));
-            for r in self.records[id].iter().rev().take(8).rev() {
-                s.push_str(&format!("  {r}\n"));
-            }
-            s.push_str(&format!("--- w{id} stderr (last 8):\n"));
-            for l in self.stderr[id].iter().rev().take(8).rev() {
-                s.push_str(&format!("  {l}\n"));
-            }
-        }
-        s
-    }
-}
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// What a holder logs (at debug) when it starts writing a shared-state range.
+const SERVING: &str = "serving a shared-state range";
 
 /// The step a worker's STEP record has, if it is one with `world`.
 fn step_with_world(rec: &Record, world: u32) -> Option<&StepRec> {
@@ -548,21 +329,12 @@ fn distributor_killed_mid_transfer() {
         "3",
         "--min-world",
         "3",
+        // Each served range is logged: the tests wait for the victim's.
+        "--log",
+        "warn,pccl_core::shared_state=debug",
     ];
     let ids: Vec<usize> = (0..3)
-        .map(|_| {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_pccl-worker"));
-            cmd.arg("--master")
-                .arg(c.master.local_addr().to_string())
-                .arg("--exit-on-stdin-eof")
-                .args(args)
-                .env("PCCL_SHARED_STATE_UPLOAD_BPS", LIMIT);
-            let name = format!("w{}", c.procs.len());
-            let id = c.procs.spawn(name, cmd).expect("spawn pccl-worker");
-            c.records.push(Vec::new());
-            c.stderr.push(Vec::new());
-            id
-        })
+        .map(|_| c.spawn_with_env(&args, &[("PCCL_SHARED_STATE_UPLOAD_BPS", LIMIT)]))
         .collect();
     c.wait_steps(&ids, 2, Duration::from_secs(60));
     let newcomer = c.spawn(&[
@@ -575,13 +347,11 @@ fn distributor_killed_mid_transfer() {
         "--log",
         "info",
     ]);
-    c.wait_stderr(newcomer, "fetching shared state", Duration::from_secs(40));
-    // The log line comes just before the newcomer dials its sources; at the
-    // capped rate each holder's share takes ~1.3 s, so after this pause the
-    // victim is certainly streaming (the kill has over a second of slack,
-    // instead of racing a ~350 ms unthrottled transfer).
-    std::thread::sleep(Duration::from_millis(200));
     let victim = ids[1];
+    // The victim has started writing a range to the newcomer; at the capped
+    // rate a 4 MiB range takes ~250 ms and its whole share ~1.3 s, so the
+    // kill lands mid-transfer.
+    c.wait_stderr(victim, SERVING, Duration::from_secs(40));
     c.procs.kill(victim).expect("SIGKILL a holder");
     let killed_at = Instant::now();
     let first = c.wait_for(
@@ -679,21 +449,12 @@ fn distributor_frozen_mid_transfer() {
         "3",
         "--min-world",
         "3",
+        // Each served range is logged: the tests wait for the victim's.
+        "--log",
+        "warn,pccl_core::shared_state=debug",
     ];
     let ids: Vec<usize> = (0..3)
-        .map(|_| {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_pccl-worker"));
-            cmd.arg("--master")
-                .arg(c.master.local_addr().to_string())
-                .arg("--exit-on-stdin-eof")
-                .args(args)
-                .env("PCCL_SHARED_STATE_UPLOAD_BPS", LIMIT);
-            let name = format!("w{}", c.procs.len());
-            let id = c.procs.spawn(name, cmd).expect("spawn pccl-worker");
-            c.records.push(Vec::new());
-            c.stderr.push(Vec::new());
-            id
-        })
+        .map(|_| c.spawn_with_env(&args, &[("PCCL_SHARED_STATE_UPLOAD_BPS", LIMIT)]))
         .collect();
     c.wait_steps(&ids, 2, Duration::from_secs(60));
     let victim = ids[1];
@@ -718,8 +479,8 @@ fn distributor_frozen_mid_transfer() {
         "info",
         "--trace",
     ]);
-    c.wait_stderr(newcomer, "fetching shared state", Duration::from_secs(40));
-    std::thread::sleep(Duration::from_millis(200));
+    // As above: stop the victim once it is writing a range to the newcomer.
+    c.wait_stderr(victim, SERVING, Duration::from_secs(40));
     c.procs
         .signal(victim, libc::SIGSTOP)
         .expect("SIGSTOP a holder");
