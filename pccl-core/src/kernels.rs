@@ -820,21 +820,11 @@ pub fn finalize_avg(dtype: DataType, dst: &mut [u8], world: u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-
-    fn is_nan(dtype: DataType, b: &[u8]) -> bool {
-        match dtype {
-            DataType::F16 => f16::from_le_bytes([b[0], b[1]]).is_nan(),
-            DataType::BF16 => bf16::from_le_bytes([b[0], b[1]]).is_nan(),
-            DataType::F32 => f32::from_ne_bytes([b[0], b[1], b[2], b[3]]).is_nan(),
-            DataType::F64 => f64::from_ne_bytes(b.try_into().unwrap_or([0; 8])).is_nan(),
-            _ => false,
-        }
-    }
 
     #[test]
     fn reduce_from_equals_copy_then_reduce_into() {
@@ -857,7 +847,7 @@ mod tests {
                     let same = got[skew..]
                         .chunks(dtype.size())
                         .zip(want.chunks(dtype.size()))
-                        .all(|(g, w)| g == w || (is_nan(dtype, g) && is_nan(dtype, w)));
+                        .all(|(g, w)| g == w || (is_nan_bytes(dtype, g) && is_nan_bytes(dtype, w)));
                     assert!(same, "{dtype:?} {op:?} {elems} {skew}");
                 }
             }
@@ -1085,7 +1075,8 @@ mod tests {
         }
     }
 
-    fn is_nan_bytes(dtype: DataType, b: &[u8]) -> bool {
+    /// Whether one element's bytes are a float NaN (false for integers).
+    pub(crate) fn is_nan_bytes(dtype: DataType, b: &[u8]) -> bool {
         match dtype {
             DataType::F32 => f32::from_ne_bytes(b.try_into().unwrap()).is_nan(),
             DataType::F64 => f64::from_ne_bytes(b.try_into().unwrap()).is_nan(),

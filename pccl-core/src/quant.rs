@@ -192,6 +192,27 @@ pub fn encoded_len(src: DataType, q: DataType, algo: QuantizationAlgorithm, n: u
         .saturating_add(n.saturating_mul(q.size()))
 }
 
+/// Calls the kernel `$f::<S, Q>(args)` monomorphized for the (source type,
+/// code width) pair; every pair [`check_combo`] accepts has an arm.
+macro_rules! by_types {
+    ($what:literal, $src:expr, $q:expr, $f:ident($($arg:expr),*)) => {{
+        match ($src, $q.size()) {
+            (DataType::F16, 1) => $f::<F16Src, u8>($($arg),*),
+            (DataType::BF16, 1) => $f::<Bf16Src, u8>($($arg),*),
+            (DataType::F32, 1) => $f::<F32Src, u8>($($arg),*),
+            (DataType::F32, 2) => $f::<F32Src, u16>($($arg),*),
+            (DataType::F64, 1) => $f::<F64Src, u8>($($arg),*),
+            (DataType::F64, 2) => $f::<F64Src, u16>($($arg),*),
+            _ => {
+                return Err(Error::Internal(
+                    concat!($what, ": unhandled type combination").into(),
+                ))
+            }
+        }
+        Ok(())
+    }};
+}
+
 /// Encodes the `src.len() / src_dtype.size()` elements of `src` (native byte
 /// order, any alignment) into `out`, which must be exactly
 /// [`encoded_len`] bytes long.
@@ -216,20 +237,12 @@ pub fn quantize(
         )));
     }
     let mask = sign_mask(q);
-    match (src_dtype, q.size()) {
-        (DataType::F16, 1) => quantize_impl::<F16Src, u8>(algo, mask, src, out),
-        (DataType::BF16, 1) => quantize_impl::<Bf16Src, u8>(algo, mask, src, out),
-        (DataType::F32, 1) => quantize_impl::<F32Src, u8>(algo, mask, src, out),
-        (DataType::F32, 2) => quantize_impl::<F32Src, u16>(algo, mask, src, out),
-        (DataType::F64, 1) => quantize_impl::<F64Src, u8>(algo, mask, src, out),
-        (DataType::F64, 2) => quantize_impl::<F64Src, u16>(algo, mask, src, out),
-        _ => {
-            return Err(Error::Internal(
-                "quantize: unhandled type combination".into(),
-            ))
-        }
-    }
-    Ok(())
+    by_types!(
+        "quantize",
+        src_dtype,
+        q,
+        quantize_impl(algo, mask, src, out)
+    )
 }
 
 /// Decodes `enc` (the encoding of `dst.len() / src_dtype.size()` elements)
@@ -266,20 +279,12 @@ pub fn dequantize_into(
         )));
     }
     let mask = sign_mask(q);
-    match (src_dtype, q.size()) {
-        (DataType::F16, 1) => dequantize_impl::<F16Src, u8>(algo, mask, op, enc, dst),
-        (DataType::BF16, 1) => dequantize_impl::<Bf16Src, u8>(algo, mask, op, enc, dst),
-        (DataType::F32, 1) => dequantize_impl::<F32Src, u8>(algo, mask, op, enc, dst),
-        (DataType::F32, 2) => dequantize_impl::<F32Src, u16>(algo, mask, op, enc, dst),
-        (DataType::F64, 1) => dequantize_impl::<F64Src, u8>(algo, mask, op, enc, dst),
-        (DataType::F64, 2) => dequantize_impl::<F64Src, u16>(algo, mask, op, enc, dst),
-        _ => {
-            return Err(Error::Internal(
-                "dequantize: unhandled type combination".into(),
-            ))
-        }
-    }
-    Ok(())
+    by_types!(
+        "dequantize",
+        src_dtype,
+        q,
+        dequantize_impl(algo, mask, op, enc, dst)
+    )
 }
 
 /// [`quantize`] and adopt the result in one pass: encodes `data` into `out`
@@ -311,20 +316,12 @@ pub fn quantize_adopt(
         )));
     }
     let mask = sign_mask(q);
-    match (src_dtype, q.size()) {
-        (DataType::F16, 1) => quantize_adopt_impl::<F16Src, u8>(algo, mask, data, out),
-        (DataType::BF16, 1) => quantize_adopt_impl::<Bf16Src, u8>(algo, mask, data, out),
-        (DataType::F32, 1) => quantize_adopt_impl::<F32Src, u8>(algo, mask, data, out),
-        (DataType::F32, 2) => quantize_adopt_impl::<F32Src, u16>(algo, mask, data, out),
-        (DataType::F64, 1) => quantize_adopt_impl::<F64Src, u8>(algo, mask, data, out),
-        (DataType::F64, 2) => quantize_adopt_impl::<F64Src, u16>(algo, mask, data, out),
-        _ => {
-            return Err(Error::Internal(
-                "quantize_adopt: unhandled type combination".into(),
-            ))
-        }
-    }
-    Ok(())
+    by_types!(
+        "quantize_adopt",
+        src_dtype,
+        q,
+        quantize_adopt_impl(algo, mask, data, out)
+    )
 }
 
 /// `dst[i] = op(a[i], decoded[i])`, where `decoded` is the decoding of
@@ -366,20 +363,12 @@ pub fn dequantize_reduce_from(
         )));
     }
     let mask = sign_mask(q);
-    match (src_dtype, q.size()) {
-        (DataType::F16, 1) => dequantize_from_impl::<F16Src, u8>(algo, mask, op, a, enc, dst),
-        (DataType::BF16, 1) => dequantize_from_impl::<Bf16Src, u8>(algo, mask, op, a, enc, dst),
-        (DataType::F32, 1) => dequantize_from_impl::<F32Src, u8>(algo, mask, op, a, enc, dst),
-        (DataType::F32, 2) => dequantize_from_impl::<F32Src, u16>(algo, mask, op, a, enc, dst),
-        (DataType::F64, 1) => dequantize_from_impl::<F64Src, u8>(algo, mask, op, a, enc, dst),
-        (DataType::F64, 2) => dequantize_from_impl::<F64Src, u16>(algo, mask, op, a, enc, dst),
-        _ => {
-            return Err(Error::Internal(
-                "dequantize_reduce_from: unhandled type combination".into(),
-            ))
-        }
-    }
-    Ok(())
+    by_types!(
+        "dequantize_reduce_from",
+        src_dtype,
+        q,
+        dequantize_from_impl(algo, mask, op, a, enc, dst)
+    )
 }
 
 fn whole_elems(dtype: DataType, len: usize, what: &str) -> Result<usize> {
@@ -1997,23 +1986,17 @@ mod tests {
         let same = dst[doff..]
             .chunks(s.size())
             .zip(want.chunks(s.size()))
-            .all(|(g, w)| g == w || (elem_is_nan(s, g) && elem_is_nan(s, w)));
+            .all(|(g, w)| {
+                g == w
+                    || (crate::kernels::tests::is_nan_bytes(s, g)
+                        && crate::kernels::tests::is_nan_bytes(s, w))
+            });
         assert!(
             same,
             "{}->{} {al:?} {op:?} n={n} aoff={aoff} doff={doff}",
             s.name(),
             q.name()
         );
-    }
-
-    fn elem_is_nan(s: DataType, b: &[u8]) -> bool {
-        match s {
-            DataType::F16 => f16::from_le_bytes([b[0], b[1]]).is_nan(),
-            DataType::BF16 => bf16::from_le_bytes([b[0], b[1]]).is_nan(),
-            DataType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_nan(),
-            DataType::F64 => f64::from_le_bytes(b.try_into().unwrap_or([0; 8])).is_nan(),
-            _ => false,
-        }
     }
 
     thread_local! {
