@@ -303,7 +303,7 @@ pub(crate) async fn run_ring(
         input,
         _input_owner: input_owner,
         acc,
-        landing: Some(landing.clone()),
+        landing: landing.clone(),
         bufs: bufs.clone(),
         tx_q,
         rx_bytes: 0,
@@ -383,9 +383,12 @@ async fn sender_task(
 ///   inside the received buffer and forwards that buffer, so partial sums
 ///   never touch `acc`;
 /// * the last reduce-scatter hop writes `op(partial, input)` into `acc`
-///   (the owned segment), finalizes it and sends it from there;
-/// * all-gather payloads land in `acc` (by the reader, see [`Landing`], or
-///   here for quantized and early frames) and are forwarded from there.
+///   (the owned segment), finalizes it and sends it from there (quantized:
+///   sends its encoding, having adopted the decoded values);
+/// * all-gather values land in `acc` (read or decoded there by the reader,
+///   see [`Landing`], or here for frames that came before the landing was
+///   set up) and are forwarded (raw: from `acc`; quantized: the encoded
+///   bytes as received).
 ///
 /// Quantized reduce-scatter hops (decode, reduce, re-encode: the costly
 /// part of a quantized op) run as tasks of their own on clones of this
@@ -399,7 +402,7 @@ struct RingState {
     /// Keeps library-owned input memory alive in spawned hop tasks.
     _input_owner: Option<Arc<Vec<u8>>>,
     acc: RawBuf,
-    landing: Option<Arc<Landing>>,
+    landing: Arc<Landing>,
     bufs: Arc<BufPool>,
     tx_q: async_channel::Sender<SendItem>,
     rx_bytes: u64,
@@ -605,8 +608,8 @@ impl RingState {
         let p = &*self.p;
         let w = p.world;
         let (off, len) = self.byte_range(seg, c);
-        let mine = self.input_slice(off, len);
         if step < w - 1 {
+            let mine = self.input_slice(off, len);
             let mut payload = frame.payload;
             if step < w - 2 {
                 // A partial sum passing through: add ours in its buffer.
@@ -675,14 +678,12 @@ impl RingState {
                     }
                 };
             }
-            // A frame the reader did not land (quantized, or it came before
-            // the landing was set up): its slot must still be free.
-            if let Some(l) = &self.landing {
-                if !l.claim(step, c) {
-                    return Err(Error::RankConnectionLost(
-                        "left neighbour sent a malformed frame: duplicate chunk".into(),
-                    ));
-                }
+            // A frame the reader did not land (it came before the landing
+            // was set up): its slot must still be free.
+            if !self.landing.claim(step, c) {
+                return Err(Error::RankConnectionLost(
+                    "left neighbour sent a malformed frame: duplicate chunk".into(),
+                ));
             }
             // SAFETY: an all-gather range of a segment this peer does not
             // own; nothing else accesses it (see `Landing`).

@@ -348,59 +348,65 @@ impl P2p {
                     return why;
                 }
             };
-            let len = header.payload_len as usize;
             let landing = route
                 .as_ref()
                 .and_then(|r| r.landing.get())
                 .and_then(|l| Some((l, l.target(&header)?)));
-            let frame = if let Some((landing, (off, dst_len))) = landing {
-                if landing.is_quantized() {
-                    // Read the encoded bytes, decode them into the op's
-                    // buffer here (off the op's task), hand on the bytes for
-                    // forwarding.
-                    let mut payload = self.bufs.get(len);
-                    if let Err(e) = rd.read_exact(&mut payload).await {
-                        return format!("truncated frame: {e}");
-                    }
-                    match landing.decode(off, dst_len, &payload) {
-                        Some(Ok(())) => Some(Frame {
-                            header,
-                            payload,
-                            landed: true,
-                        }),
-                        Some(Err(e)) => {
-                            tracing::warn!(peer = %me, from = %from, "undecodable frame ({e}); closing the connection");
-                            return format!("undecodable frame: {e}");
-                        }
-                        None => None,
-                    }
-                } else {
-                    match read_into_landing(&mut rd, landing, off, len, &self.bufs).await {
-                        // Landed in the op's buffer: the op only needs to hear of it.
-                        Ok(true) => Some(Frame {
-                            header,
-                            payload: PooledBuf::empty(),
-                            landed: true,
-                        }),
-                        // The op ended while the frame was arriving.
-                        Ok(false) => None,
-                        Err(e) => return format!("truncated frame: {e}"),
-                    }
-                }
-            } else {
-                let mut payload = self.bufs.get(len);
-                if let Err(e) = rd.read_exact(&mut payload).await {
-                    return format!("truncated frame: {e}");
-                }
-                Some(Frame {
-                    header,
-                    payload,
-                    landed: false,
-                })
+            let frame = match self.read_payload(&mut rd, header, landing).await {
+                Ok(f) => f,
+                Err(why) => return why,
             };
             if let (Some(route), Some(frame)) = (route, frame) {
                 // A closed inbox means the op just ended; the frame is not needed.
                 let _ = route.tx.send(frame).await;
+            }
+        }
+    }
+
+    /// Reads a frame's payload: into a pool buffer, or, for an all-gather
+    /// frame its op's landing accepted (`landing` = the landing and the
+    /// frame's range in the result buffer), straight into the op's buffer
+    /// (raw) or into a pool buffer decoded there (quantized). `None` when
+    /// the op ended while the frame was arriving.
+    async fn read_payload(
+        &self,
+        rd: &mut OwnedReadHalf,
+        header: DataHeader,
+        landing: Option<(&Arc<Landing>, (usize, usize))>,
+    ) -> std::result::Result<Option<Frame>, String> {
+        let len = header.payload_len as usize;
+        let frame = |payload, landed| Frame {
+            header,
+            payload,
+            landed,
+        };
+        match landing {
+            Some((landing, (off, _))) if !landing.is_quantized() => {
+                match read_into_landing(rd, landing, off, len, &self.bufs).await {
+                    // The op only needs to hear of it.
+                    Ok(true) => Ok(Some(frame(PooledBuf::empty(), true))),
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(format!("truncated frame: {e}")),
+                }
+            }
+            landing => {
+                let mut payload = self.bufs.get(len);
+                rd.read_exact(&mut payload)
+                    .await
+                    .map_err(|e| format!("truncated frame: {e}"))?;
+                let Some((landing, (off, dst_len))) = landing else {
+                    return Ok(Some(frame(payload, false)));
+                };
+                // Decoded here, off the op's task; the encoded bytes go on
+                // to the op for forwarding.
+                match landing.decode(off, dst_len, &payload) {
+                    Some(Ok(())) => Ok(Some(frame(payload, true))),
+                    Some(Err(e)) => {
+                        tracing::warn!(peer = %self.me(), "undecodable frame ({e}); closing the connection");
+                        Err(format!("undecodable frame: {e}"))
+                    }
+                    None => Ok(None),
+                }
             }
         }
     }
