@@ -175,7 +175,7 @@ fn nanos(d: Duration) -> u64 {
 
 /// Bytes fetched per request; a multiple of the hash leaf size so each range
 /// hashes independently and ranges can be fetched in parallel.
-const RANGE_BYTES: usize = 64 * hash::LEAF_SIZE;
+pub const RANGE_BYTES: usize = 64 * hash::LEAF_SIZE;
 /// Requests a fetching connection keeps outstanding: the next range is
 /// already queued at the holder while the current one streams in, so no
 /// round trip is spent idle between ranges.

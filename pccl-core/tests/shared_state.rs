@@ -398,11 +398,14 @@ fn newcomer_joins_a_running_group_of_three_and_gets_256_mib() {
         assert_eq!(pccl_core::hash::tensor_hash(bytes), want_hash, "peer {i}");
         assert_eq!((second.tx_bytes, second.rx_bytes), (0, 0), "peer {i}");
         if i == 3 {
-            assert!(first.rx_bytes >= BYTES as u64, "newcomer fetched the state");
+            // The state, plus a 17-byte response head per range.
+            let ranges = BYTES.div_ceil(pccl_core::shared_state::RANGE_BYTES) as u64;
+            assert_eq!(first.rx_bytes, BYTES as u64 + 17 * ranges, "newcomer");
         } else {
             assert_eq!(first.rx_bytes, 0, "peer {i}");
         }
     }
+    // The holders served exactly what the newcomer received.
     let served: u64 = results.iter().map(|r| r.0.tx_bytes).sum();
-    assert!(served >= BYTES as u64);
+    assert_eq!(served, results[3].0.rx_bytes);
 }
