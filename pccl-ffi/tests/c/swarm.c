@@ -414,12 +414,16 @@ static void kill_loop(pcclComm_t *comm, int victim) {
             calls_with_loss++;
         }
         if (world_before == 2) {
-            /* Started after the survivors learnt of the loss: all with two. */
+            /* Started after this peer learnt of the loss: all with two. */
             MUST_TRUE(info.local_world_size == 2);
             MUST_TRUE(n_surv == KILL_OPS);
-            if (++after_kill >= 3) {
-                break;
-            }
+        }
+        /* Stop after three calls done wholly by the two survivors. Counted
+         * from the results, which both survivors share, and not from
+         * world_before: one survivor may learn of the loss a call later than
+         * the other, and would then start a call the other never joins. */
+        if (n_surv == KILL_OPS && ++after_kill >= 3) {
+            break;
         }
     }
     for (k = 0; k < KILL_OPS; k++) {
