@@ -1046,16 +1046,17 @@ fn decode_block<C: QFloat, Q: Code>(
         }
         return;
     }
-    match algo {
-        QuantizationAlgorithm::ZeroPointScale => {
-            let (scale, zp) = (m0, m1);
+    let dec = Decoder::new::<Q>(algo, m0, m1);
+    // SAFETY: `ys` is valid for `cs.len()` writes; no accumulator is read.
+    let k = unsafe { simd_decode_prefix(&dec, cap, mask, cs, std::ptr::null(), ys.as_mut_ptr()) };
+    let (cs, ys) = (&cs[k..], &mut ys[k..]);
+    match dec {
+        Decoder::Zps { scale, zp } => {
             for (&c, y) in cs.iter().zip(ys.iter_mut()) {
                 *y = decode_zps_one((c.to_u32() ^ mask) as i32, scale, zp, cap);
             }
         }
-        _ => {
-            let (lo, hi) = (m0, m1);
-            let step = minmax_step(lo, hi, C::from_i32(qmax_i));
+        Decoder::MinMax { lo, hi, step } => {
             let half = (Q::QMAX / 2) as i32;
             for (&c, y) in cs.iter().zip(ys.iter_mut()) {
                 let u = (c.to_u32() ^ mask) as i32;
@@ -1063,6 +1064,89 @@ fn decode_block<C: QFloat, Q: Code>(
             }
         }
     }
+}
+
+/// A block's decoder: the metadata, and the MinMax step derived from it.
+#[derive(Clone, Copy)]
+enum Decoder<C> {
+    MinMax { lo: C, hi: C, step: C },
+    Zps { scale: C, zp: C },
+}
+
+impl<C: QFloat> Decoder<C> {
+    /// The decoder of a block with finite metadata `(m0, m1)`.
+    #[inline(always)]
+    fn new<Q: Code>(algo: QuantizationAlgorithm, m0: C, m1: C) -> Self {
+        match algo {
+            QuantizationAlgorithm::ZeroPointScale => Decoder::Zps { scale: m0, zp: m1 },
+            _ => Decoder::MinMax {
+                lo: m0,
+                hi: m1,
+                step: minmax_step(m0, m1, C::from_i32(Q::QMAX as i32)),
+            },
+        }
+    }
+}
+
+/// Decodes the longest prefix of a block (finite metadata) that the SIMD
+/// kernel handles (a multiple of 8 elements; `f32` values, 8-bit codes,
+/// AVX2) and returns its length: `ys[i] = dec(cs[i] ^ mask)`, or
+/// `ys[i] = acc[i] + dec(cs[i] ^ mask)` when `acc` is not null, bit for bit
+/// what [`decode_block`] (and a `Sum` reduce) computes. The caller does the
+/// rest.
+///
+/// # Safety
+///
+/// `ys` is valid for `cs.len()` writes and `acc` null or valid for
+/// `cs.len()` reads (it may equal `ys`); nothing else accesses that memory
+/// meanwhile. Neither needs any alignment.
+#[inline(always)]
+#[allow(unused_variables)]
+unsafe fn simd_decode_prefix<C: QFloat, Q: Code>(
+    dec: &Decoder<C>,
+    cap: C,
+    mask: u32,
+    cs: &[Q],
+    acc: *const C,
+    ys: *mut C,
+) -> usize {
+    #[cfg(test)]
+    if tests::NO_SIMD.with(|c| c.get()) {
+        return 0;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if C::BYTES == 4 && size_of::<Q>() == 1 && cs.len() >= 8 && crate::kernels::has_avx2() {
+        // `C` is `f32` (the only 4-byte compute type) and `Q` is `u8`: the casts succeed.
+        let f = |v: C| bytemuck::try_cast::<C, f32>(v).ok();
+        let op = match *dec {
+            // The kernel's `k == 0` shortcut relies on `step >= 0`, which
+            // holds for every block an encoder writes (`lo <= hi`); others
+            // (corrupt metadata) take the scalar loop.
+            Decoder::MinMax { lo, hi, step } if lo <= hi => avx2::DecodeOp {
+                minmax: true,
+                a: f(lo),
+                b: f(hi),
+                d: f(step),
+                cap: f(cap),
+                mask: mask as u8,
+            },
+            Decoder::MinMax { .. } => return 0,
+            Decoder::Zps { scale, zp } => avx2::DecodeOp {
+                minmax: false,
+                a: f(zp),
+                b: f(zp),
+                d: f(scale),
+                cap: f(cap),
+                mask: mask as u8,
+            },
+        };
+        let cs = bytemuck::cast_slice::<Q, u8>(cs);
+        // SAFETY: the CPU has AVX2 (checked above); `acc` and `ys` are
+        // valid for `cs.len()` elements (this function's contract), and `C`
+        // is `f32` so the pointer casts keep the element size.
+        return unsafe { avx2::decode(&op, cs, acc.cast::<f32>(), ys.cast::<f32>()) };
+    }
+    0
 }
 
 // ---------------------------------------------------------------------------
@@ -1212,6 +1296,82 @@ mod avx2 {
                 (false, true, true) => run::<false, true, true>(&p, xs, ys, cs),
             }
         }
+    }
+
+    /// A block's decoder in `f32` (see [`super::Decoder`]): MinMax uses
+    /// `a = lo`, `b = hi`, `d = step`; ZeroPointScale `a = b = zp`,
+    /// `d = scale`. The `Option`s are all `Some` for an `f32` block.
+    pub(super) struct DecodeOp {
+        pub minmax: bool,
+        pub a: Option<f32>,
+        pub b: Option<f32>,
+        pub d: Option<f32>,
+        pub cap: Option<f32>,
+        pub mask: u8,
+    }
+
+    /// See [`super::simd_decode_prefix`]; returns how many elements were done.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2; `ys` is valid for `cs.len()` writes and `acc`
+    /// null or valid for `cs.len()` reads (it may equal `ys`).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn decode(op: &DecodeOp, cs: &[u8], acc: *const f32, ys: *mut f32) -> usize {
+        let (Some(a), Some(b), Some(d), Some(cap)) = (op.a, op.b, op.d, op.cap) else {
+            return 0;
+        };
+        let p = Params {
+            a: _mm256_set1_ps(a),
+            b: _mm256_set1_ps(b),
+            f: _mm256_setzero_ps(),
+            d: _mm256_set1_ps(d),
+            cap: _mm256_set1_ps(cap),
+            neg_cap: _mm256_set1_ps(-cap),
+            mask: _mm256_set1_epi32(op.mask as i32),
+        };
+        // SAFETY (all arms): forwarded from this function's contract.
+        unsafe {
+            match (op.minmax, !acc.is_null()) {
+                (true, false) => run_decode::<true, false>(&p, cs, acc, ys),
+                (true, true) => run_decode::<true, true>(&p, cs, acc, ys),
+                (false, false) => run_decode::<false, false>(&p, cs, acc, ys),
+                (false, true) => run_decode::<false, true>(&p, cs, acc, ys),
+            }
+        }
+    }
+
+    /// The decoder, 8 elements at a time; returns how many were done. Uses
+    /// `p.mask` as 32-bit lanes.
+    ///
+    /// # Safety
+    ///
+    /// As [`decode`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_decode<const MM: bool, const ADD: bool>(
+        p: &Params,
+        cs: &[u8],
+        acc: *const f32,
+        ys: *mut f32,
+    ) -> usize {
+        let mut i = 0;
+        while i + 8 <= cs.len() {
+            // SAFETY: `i + 8 <= cs.len()`: 8 readable bytes (no alignment needed).
+            let c = unsafe { _mm_loadl_epi64(cs.as_ptr().add(i).cast::<__m128i>()) };
+            let u = _mm256_xor_si256(_mm256_cvtepu8_epi32(c), p.mask);
+            let mut y = decode8::<MM>(p, u);
+            if ADD {
+                // SAFETY: `acc` is valid for `cs.len()` reads; `loadu` needs no alignment.
+                let a = unsafe { _mm256_loadu_ps(acc.add(i)) };
+                // `a + decoded`, the operand order of the `Sum` kernels.
+                y = _mm256_add_ps(a, y);
+            }
+            // SAFETY: `ys` is valid for `cs.len()` writes; `storeu` needs no alignment.
+            unsafe { _mm256_storeu_ps(ys.add(i), y) };
+            i += 8;
+        }
+        i
     }
 
     /// Broadcast operands (see [`Op`]).
@@ -1489,10 +1649,31 @@ fn dequantize_from_portable<S: Source, Q: Code>(
     let mut cbuf = [Q::zeroed(); B];
     let mut scratch = [0u16; B];
     let mut rest = enc;
+    // Sum of `f32` values: the decoder can add `a` itself and write `dst`
+    // directly (`S::C` is the source type), one pass with no staging.
+    let fused_sum = S::SIZE == S::C::BYTES && matches!(op, ReduceOp::Sum | ReduceOp::Avg);
     for (dchunk, achunk) in dst.chunks_mut(B * S::SIZE).zip(a.chunks(B * S::SIZE)) {
         let m = dchunk.len() / S::SIZE;
         let (m0, m1, payload) = take_block::<S::C, Q>(&mut rest, m);
         let cs = Q::view(payload, &mut cbuf[..m]);
+        let mut k = 0;
+        if fused_sum && m0.is_finite() && m1.is_finite() {
+            let dec = Decoder::new::<Q>(algo, m0, m1);
+            let (ap, dp) = (
+                achunk.as_ptr().cast::<S::C>(),
+                dchunk.as_mut_ptr().cast::<S::C>(),
+            );
+            // SAFETY: `achunk` and `dchunk` hold `m == cs.len()` source
+            // elements, which are `S::C` values (`S::SIZE == S::C::BYTES`),
+            // and the kernel needs no alignment; `dchunk` is borrowed
+            // mutably, so nothing else accesses it.
+            k = unsafe { simd_decode_prefix(&dec, S::MAX, mask, cs, ap, dp) };
+        }
+        let (dchunk, achunk, cs) = (&mut dchunk[k * S::SIZE..], &achunk[k * S::SIZE..], &cs[k..]);
+        let m = m - k;
+        if m == 0 {
+            continue;
+        }
         let ys = &mut ybuf[..m];
         decode_block::<S::C, Q>(algo, m0, m1, cs, ys, mask, S::MAX);
         let bytes = S::to_bytes(ys, &mut scratch);
@@ -2079,9 +2260,103 @@ mod tests {
                     let want = encode_both(DataType::F32, q, a, &src, false);
                     let got = encode_both(DataType::F32, q, a, &src, true);
                     assert!(want == got, "{q:?} {a:?} n={}", xs.len());
+                    // The decoder, on what the encoder wrote and on the same
+                    // codes under every kind of block metadata.
+                    for s in [DataType::F32, DataType::F16, DataType::BF16] {
+                        let n = xs.len();
+                        let enc = encode_both(s, q, a, &to_src(s, &as_f64(xs)), false).0;
+                        let acc = to_src(s, &gen_data(s, 0, n, n as u64));
+                        for meta in 0..5 {
+                            let enc = with_meta(s, q, a, &enc, n, meta);
+                            let want = decode_all(s, q, a, &enc, &acc, false);
+                            let got = decode_all(s, q, a, &enc, &acc, true);
+                            assert!(want == got, "decode {s:?} {q:?} {a:?} n={n} meta={meta}");
+                        }
+                    }
                 }
             }
         }
+    }
+
+    fn as_f64(xs: &[f32]) -> Vec<f64> {
+        xs.iter().map(|&x| x as f64).collect()
+    }
+
+    /// `enc` (of `n` elements of `s`) with each block's metadata replaced:
+    /// 0 keeps it, 1 swaps the two values (MinMax: `lo > hi`), 2 scales them
+    /// past any finite source range, 3 makes them equal, 4 makes the first
+    /// infinite.
+    fn with_meta(
+        s: DataType,
+        q: DataType,
+        a: QuantizationAlgorithm,
+        enc: &[u8],
+        n: usize,
+        meta: u32,
+    ) -> Vec<u8> {
+        let mut out = enc.to_vec();
+        let ml = meta_len(s);
+        let mut off = 0;
+        let mut left = n;
+        while left > 0 {
+            let m = left.min(B);
+            let half = ml / 2;
+            let (x, y) = out[off..off + ml].split_at_mut(half);
+            let rd = |b: &[u8]| {
+                if half == 4 {
+                    f32::from_le_bytes(b.try_into().unwrap()) as f64
+                } else {
+                    f64::from_le_bytes(b.try_into().unwrap())
+                }
+            };
+            let (v0, v1) = (rd(x), rd(y));
+            let (w0, w1) = match meta {
+                0 => (v0, v1),
+                1 => (v1, v0),
+                2 => (v0 * 1e30, v1 * 1e30 + 1e35),
+                3 => (v1, v1),
+                _ => (f64::INFINITY, v1),
+            };
+            let wr = |b: &mut [u8], v: f64| {
+                if half == 4 {
+                    b.copy_from_slice(&(v as f32).to_le_bytes())
+                } else {
+                    b.copy_from_slice(&v.to_le_bytes())
+                }
+            };
+            wr(x, w0);
+            wr(y, w1);
+            off += ml + m * q.size();
+            left -= m;
+        }
+        let _ = a;
+        out
+    }
+
+    /// `dequantize_into` without and with a `Sum` into `acc`, and
+    /// `dequantize_reduce_from` (`Sum`, `acc` as the operand), with or
+    /// without the SIMD kernels; all at a misaligned destination.
+    fn decode_all(
+        s: DataType,
+        q: DataType,
+        a: QuantizationAlgorithm,
+        enc: &[u8],
+        acc: &[u8],
+        simd: bool,
+    ) -> Vec<u8> {
+        NO_SIMD.with(|c| c.set(!simd));
+        let len = acc.len();
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; len + 1];
+        dequantize_into(s, q, a, None, enc, &mut buf[1..]).unwrap();
+        out.extend_from_slice(&buf[1..]);
+        buf[1..].copy_from_slice(acc);
+        dequantize_into(s, q, a, Some(ReduceOp::Sum), enc, &mut buf[1..]).unwrap();
+        out.extend_from_slice(&buf[1..]);
+        dequantize_reduce_from(s, q, a, ReduceOp::Sum, acc, enc, &mut buf[1..]).unwrap();
+        out.extend_from_slice(&buf[1..]);
+        NO_SIMD.with(|c| c.set(false));
+        out
     }
 
     #[test]
