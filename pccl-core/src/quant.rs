@@ -1614,10 +1614,28 @@ fn dequantize_portable<S: Source, Q: Code>(
     let mut cbuf = [Q::zeroed(); B];
     let mut scratch = [0u16; B];
     let mut rest = enc;
+    // As in `dequantize_from_portable`: a `Sum` into `f32` values is added
+    // by the decoder itself, in place.
+    let fused_sum = S::SIZE == S::C::BYTES && matches!(op, Some(ReduceOp::Sum | ReduceOp::Avg));
     for dchunk in dst.chunks_mut(B * S::SIZE) {
         let m = dchunk.len() / S::SIZE;
         let (m0, m1, payload) = take_block::<S::C, Q>(&mut rest, m);
         let cs = Q::view(payload, &mut cbuf[..m]);
+        let mut k = 0;
+        if fused_sum && m0.is_finite() && m1.is_finite() {
+            let dec = Decoder::new::<Q>(algo, m0, m1);
+            let dp = dchunk.as_mut_ptr().cast::<S::C>();
+            // SAFETY: `dchunk` holds `m == cs.len()` source elements, which
+            // are `S::C` values (`S::SIZE == S::C::BYTES`); the kernel reads
+            // each before writing it and needs no alignment; `dchunk` is
+            // borrowed mutably, so nothing else accesses it.
+            k = unsafe { simd_decode_prefix(&dec, S::MAX, mask, cs, dp, dp) };
+        }
+        let (dchunk, cs) = (&mut dchunk[k * S::SIZE..], &cs[k..]);
+        let m = m - k;
+        if m == 0 {
+            continue;
+        }
         match op {
             None => {
                 let (ys, staged) = S::view_out(dchunk, &mut ybuf[..m]);
