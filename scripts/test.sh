@@ -2,12 +2,14 @@
 # The one test command: builds everything and runs every check and test —
 # formatting, clippy, Rust unit/integration tests (C header/ABI tests
 # included), the Python suite (in a cached virtual environment with maturin,
-# numpy, pytest and PyTorch) and a short churn stress run.
+# numpy, pytest and PyTorch) and two short churn stress runs (exact and
+# quantized all-reduces).
 # Exits non-zero if anything fails; the last line is the summary.
 #
 # Environment:
 #   PCCL_VENV            Python venv to create/reuse (default ~/.cache/pccl-rs/venv)
-#   PCCL_CHURN_SECS      length of the churn run (default 60)
+#   PCCL_CHURN_SECS      length of the exact churn run (default 60)
+#   PCCL_CHURN_QUANT_SECS  length of the quantized (minmax > u8) churn run (default 30)
 #   PCCL_SKIP_PYTHON=1   skip the Python suite (local iteration only; CI never sets it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +62,10 @@ churn() {
         ./target/release/churn --duration "${PCCL_CHURN_SECS:-60}s"
 }
 step "churn" churn
+churn_quant() {
+    ./target/release/churn --duration "${PCCL_CHURN_QUANT_SECS:-30}s" --quant minmax --quant-type u8
+}
+step "churn (quantized)" churn_quant
 
 echo
 echo "=== summary"

@@ -15,34 +15,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{serial, Cluster};
+use pccl_core::DataType;
 use pccl_stress::swarm::lines::{Record, RetryRec, StepRec};
+use pccl_stress::swarm::worker::quantized_sum_bound;
 
-/// 2^e for normal exponents.
-fn pow2(e: i32) -> f64 {
-    f64::from_bits(((e + 1023) as u64) << 52)
-}
-
-/// The documented bound (docs/quantization.md, "A bound in terms of the
-/// inputs") on |result − exact| of an f32 `Sum` quantized to u8 with MinMax
-/// over `w` peers whose blocks each have range ≤ 6 and magnitude ≤ 6: the
-/// worker's contributions are `(step·31 + k) mod 7`, the same on every peer.
+/// The documented error bound of the worker's u8 sum over `w` peers.
 fn u8_minmax_sum_bound(w: usize) -> f64 {
-    let (r, m) = (6.0, 6.0);
-    let qmax = 255.0;
-    let eps = pow2(-24);
-    let tau = f32::from_bits(1) as f64;
-    // One quantization round trip of a block of range ≤ rr, magnitude ≤ mm.
-    let quant = |rr: f64, mm: f64| rr / (2.0 * qmax) + 8.0 * eps * mm + qmax * tau;
-    // Rounding of an f32 sum of magnitude ≤ mm (half an ulp ≤ 2^-24·mm).
-    let round = |mm: f64| eps * mm;
-    let mut e = 0.0;
-    for k in 1..w {
-        let k = k as f64;
-        let d = e + quant(k * r + 2.0 * e, k * m + e);
-        e = d + round((k + 1.0) * m + d);
-    }
-    let wf = w as f64;
-    e + quant(wf * r + 2.0 * e, wf * m + e)
+    quantized_sum_bound(w as u32, DataType::U8)
 }
 
 /// Checks a quantized STEP record: it carries the result's hash and error,

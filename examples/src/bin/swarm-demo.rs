@@ -139,6 +139,7 @@ fn run(args: &DemoArgs) -> Result<bool> {
         ],
         log_dir: args.log_dir.clone(),
         trace: !args.no_trace,
+        quant_type: None,
     };
     let mut swarm = Swarm::start(cfg)?;
     let tty = std::io::stdout().is_terminal() && !args.plain;
@@ -422,6 +423,7 @@ impl Ui {
                     (YELLOW, format!("  {}: {op} failed ({err}); going on", name(peer)))
                 }
                 Event::Mismatch(m) => (RED, format!("✗ SHARED STATE MISMATCH: {m}")),
+                Event::ResultMismatch(m) => (RED, format!("✗ ALL-REDUCE RESULT MISMATCH: {m}")),
                 Event::Inexact { peer, step } => (
                     RED,
                     format!("✗ {}: all-reduce result of step {step} is wrong", name(peer)),

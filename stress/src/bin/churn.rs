@@ -31,7 +31,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use pccl_core::{DataType, QuantizationAlgorithm};
 use pccl_stress::swarm::driver::{DriverConfig, Event, PeerState, Swarm};
+use pccl_stress::swarm::worker::{parse_quant_algo, parse_quant_type, quantized_sum_bound};
 use pccl_stress::swarm::{human_bytes, parse_duration, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,6 +65,14 @@ struct Args {
     /// Connections per ring neighbour.
     #[arg(long, default_value_t = 2)]
     pool: u32,
+    /// Quantize the all-reduce: `none` (exact f32 sums, checked exactly),
+    /// `minmax` or `zps`. Quantized results are checked to be bit-identical
+    /// on every peer of a step and within the documented error bound.
+    #[arg(long, default_value = "none", value_parser = parse_quant_algo)]
+    quant: QuantizationAlgorithm,
+    /// Code type with `--quant`: u8, i8, u16 or i16.
+    #[arg(long, default_value = "u8", value_parser = parse_quant_type)]
+    quant_type: DataType,
     /// Pause after each step (ms), emulating compute.
     #[arg(long, default_value_t = 0)]
     step_sleep_ms: u64,
@@ -153,6 +163,18 @@ fn run(args: &Args) -> Result<bool> {
     if let Some(l) = &args.worker_log {
         worker_args.extend(["--log".to_string(), l.clone()]);
     }
+    let quant_type = match args.quant {
+        QuantizationAlgorithm::None => None,
+        algo => {
+            worker_args.extend([
+                "--quant".to_string(),
+                quant_algo_name(algo).into(),
+                "--quant-type".into(),
+                args.quant_type.name().into(),
+            ]);
+            Some(args.quant_type)
+        }
+    };
     let cfg = DriverConfig {
         peer_timeout_ms: args.peer_timeout_ms,
         hang_bound: Duration::from_millis(args.max_wait_ms),
@@ -161,6 +183,7 @@ fn run(args: &Args) -> Result<bool> {
         worker_args,
         log_dir: args.log_dir.clone(),
         trace: !args.no_trace,
+        quant_type,
     };
     let mut swarm = Swarm::start(cfg)?;
     println!(
@@ -175,6 +198,14 @@ fn run(args: &Args) -> Result<bool> {
         args.peer_timeout_ms,
         args.max_wait_ms
     );
+    if let Some(qt) = quant_type {
+        println!(
+            "churn: all-reduces quantized ({} > {}): results checked bit-identical per step and within {:.3e} (world 4) of the exact sum",
+            quant_algo_name(args.quant),
+            qt.name(),
+            quantized_sum_bound(4, qt)
+        );
+    }
     let mut failures: Vec<String> = Vec::new();
     for _ in 0..args.peers {
         let (_, ev) = swarm.spawn(&[])?;
@@ -338,7 +369,22 @@ fn run(args: &Args) -> Result<bool> {
         s.mismatches,
         a.reports()
     );
-    println!("  inexact all-reduces        {:>8}", s.inexact);
+    if let Some(qt) = quant_type {
+        println!(
+            "  quantized result mismatches {:>7}   ({} result hashes; {} > {} codes)",
+            s.result_mismatches,
+            swarm.result_audit.reports(),
+            quant_algo_name(args.quant),
+            qt.name()
+        );
+        println!(
+            "  results beyond error bound {:>8}   (bound at world 4: {:.3e})",
+            s.inexact,
+            quantized_sum_bound(4, qt)
+        );
+    } else {
+        println!("  inexact all-reduces        {:>8}", s.inexact);
+    }
     println!(
         "  crashes / fatal errors     {:>8}   {} / {}",
         "", s.crashes, s.fatals
@@ -354,7 +400,7 @@ fn run(args: &Args) -> Result<bool> {
         failures.push(format!("{} failure events", s.failures()));
     }
     let figures = format!(
-        "seed={seed} ops={} steps={} retries={} joins={} evictions={} max_wait_ms={} mismatches={} crashes={} hangs={}",
+        "seed={seed} ops={} steps={} retries={} joins={} evictions={} max_wait_ms={} mismatches={} result_mismatches={} crashes={} hangs={}",
         s.ops,
         a.steps(),
         s.retries,
@@ -362,6 +408,7 @@ fn run(args: &Args) -> Result<bool> {
         s.evictions,
         s.max_retry_wait_ms,
         s.mismatches,
+        s.result_mismatches,
         s.crashes,
         s.hangs
     );
@@ -530,6 +577,10 @@ fn report(swarm: &Swarm, events: &[Event], verbose: bool, failures: &mut Vec<Str
                 failures.push(format!("hash mismatch: {m}"));
                 Some(format!("HASH MISMATCH {m}"))
             }
+            Event::ResultMismatch(m) => {
+                failures.push(format!("quantized result mismatch: {m}"));
+                Some(format!("RESULT MISMATCH {m}"))
+            }
             Event::Inexact { peer, step } => {
                 failures.push(format!("{} inexact all-reduce at step {step}", name(*peer)));
                 Some(format!("{} INEXACT all-reduce result at step {step}", name(*peer)))
@@ -593,5 +644,14 @@ fn report(swarm: &Swarm, events: &[Event], verbose: bool, failures: &mut Vec<Str
         if let Some(l) = line {
             println!("[{t:7.1}s] {l}");
         }
+    }
+}
+
+/// The worker's `--quant` name of an algorithm.
+fn quant_algo_name(algo: QuantizationAlgorithm) -> &'static str {
+    match algo {
+        QuantizationAlgorithm::MinMax => "minmax",
+        QuantizationAlgorithm::ZeroPointScale => "zps",
+        _ => "none",
     }
 }

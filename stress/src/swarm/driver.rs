@@ -5,7 +5,10 @@
 //! [`Stats`]:
 //!
 //! - every `STEP` goes through the [`HashAudit`]; a disagreeing hash is a
-//!   [`Event::Mismatch`], an inexact all-reduce an [`Event::Inexact`];
+//!   [`Event::Mismatch`], an inexact all-reduce an [`Event::Inexact`]; in a
+//!   quantized run the results' hashes are audited too
+//!   ([`Event::ResultMismatch`]) and a result beyond the documented error
+//!   bound is an [`Event::Inexact`];
 //! - steps are aggregated across peers into [`StepSummary`] events (once
 //!   every peer of the step's world reported, or once the step is stale);
 //! - a frozen peer counts as evicted when a survivor completes a later step
@@ -22,11 +25,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pccl_core::{MasterConfig, MasterNode};
+use pccl_core::{DataType, MasterConfig, MasterNode};
 
 use super::audit::{HashAudit, Mismatch};
 use super::lines::{Record, RetryRec, StepRec};
 use super::procs::{describe_status, ProcEvent, Procs, Stream};
+use super::worker::quantized_sum_bound;
 use super::{Context, Result};
 
 /// How to run the swarm.
@@ -47,6 +51,12 @@ pub struct DriverConfig {
     /// Start peers with `--trace` (their last line then tells which
     /// collective a stuck peer waits in).
     pub trace: bool,
+    /// The code type when the workers run quantized all-reduces (`--quant`,
+    /// `--quant-type` in `worker_args`); `None`: exact sums. A quantized
+    /// step must carry its result's hash, equal on every peer of the step,
+    /// and an error within [`quantized_sum_bound`]; an exact one must be
+    /// exact.
+    pub quant_type: Option<DataType>,
 }
 
 /// Where a peer is in its life.
@@ -115,6 +125,8 @@ pub struct Stats {
     pub skips: u64,
     pub op_errors: u64,
     pub mismatches: u64,
+    /// Steps whose quantized all-reduce result differed between peers.
+    pub result_mismatches: u64,
     pub inexact: u64,
     pub crashes: u64,
     pub fatals: u64,
@@ -135,6 +147,7 @@ impl Stats {
     /// Whether anything counts as a failure of the run.
     pub fn failures(&self) -> u64 {
         self.mismatches
+            + self.result_mismatches
             + self.inexact
             + self.crashes
             + self.fatals
@@ -142,6 +155,17 @@ impl Stats {
             + self.hangs
             + self.slow_joins
             + self.stuck_leaves
+    }
+}
+
+/// Whether a step's all-reduce result is what the run promises: exact
+/// without quantization; with it, reported (hash and error) and within the
+/// documented error bound for the step's world.
+fn result_within_contract(quant_type: Option<DataType>, s: &StepRec) -> bool {
+    match (quant_type, s.ar_hash, s.ar_err) {
+        (None, _, _) => s.allreduce_exact,
+        (Some(qt), Some(_), Some(err)) => err <= quantized_sum_bound(s.world, qt),
+        (Some(_), _, _) => false,
     }
 }
 
@@ -208,6 +232,8 @@ pub enum Event {
         msg: String,
     },
     Mismatch(Mismatch),
+    /// Two peers ended a quantized all-reduce with different bytes.
+    ResultMismatch(Mismatch),
     Inexact {
         peer: usize,
         step: u64,
@@ -293,6 +319,8 @@ pub struct Swarm {
     procs: Procs,
     pub peers: Vec<PeerSlot>,
     pub audit: HashAudit,
+    /// Quantized runs: the all-reduce result hashes per step.
+    pub result_audit: HashAudit,
     pub stats: Stats,
     pub started: Instant,
     progress_at: Instant,
@@ -327,6 +355,7 @@ impl Swarm {
             procs: Procs::new(),
             peers: Vec::new(),
             audit: HashAudit::new(),
+            result_audit: HashAudit::new(),
             stats: Stats::default(),
             started: now,
             progress_at: now,
@@ -588,7 +617,13 @@ impl Swarm {
                     self.stats.mismatches += 1;
                     out.push(Event::Mismatch(m));
                 }
-                if !s.allreduce_exact {
+                if let (Some(_), Some(hash)) = (self.cfg.quant_type, s.ar_hash) {
+                    if let Some(m) = self.result_audit.record(s.step, hash, &name) {
+                        self.stats.result_mismatches += 1;
+                        out.push(Event::ResultMismatch(m));
+                    }
+                }
+                if !result_within_contract(self.cfg.quant_type, &s) {
                     self.stats.inexact += 1;
                     out.push(Event::Inexact { peer, step: s.step });
                 }
@@ -876,5 +911,57 @@ impl Swarm {
 
     pub fn name(&self, peer: usize) -> &str {
         self.peers.get(peer).map_or("?", |p| p.name.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(world: u32, exact: bool, ar: Option<(u64, f64)>) -> StepRec {
+        StepRec {
+            step: 7,
+            world,
+            local: 1,
+            retries: 0,
+            wait_ms: 0,
+            state_hash: 1,
+            allreduce_exact: exact,
+            sync_rx: 0,
+            sync_ms: 0.0,
+            ar_ms: 1.0,
+            bytes: 4,
+            busbw: 0.0,
+            ar_hash: ar.map(|a| a.0),
+            ar_err: ar.map(|a| a.1),
+        }
+    }
+
+    #[test]
+    fn results_are_held_to_the_runs_contract() {
+        // Exact runs: the worker's own exactness check decides.
+        assert!(result_within_contract(None, &step(3, true, None)));
+        assert!(!result_within_contract(None, &step(3, false, None)));
+        // Quantized runs: within the bound for the step's world, and reported.
+        let u8 = Some(DataType::U8);
+        let b3 = quantized_sum_bound(3, DataType::U8);
+        assert!(result_within_contract(u8, &step(3, false, Some((9, b3)))));
+        assert!(!result_within_contract(
+            u8,
+            &step(3, false, Some((9, b3 * 1.001)))
+        ));
+        assert!(!result_within_contract(u8, &step(3, true, None)));
+        // The bound grows with the world and shrinks with wider codes.
+        assert!(quantized_sum_bound(4, DataType::U8) > b3);
+        assert!(quantized_sum_bound(3, DataType::U16) < b3 / 100.0);
+        // ... and is a few 8-bit steps of the final range, not a loose constant.
+        for w in 2..=4u32 {
+            let per_hop: f64 = (1..=w).map(|k| 6.0 * f64::from(k) / 510.0).sum();
+            let b = quantized_sum_bound(w, DataType::U8);
+            assert!(
+                b >= per_hop && b < 1.01 * per_hop,
+                "w {w}: {b} vs {per_hop}"
+            );
+        }
     }
 }

@@ -125,7 +125,8 @@ pub struct WorkerArgs {
     pub quant_type: DataType,
 }
 
-fn parse_quant_algo(s: &str) -> std::result::Result<QuantizationAlgorithm, String> {
+/// Parses `--quant`: none, minmax or zps.
+pub fn parse_quant_algo(s: &str) -> std::result::Result<QuantizationAlgorithm, String> {
     match s {
         "none" => Ok(QuantizationAlgorithm::None),
         "minmax" => Ok(QuantizationAlgorithm::MinMax),
@@ -134,7 +135,8 @@ fn parse_quant_algo(s: &str) -> std::result::Result<QuantizationAlgorithm, Strin
     }
 }
 
-fn parse_quant_type(s: &str) -> std::result::Result<DataType, String> {
+/// Parses `--quant-type`: u8, i8, u16 or i16.
+pub fn parse_quant_type(s: &str) -> std::result::Result<DataType, String> {
     [DataType::U8, DataType::I8, DataType::U16, DataType::I16]
         .into_iter()
         .find(|d| d.name() == s)
@@ -227,6 +229,35 @@ pub fn err_name(e: &PcclError) -> &'static str {
 /// sum over any number of peers is exact in f32.
 pub fn grad_value(step: u64, k: usize) -> f32 {
     (step.wrapping_mul(31).wrapping_add(k as u64) % 7) as f32
+}
+
+/// The documented bound (docs/quantization.md, "A bound in terms of the
+/// inputs") on |result − exact| of this worker's quantized f32 `Sum` over
+/// `world` peers with `quant_type` codes (`u8`/`i8`: qmax 255, 16-bit:
+/// 65535). Every peer contributes [`grad_value`], in `0..=6`, so each
+/// block's range and magnitude are at most 6, for MinMax and for
+/// ZeroPointScale alike (its range includes 0, which these blocks do).
+pub fn quantized_sum_bound(world: u32, quant_type: DataType) -> f64 {
+    let (r, m) = (6.0, 6.0);
+    let qmax = if quant_type.size() == 1 {
+        255.0
+    } else {
+        65535.0
+    };
+    let eps = f64::from(f32::EPSILON) / 2.0; // 2^-24
+    let tau = f64::from(f32::from_bits(1));
+    // One quantization round trip of a block of range ≤ rr, magnitude ≤ mm.
+    let quant = |rr: f64, mm: f64| rr / (2.0 * qmax) + 8.0 * eps * mm + qmax * tau;
+    // Rounding of an f32 sum of magnitude ≤ mm (half an ulp ≤ 2^-24·mm).
+    let round = |mm: f64| eps * mm;
+    let mut e = 0.0;
+    for k in 1..world.max(1) {
+        let k = f64::from(k);
+        let d = e + quant(k * r + 2.0 * e, k * m + e);
+        e = d + round((k + 1.0) * m + d);
+    }
+    let wf = f64::from(world.max(1));
+    e + quant(wf * r + 2.0 * e, wf * m + e)
 }
 
 /// The initial content of the large shared tensor (same on every peer).
