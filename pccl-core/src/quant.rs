@@ -1122,8 +1122,10 @@ unsafe fn simd_decode_prefix<C: QFloat, Q: Code>(
             // The kernel's `k == 0` shortcut relies on `step >= 0`, which
             // holds for every block an encoder writes (`lo <= hi`); others
             // (corrupt metadata) take the scalar loop.
-            Decoder::MinMax { lo, hi, step } if lo <= hi => avx2::DecodeOp {
+            Decoder::MinMax { lo, hi, step } if lo <= hi => avx2::Op {
                 minmax: true,
+                div: false,
+                f: f(step),
                 a: f(lo),
                 b: f(hi),
                 d: f(step),
@@ -1131,8 +1133,10 @@ unsafe fn simd_decode_prefix<C: QFloat, Q: Code>(
                 mask: mask as u8,
             },
             Decoder::MinMax { .. } => return 0,
-            Decoder::Zps { scale, zp } => avx2::DecodeOp {
+            Decoder::Zps { scale, zp } => avx2::Op {
                 minmax: false,
+                div: false,
+                f: f(scale),
                 a: f(zp),
                 b: f(zp),
                 d: f(scale),
@@ -1247,9 +1251,11 @@ unsafe fn simd_prefix<C: QFloat, Q: Code>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// A block's encoder in `f32` (see [`super::Kern`]): MinMax uses `a = lo`,
-    /// `b = hi`, `d = step`; ZeroPointScale `a = b = zp`, `d = scale`. The
-    /// `Option`s are all `Some` for an `f32` block.
+    /// A block's encoder or decoder in `f32` (see [`super::Kern`],
+    /// [`super::Decoder`]): MinMax uses `a = lo`, `b = hi`, `d = step`;
+    /// ZeroPointScale `a = b = zp`, `d = scale`; `f` and `div` describe the
+    /// encoder's scaling (the decoder ignores them). The `Option`s are all
+    /// `Some` for an `f32` block.
     pub(super) struct Op {
         pub minmax: bool,
         pub div: bool,
@@ -1269,18 +1275,8 @@ mod avx2 {
     /// null or valid for `cs.len()` writes (it may equal `xs`).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn encode(op: &Op, xs: *const f32, ys: *mut f32, cs: &mut [u8]) -> usize {
-        let (Some(a), Some(b), Some(f), Some(d), Some(cap)) = (op.a, op.b, op.f, op.d, op.cap)
-        else {
+        let Some(p) = params(op) else {
             return 0;
-        };
-        let p = Params {
-            a: _mm256_set1_ps(a),
-            b: _mm256_set1_ps(b),
-            f: _mm256_set1_ps(f),
-            d: _mm256_set1_ps(d),
-            cap: _mm256_set1_ps(cap),
-            neg_cap: _mm256_set1_ps(-cap),
-            mask: _mm256_set1_epi8(op.mask as i8),
         };
         let adopt = !ys.is_null();
         // SAFETY (all arms): forwarded from this function's contract.
@@ -1298,18 +1294,6 @@ mod avx2 {
         }
     }
 
-    /// A block's decoder in `f32` (see [`super::Decoder`]): MinMax uses
-    /// `a = lo`, `b = hi`, `d = step`; ZeroPointScale `a = b = zp`,
-    /// `d = scale`. The `Option`s are all `Some` for an `f32` block.
-    pub(super) struct DecodeOp {
-        pub minmax: bool,
-        pub a: Option<f32>,
-        pub b: Option<f32>,
-        pub d: Option<f32>,
-        pub cap: Option<f32>,
-        pub mask: u8,
-    }
-
     /// See [`super::simd_decode_prefix`]; returns how many elements were done.
     ///
     /// # Safety
@@ -1317,18 +1301,10 @@ mod avx2 {
     /// The CPU supports AVX2; `ys` is valid for `cs.len()` writes and `acc`
     /// null or valid for `cs.len()` reads (it may equal `ys`).
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn decode(op: &DecodeOp, cs: &[u8], acc: *const f32, ys: *mut f32) -> usize {
-        let (Some(a), Some(b), Some(d), Some(cap)) = (op.a, op.b, op.d, op.cap) else {
+    /// (`op.f` and `op.div` are not used: decoding needs `d` only.)
+    pub(super) unsafe fn decode(op: &Op, cs: &[u8], acc: *const f32, ys: *mut f32) -> usize {
+        let Some(p) = params(op) else {
             return 0;
-        };
-        let p = Params {
-            a: _mm256_set1_ps(a),
-            b: _mm256_set1_ps(b),
-            f: _mm256_setzero_ps(),
-            d: _mm256_set1_ps(d),
-            cap: _mm256_set1_ps(cap),
-            neg_cap: _mm256_set1_ps(-cap),
-            mask: _mm256_set1_epi32(op.mask as i32),
         };
         // SAFETY (all arms): forwarded from this function's contract.
         unsafe {
@@ -1341,8 +1317,7 @@ mod avx2 {
         }
     }
 
-    /// The decoder, 8 elements at a time; returns how many were done. Uses
-    /// `p.mask` as 32-bit lanes.
+    /// The decoder, 8 elements at a time; returns how many were done.
     ///
     /// # Safety
     ///
@@ -1359,7 +1334,7 @@ mod avx2 {
         while i + 8 <= cs.len() {
             // SAFETY: `i + 8 <= cs.len()`: 8 readable bytes (no alignment needed).
             let c = unsafe { _mm_loadl_epi64(cs.as_ptr().add(i).cast::<__m128i>()) };
-            let u = _mm256_xor_si256(_mm256_cvtepu8_epi32(c), p.mask);
+            let u = _mm256_xor_si256(_mm256_cvtepu8_epi32(c), p.mask32);
             let mut y = decode8::<MM>(p, u);
             if ADD {
                 // SAFETY: `acc` is valid for `cs.len()` reads; `loadu` needs no alignment.
@@ -1382,7 +1357,25 @@ mod avx2 {
         d: __m256,
         cap: __m256,
         neg_cap: __m256,
+        /// The code mask in each byte (encoder) and in each 32-bit lane (decoder).
         mask: __m256i,
+        mask32: __m256i,
+    }
+
+    /// The operands of `op`, broadcast; `None` unless all are present.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn params(op: &Op) -> Option<Params> {
+        Some(Params {
+            a: _mm256_set1_ps(op.a?),
+            b: _mm256_set1_ps(op.b?),
+            f: _mm256_set1_ps(op.f?),
+            d: _mm256_set1_ps(op.d?),
+            cap: _mm256_set1_ps(op.cap?),
+            neg_cap: _mm256_set1_ps(-op.cap?),
+            mask: _mm256_set1_epi8(op.mask as i8),
+            mask32: _mm256_set1_epi32(i32::from(op.mask)),
+        })
     }
 
     /// `x * f` or `x / f`.
