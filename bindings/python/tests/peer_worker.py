@@ -271,7 +271,58 @@ def scenario_torch_exact(args) -> None:
         if not bool((t.to(torch.float64) == total).all()):
             raise AssertionError(f"multiple-with-retry result wrong for {t.dtype}")
         results.append(torch_bytes(t))
-    emit("result", rank=rank, checked=checked, digest=digest(results), world=info.local_world_size)
+    # Quantized sums of float tensors (the gradient case): bit-identical on
+    # every peer (the digest) and close to the exact sum.
+    quant_cases = 0
+    qm = 4099  # several 1024-element blocks and a partial one
+    ulp = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+    def grad(dtype, r, k):
+        g = torch.Generator().manual_seed(7000 + 100 * r + k)
+        return (torch.randn(qm, generator=g, dtype=torch.float64) * (r + 1)).to(dtype)
+
+    for k, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16)):
+        for qdt, algo in (
+            (DataType.UINT8, QuantizationAlgorithm.MIN_MAX),
+            (DataType.INT8, QuantizationAlgorithm.ZERO_POINT_SCALE),
+        ):
+            mine = grad(dtype, rank, k)
+            out = torch.empty_like(mine)
+            q = QuantizationOptions(qdt, algo)
+            info = comm.all_reduce(mine, out, op=ReduceOp.SUM, tag=300 + quant_cases, quantization_options=q)
+            if info.local_world_size != world:
+                raise AssertionError(f"quantized {dtype}: world {info.local_world_size}")
+            inputs = [grad(dtype, r, k).to(torch.float64) for r in range(world)]
+            exact = torch.stack(inputs).sum(dim=0)
+            # docs/quantization.md: per hop, half a 255th of the block range of
+            # the partial sum, plus a rounding to the source type; the k
+            # largest ranges and magnitudes, as ring ranks are not test ranks
+            # (loose form: whole-tensor ranges, 1.1x).
+            ranges = sorted(
+                (float(torch.clamp(x.max(), min=0) - torch.clamp(x.min(), max=0)) for x in inputs), reverse=True
+            )
+            mags = sorted((float(x.abs().max()) for x in inputs), reverse=True)
+            bound = 0.0
+            for h in range(1, world + 1):
+                bound += sum(ranges[:h]) / 510.0 + sum(mags[:h]) * ulp[dtype]
+            err = float((out.to(torch.float64) - exact).abs().max())
+            if not err <= 1.1 * bound:
+                raise AssertionError(f"quantized {dtype} {qdt.name} {algo.name}: error {err} > bound {bound}")
+            if err == 0.0:
+                raise AssertionError(f"quantized {dtype}: exact result, was it quantized?")
+            full = 2 * (world - 1) * qm * mine.element_size() / world  # unquantized bytes sent
+            if info.tx_bytes > 0.6 * full:
+                raise AssertionError(f"quantized {dtype}: sent {info.tx_bytes} of {full:.0f} bytes, not compressed")
+            results.append(torch_bytes(out))
+            quant_cases += 1
+    emit(
+        "result",
+        rank=rank,
+        checked=checked,
+        digest=digest(results),
+        world=info.local_world_size,
+        quant_cases=quant_cases,
+    )
     comm.close()
 
 

@@ -27,6 +27,7 @@ def test_torch_tensors_exact(launcher):
     peers = [launcher.spawn("torch_exact", r, world=world) for r in range(world)]
     results = [p.result(timeout=120) for p in peers]
     assert all(r["checked"] == 4 * 5 * 2 for r in results)
+    assert all(r["quant_cases"] == 6 for r in results)
     assert len({r["digest"] for r in results}) == 1, results
     assert all(r["world"] == world for r in results)
 
