@@ -1299,9 +1299,9 @@ mod avx2 {
     /// # Safety
     ///
     /// The CPU supports AVX2; `ys` is valid for `cs.len()` writes and `acc`
-    /// null or valid for `cs.len()` reads (it may equal `ys`).
+    /// null or valid for `cs.len()` reads (it may equal `ys`). `op.f` and
+    /// `op.div` are not used (decoding needs `d` only).
     #[target_feature(enable = "avx2")]
-    /// (`op.f` and `op.div` are not used: decoding needs `d` only.)
     pub(super) unsafe fn decode(op: &Op, cs: &[u8], acc: *const f32, ys: *mut f32) -> usize {
         let Some(p) = params(op) else {
             return 0;
@@ -2278,7 +2278,7 @@ mod tests {
                         let enc = encode_both(s, q, a, &to_src(s, &as_f64(xs)), false).0;
                         let acc = to_src(s, &gen_data(s, 0, n, n as u64));
                         for meta in 0..5 {
-                            let enc = with_meta(s, q, a, &enc, n, meta);
+                            let enc = with_meta(s, q, &enc, n, meta);
                             let want = decode_all(s, q, a, &enc, &acc, false);
                             let got = decode_all(s, q, a, &enc, &acc, true);
                             assert!(want == got, "decode {s:?} {q:?} {a:?} n={n} meta={meta}");
@@ -2297,14 +2297,7 @@ mod tests {
     /// 0 keeps it, 1 swaps the two values (MinMax: `lo > hi`), 2 scales them
     /// past any finite source range, 3 makes them equal, 4 makes the first
     /// infinite.
-    fn with_meta(
-        s: DataType,
-        q: DataType,
-        a: QuantizationAlgorithm,
-        enc: &[u8],
-        n: usize,
-        meta: u32,
-    ) -> Vec<u8> {
+    fn with_meta(s: DataType, q: DataType, enc: &[u8], n: usize, meta: u32) -> Vec<u8> {
         let mut out = enc.to_vec();
         let ml = meta_len(s);
         let mut off = 0;
@@ -2340,7 +2333,6 @@ mod tests {
             off += ml + m * q.size();
             left -= m;
         }
-        let _ = a;
         out
     }
 
