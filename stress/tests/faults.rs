@@ -59,53 +59,14 @@ fn sigkill_mid_allreduce_with(n: usize) {
     c.wait_steps(&ids, 3, Duration::from_secs(40));
     let victim = ids[n - 1];
     let survivors: Vec<usize> = ids[..n - 1].to_vec();
-    // Aim at the middle of the next ring transfer: once every peer has asked
-    // for the all-reduce, wait half of the shortest all-reduce seen so far.
-    let typical_ms = c
-        .steps(victim)
-        .values()
-        .map(|s| s.ar_ms)
-        .fold(f64::INFINITY, f64::min);
-    let aim = Duration::from_secs_f64((typical_ms / 2.0).max(5.0) / 1e3);
-    c.wait_all_begin(&ids, "allreduce");
-    std::thread::sleep(aim);
-    let killed_at = Instant::now();
-    c.procs.kill(victim).expect("SIGKILL the victim");
-
+    let (aim, killed_at) = c.kill_mid_allreduce(&ids, victim);
     // Every survivor fails, retries, and steps on with world n - 1.
-    let mut waits = BTreeMap::new();
-    let mut recovered = BTreeMap::new();
-    c.wait_for(
-        "every survivor to step with world n-1",
-        Duration::from_secs(30),
-        |c, id, r| {
-            if let Record::Retry(rr) = r {
-                waits.entry(id).or_insert(rr.clone());
-            }
-            if let Some(s) = step_with_world(r, n as u32 - 1) {
-                recovered.entry(id).or_insert(s.clone());
-            }
-            let _ = c;
-            survivors
-                .iter()
-                .all(|s| recovered.contains_key(s))
-                .then_some(())
-        },
-    );
+    let recovered = c.wait_recovered(&survivors, n as u32 - 1, aim);
     let recovery = killed_at.elapsed();
-    for &s in &survivors {
-        let r = waits.get(&s).unwrap_or_else(|| {
-            panic!(
-                "w{s} stepped with world {} without a RETRY: the kill missed the all-reduce \
-                 (aimed {:.0} ms into it)\n{}",
-                n - 1,
-                aim.as_secs_f64() * 1e3,
-                c.diagnostics()
-            )
-        });
+    for (&s, (r, st)) in &recovered {
         println!(
             "w{s}: RETRY step={} err={} wait_ms={} restored={}; recovered at step {} (world {})",
-            r.step, r.err, r.wait_ms, r.restored, recovered[&s].step, recovered[&s].world
+            r.step, r.err, r.wait_ms, r.restored, st.step, st.world
         );
         assert_eq!(r.err, "RankConnectionLost");
         assert!(
@@ -117,11 +78,8 @@ fn sigkill_mid_allreduce_with(n: usize) {
             "w{s} waited {} ms for the failed all-reduce to return",
             r.wait_ms
         );
-        assert!(
-            recovered[&s].allreduce_exact,
-            "inexact result after recovery"
-        );
-        assert_eq!(recovered[&s].retries, 1);
+        assert!(st.allreduce_exact, "inexact result after recovery");
+        assert_eq!(st.retries, 1);
     }
     println!(
         "kill -> all {} survivors stepping with world {}: {} ms",
@@ -310,15 +268,14 @@ fn late_joiner_gets_identical_state() {
     );
 }
 
-#[test]
-fn distributor_killed_mid_transfer() {
-    let _g = serial();
-    let mut c = Cluster::new(5_000);
-    // 64 MiB of shared state served by three holders whose uploads are
-    // capped at 16 MiB/s each (PCCL_SHARED_STATE_UPLOAD_BPS), and a newcomer
-    // with pool 3 = three parallel fetch streams, one per holder. The fetch
-    // then takes ~1.3 s and every holder streams during all of it, so a
-    // holder killed shortly after the fetch starts is always mid-transfer.
+/// Three holders of a 64 MiB shared state whose uploads are capped at
+/// 16 MiB/s each (`PCCL_SHARED_STATE_UPLOAD_BPS`), stepping together. A
+/// newcomer with pool 3 ([`spawn_newcomer`]) then fetches over three
+/// parallel streams, one per holder: the fetch takes ~1.3 s and every holder
+/// streams during all of it, so a holder hit once it starts serving
+/// (`SERVING` in its log: each served range is logged) is always
+/// mid-transfer.
+fn spawn_capped_holders(c: &mut Cluster) -> Vec<usize> {
     const LIMIT: &str = "16Mi";
     let args = [
         "--elems",
@@ -329,7 +286,6 @@ fn distributor_killed_mid_transfer() {
         "3",
         "--min-world",
         "3",
-        // Each served range is logged: the tests wait for the victim's.
         "--log",
         "warn,pccl_core::shared_state=debug",
     ];
@@ -337,7 +293,12 @@ fn distributor_killed_mid_transfer() {
         .map(|_| c.spawn_with_env(&args, &[("PCCL_SHARED_STATE_UPLOAD_BPS", LIMIT)]))
         .collect();
     c.wait_steps(&ids, 2, Duration::from_secs(60));
-    let newcomer = c.spawn(&[
+    ids
+}
+
+/// The newcomer of [`spawn_capped_holders`]' group, with `extra` options.
+fn spawn_newcomer(c: &mut Cluster, extra: &[&str]) -> usize {
+    let mut args = vec![
         "--elems",
         "65536",
         "--state-mib",
@@ -346,7 +307,50 @@ fn distributor_killed_mid_transfer() {
         "3",
         "--log",
         "info",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    c.spawn(&args)
+}
+
+/// The newcomer's first step (`first`) came with the whole 64 MiB state, and
+/// its state equals the surviving holders' at that step and at every later
+/// step they share.
+fn assert_newcomer_has_the_state(
+    c: &mut Cluster,
+    first: &StepRec,
+    newcomer: usize,
+    survivors: [usize; 2],
+) {
+    assert!(
+        first.sync_rx >= (64 << 20) - 4 * 4096,
+        "the newcomer's first step fetched only {} bytes",
+        first.sync_rx
+    );
+    c.wait_steps(
+        &[survivors[0], survivors[1], newcomer],
+        c.step_count(survivors[0]) + 2,
+        Duration::from_secs(40),
+    );
+    for s in survivors {
+        let theirs = c.steps(s);
+        let at = theirs
+            .get(&first.step)
+            .unwrap_or_else(|| panic!("w{s} did not report step {}", first.step));
+        assert_eq!(
+            at.state_hash, first.state_hash,
+            "the newcomer's state differs from w{s}'s"
+        );
+        c.assert_same_hashes(s, newcomer);
+    }
+    c.assert_same_hashes(survivors[0], survivors[1]);
+}
+
+#[test]
+fn distributor_killed_mid_transfer() {
+    let _g = serial();
+    let mut c = Cluster::new(5_000);
+    let ids = spawn_capped_holders(&mut c);
+    let newcomer = spawn_newcomer(&mut c, &[]);
     let victim = ids[1];
     // The victim has started writing a range to the newcomer; at the capped
     // rate a 4 MiB range takes ~250 ms and its whole share ~1.3 s, so the
@@ -395,29 +399,7 @@ fn distributor_killed_mid_transfer() {
         "the newcomer never failed over from the killed holder\n{}",
         c.diagnostics()
     );
-    assert!(
-        first.sync_rx >= (64 << 20) - 4 * 4096,
-        "the newcomer's first step fetched only {} bytes",
-        first.sync_rx
-    );
-    let survivors = [ids[0], ids[2]];
-    c.wait_steps(
-        &[survivors[0], survivors[1], newcomer],
-        c.step_count(survivors[0]) + 2,
-        Duration::from_secs(40),
-    );
-    for s in survivors {
-        let theirs = c.steps(s);
-        let at = theirs
-            .get(&first.step)
-            .unwrap_or_else(|| panic!("w{s} did not report step {}", first.step));
-        assert_eq!(
-            at.state_hash, first.state_hash,
-            "the newcomer's state differs from w{s}'s"
-        );
-        c.assert_same_hashes(s, newcomer);
-    }
-    c.assert_same_hashes(survivors[0], survivors[1]);
+    assert_newcomer_has_the_state(&mut c, &first, newcomer, [ids[0], ids[2]]);
 }
 
 /// A holder frozen with SIGSTOP while a newcomer fetches from it: its
@@ -435,28 +417,7 @@ fn distributor_frozen_mid_transfer() {
     // deadline, not because the master dropped the frozen holder (which does
     // not end the newcomer's fetch anyway).
     let mut c = Cluster::new(15_000);
-    // As in `distributor_killed_mid_transfer`: 64 MiB served by three
-    // holders capped at 16 MiB/s each, fetched by a newcomer with pool 3
-    // (one stream per holder), so the victim is certainly streaming 200 ms
-    // after the fetch starts (each stream takes ~1.3 s).
-    const LIMIT: &str = "16Mi";
-    let args = [
-        "--elems",
-        "65536",
-        "--state-mib",
-        "64",
-        "--pool",
-        "3",
-        "--min-world",
-        "3",
-        // Each served range is logged: the tests wait for the victim's.
-        "--log",
-        "warn,pccl_core::shared_state=debug",
-    ];
-    let ids: Vec<usize> = (0..3)
-        .map(|_| c.spawn_with_env(&args, &[("PCCL_SHARED_STATE_UPLOAD_BPS", LIMIT)]))
-        .collect();
-    c.wait_steps(&ids, 2, Duration::from_secs(60));
+    let ids = spawn_capped_holders(&mut c);
     let victim = ids[1];
     let victim_peer = c.records[victim]
         .iter()
@@ -468,17 +429,7 @@ fn distributor_frozen_mid_transfer() {
     // `--trace`: the newcomer's first BEGIN allreduce comes right after its
     // sync returned (its STEP line only after the all-reduce, which waits for
     // the master to evict the frozen holder).
-    let newcomer = c.spawn(&[
-        "--elems",
-        "65536",
-        "--state-mib",
-        "64",
-        "--pool",
-        "3",
-        "--log",
-        "info",
-        "--trace",
-    ]);
+    let newcomer = spawn_newcomer(&mut c, &["--trace"]);
     // As above: stop the victim once it is writing a range to the newcomer.
     c.wait_stderr(victim, SERVING, Duration::from_secs(40));
     c.procs
@@ -547,29 +498,7 @@ fn distributor_frozen_mid_transfer() {
         first.sync_ms,
         stopped_at.elapsed().as_millis()
     );
-    assert!(
-        first.sync_rx >= (64 << 20) - 4 * 4096,
-        "the newcomer's first step fetched only {} bytes",
-        first.sync_rx
-    );
-    let survivors = [ids[0], ids[2]];
-    c.wait_steps(
-        &[survivors[0], survivors[1], newcomer],
-        c.step_count(survivors[0]) + 2,
-        Duration::from_secs(40),
-    );
-    for s in survivors {
-        let theirs = c.steps(s);
-        let at = theirs
-            .get(&first.step)
-            .unwrap_or_else(|| panic!("w{s} did not report step {}", first.step));
-        assert_eq!(
-            at.state_hash, first.state_hash,
-            "the newcomer's state differs from w{s}'s"
-        );
-        c.assert_same_hashes(s, newcomer);
-    }
-    c.assert_same_hashes(survivors[0], survivors[1]);
+    assert_newcomer_has_the_state(&mut c, &first, newcomer, [ids[0], ids[2]]);
     // Thaw the victim only to kill it (it was evicted long ago).
     let _ = c.procs.signal(victim, libc::SIGCONT);
     c.procs.kill(victim).expect("SIGKILL the frozen holder");

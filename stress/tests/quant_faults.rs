@@ -12,11 +12,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{serial, Cluster};
 use pccl_core::DataType;
-use pccl_stress::swarm::lines::{Record, RetryRec, StepRec};
+use pccl_stress::swarm::lines::StepRec;
 use pccl_stress::swarm::worker::quantized_sum_bound;
 
 /// The documented error bound of the worker's u8 sum over `w` peers.
@@ -101,50 +101,10 @@ fn sigkill_mid_quantized_allreduce_with(n: usize) {
     assert!(before >= 3, "only {before} common steps before the kill");
     let victim = ids[n - 1];
     let survivors: Vec<usize> = ids[..n - 1].to_vec();
-    // Aim at the middle of the next ring transfer.
-    let typical_ms = c
-        .steps(victim)
-        .values()
-        .map(|s| s.ar_ms)
-        .fold(f64::INFINITY, f64::min);
-    let aim = Duration::from_secs_f64((typical_ms / 2.0).max(5.0) / 1e3);
-    c.wait_all_begin(&ids, "allreduce");
-    std::thread::sleep(aim);
-    let killed_at = Instant::now();
-    c.procs.kill(victim).expect("SIGKILL the victim");
-
-    let mut failed: BTreeMap<usize, RetryRec> = BTreeMap::new();
-    let mut recovered: BTreeMap<usize, StepRec> = BTreeMap::new();
-    c.wait_for(
-        "every survivor to step with world n-1",
-        Duration::from_secs(30),
-        |_, id, r| {
-            if let Record::Retry(rr) = r {
-                failed.entry(id).or_insert(rr.clone());
-            }
-            if let Record::Step(s) = r {
-                if s.world as usize == n - 1 {
-                    recovered.entry(id).or_insert(s.clone());
-                }
-            }
-            survivors
-                .iter()
-                .all(|s| recovered.contains_key(s))
-                .then_some(())
-        },
-    );
+    let (aim, killed_at) = c.kill_mid_allreduce(&ids, victim);
+    let recovered = c.wait_recovered(&survivors, n as u32 - 1, aim);
     let recovery = killed_at.elapsed();
-    for &s in &survivors {
-        let r = failed.get(&s).unwrap_or_else(|| {
-            panic!(
-                "w{s} stepped with world {} without a RETRY: the kill missed the all-reduce \
-                 (aimed {:.0} ms into it)\n{}",
-                n - 1,
-                aim.as_secs_f64() * 1e3,
-                c.diagnostics()
-            )
-        });
-        let st = &recovered[&s];
+    for (&s, (r, st)) in &recovered {
         println!(
             "w{s}: RETRY step={} err={} wait_ms={} restored={}; recovered at step {} \
              (world {}, ar_err {:e}, bound {:e})",
@@ -164,10 +124,11 @@ fn sigkill_mid_quantized_allreduce_with(n: usize) {
         check_quantized(s, st);
     }
     // The survivors' retried results are bit-identical.
-    let first = &recovered[&survivors[0]];
+    let first = &recovered[&survivors[0]].1;
     for &s in &survivors[1..] {
+        let st = &recovered[&s].1;
         assert_eq!(
-            (recovered[&s].step, recovered[&s].ar_hash),
+            (st.step, st.ar_hash),
             (first.step, first.ar_hash),
             "w{} and w{s} differ after the retry",
             survivors[0]

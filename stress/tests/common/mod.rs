@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pccl_core::{MasterConfig, MasterNode};
-use pccl_stress::swarm::lines::{Record, StepRec};
+use pccl_stress::swarm::lines::{Record, RetryRec, StepRec};
 use pccl_stress::swarm::procs::{ProcEvent, Procs, Stream};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -164,7 +164,7 @@ impl Cluster {
             .count()
     }
 
-    pub fn retries(&self, id: usize) -> Vec<pccl_stress::swarm::lines::RetryRec> {
+    pub fn retries(&self, id: usize) -> Vec<RetryRec> {
         self.records[id]
             .iter()
             .filter_map(|r| match r {
@@ -205,6 +205,72 @@ impl Cluster {
                 _ => None,
             },
         )
+    }
+
+    /// SIGKILLs `victim` in the middle of the next ring transfer of `ids`
+    /// (`--trace` workers that have stepped): once every one has begun the
+    /// all-reduce, it waits half of the victim's shortest all-reduce so far.
+    /// Returns the aim and the moment of the kill.
+    pub fn kill_mid_allreduce(&mut self, ids: &[usize], victim: usize) -> (Duration, Instant) {
+        let typical_ms = self
+            .steps(victim)
+            .values()
+            .map(|s| s.ar_ms)
+            .fold(f64::INFINITY, f64::min);
+        let aim = Duration::from_secs_f64((typical_ms / 2.0).max(5.0) / 1e3);
+        self.wait_all_begin(ids, "allreduce");
+        std::thread::sleep(aim);
+        let killed_at = Instant::now();
+        self.procs.kill(victim).expect("SIGKILL the victim");
+        (aim, killed_at)
+    }
+
+    /// Waits until every survivor has stepped with `world` peers and returns,
+    /// per survivor, its first RETRY and that first step. A survivor that
+    /// stepped on without a RETRY means the kill (aimed `aim` into the
+    /// all-reduce) missed it: that fails the test.
+    pub fn wait_recovered(
+        &mut self,
+        survivors: &[usize],
+        world: u32,
+        aim: Duration,
+    ) -> BTreeMap<usize, (RetryRec, StepRec)> {
+        let mut failed: BTreeMap<usize, RetryRec> = BTreeMap::new();
+        let mut recovered: BTreeMap<usize, StepRec> = BTreeMap::new();
+        self.wait_for(
+            &format!("every survivor to step with world {world}"),
+            Duration::from_secs(30),
+            |_, id, r| {
+                match r {
+                    Record::Retry(rr) => {
+                        failed.entry(id).or_insert(rr.clone());
+                    }
+                    Record::Step(s) if s.world == world => {
+                        recovered.entry(id).or_insert(s.clone());
+                    }
+                    _ => {}
+                }
+                survivors
+                    .iter()
+                    .all(|s| recovered.contains_key(s))
+                    .then_some(())
+            },
+        );
+        recovered
+            .into_iter()
+            .filter(|(s, _)| survivors.contains(s))
+            .map(|(s, st)| {
+                let r = failed.remove(&s).unwrap_or_else(|| {
+                    panic!(
+                        "w{s} stepped with world {world} without a RETRY: the kill missed the \
+                         all-reduce (aimed {:.0} ms into it)\n{}",
+                        aim.as_secs_f64() * 1e3,
+                        self.diagnostics()
+                    )
+                });
+                (s, (r, st))
+            })
+            .collect()
     }
 
     /// Asserts that `a` and `b` reported equal state hashes at every step
