@@ -228,14 +228,7 @@ pub fn quantize(
     out: &mut [u8],
 ) -> Result<()> {
     check_combo(src_dtype, q, algo)?;
-    let n = whole_elems(src_dtype, src.len(), "quantize source")?;
-    let need = encoded_len(src_dtype, q, algo, n);
-    if out.len() != need {
-        return Err(Error::InvalidArgument(format!(
-            "quantize: output is {} bytes, {n} elements need {need}",
-            out.len()
-        )));
-    }
+    checked_elems("quantize", src_dtype, q, algo, src.len(), out.len())?;
     let mask = sign_mask(q);
     by_types!(
         "quantize",
@@ -270,14 +263,7 @@ pub fn dequantize_into(
         Some(op) => validate(src_dtype, q, algo, op)?,
         None => check_combo(src_dtype, q, algo)?,
     }
-    let n = whole_elems(src_dtype, dst.len(), "dequantize destination")?;
-    let need = encoded_len(src_dtype, q, algo, n);
-    if enc.len() != need {
-        return Err(Error::InvalidArgument(format!(
-            "dequantize: encoded input is {} bytes, {n} elements need {need}",
-            enc.len()
-        )));
-    }
+    checked_elems("dequantize", src_dtype, q, algo, dst.len(), enc.len())?;
     let mask = sign_mask(q);
     by_types!(
         "dequantize",
@@ -307,14 +293,7 @@ pub fn quantize_adopt(
     out: &mut [u8],
 ) -> Result<()> {
     check_combo(src_dtype, q, algo)?;
-    let n = whole_elems(src_dtype, data.len(), "quantize_adopt data")?;
-    let need = encoded_len(src_dtype, q, algo, n);
-    if out.len() != need {
-        return Err(Error::InvalidArgument(format!(
-            "quantize_adopt: output is {} bytes, {n} elements need {need}",
-            out.len()
-        )));
-    }
+    checked_elems("quantize_adopt", src_dtype, q, algo, data.len(), out.len())?;
     let mask = sign_mask(q);
     by_types!(
         "quantize_adopt",
@@ -347,7 +326,6 @@ pub fn dequantize_reduce_from(
     dst: &mut [u8],
 ) -> Result<()> {
     validate(src_dtype, q, algo, op)?;
-    let n = whole_elems(src_dtype, dst.len(), "dequantize_reduce_from destination")?;
     if a.len() != dst.len() {
         return Err(Error::InvalidArgument(format!(
             "dequantize_reduce_from: operand is {} bytes, destination {}",
@@ -355,13 +333,14 @@ pub fn dequantize_reduce_from(
             dst.len()
         )));
     }
-    let need = encoded_len(src_dtype, q, algo, n);
-    if enc.len() != need {
-        return Err(Error::InvalidArgument(format!(
-            "dequantize_reduce_from: encoded input is {} bytes, {n} elements need {need}",
-            enc.len()
-        )));
-    }
+    checked_elems(
+        "dequantize_reduce_from",
+        src_dtype,
+        q,
+        algo,
+        dst.len(),
+        enc.len(),
+    )?;
     let mask = sign_mask(q);
     by_types!(
         "dequantize_reduce_from",
@@ -371,14 +350,32 @@ pub fn dequantize_reduce_from(
     )
 }
 
-fn whole_elems(dtype: DataType, len: usize, what: &str) -> Result<usize> {
-    if !len.is_multiple_of(dtype.size()) {
+/// The number of elements in a values buffer of `values_len` bytes, after
+/// checking that it is a whole number of `src_dtype` elements and that the
+/// encoded buffer has the matching [`encoded_len`]; `what` names the call in
+/// the errors.
+fn checked_elems(
+    what: &str,
+    src_dtype: DataType,
+    q: DataType,
+    algo: QuantizationAlgorithm,
+    values_len: usize,
+    enc_len: usize,
+) -> Result<usize> {
+    if !values_len.is_multiple_of(src_dtype.size()) {
         return Err(Error::InvalidArgument(format!(
-            "{what}: {len} bytes is not a whole number of {} elements",
-            dtype.name()
+            "{what}: {values_len} bytes is not a whole number of {} elements",
+            src_dtype.name()
         )));
     }
-    Ok(len / dtype.size())
+    let n = values_len / src_dtype.size();
+    let need = encoded_len(src_dtype, q, algo, n);
+    if enc_len != need {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: encoded buffer is {enc_len} bytes, {n} elements need {need}"
+        )));
+    }
+    Ok(n)
 }
 
 /// XOR applied to the unsigned code to get the stored bits (flips the top bit
