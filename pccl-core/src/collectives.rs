@@ -315,22 +315,10 @@ pub(crate) async fn run_ring(
     // Closing the queue lets senders drain what is left and stop.
     state.tx_q.close();
     let mut tx_bytes = 0u64;
-    let mut send_err = None;
     if result.is_err() {
         senders.abort_all();
     }
-    while let Some(joined) = senders.join_next().await {
-        match joined {
-            Ok(Ok(n)) => tx_bytes += n,
-            Ok(Err(e)) => {
-                send_err.get_or_insert(e);
-            }
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => {
-                send_err.get_or_insert(Error::Internal(format!("sender task failed: {e}")));
-            }
-        }
-    }
+    let send_err = join_all(&mut senders, "sender", |n| tx_bytes += n).await;
     result?;
     if let Some(e) = send_err {
         return Err(e);
@@ -408,6 +396,29 @@ struct RingState {
     rx_bytes: u64,
 }
 
+/// Joins every task of `set`, passing each success to `on_ok`; returns the
+/// first error (a task's own, or its panic), ignoring cancelled tasks.
+async fn join_all<T: 'static>(
+    set: &mut JoinSet<Result<T>>,
+    what: &str,
+    mut on_ok: impl FnMut(T),
+) -> Option<Error> {
+    let mut first = None;
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(v)) => on_ok(v),
+            Ok(Err(e)) => {
+                first.get_or_insert(e);
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                first.get_or_insert(Error::Internal(format!("{what} task failed: {e}")));
+            }
+        }
+    }
+    first
+}
+
 impl RingState {
     async fn drive(
         &mut self,
@@ -425,19 +436,7 @@ impl RingState {
             hops.abort_all();
         }
         // Every hop task is joined: they use the caller's buffers.
-        let mut hop_err = None;
-        while let Some(joined) = hops.join_next().await {
-            match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    hop_err.get_or_insert(e);
-                }
-                Err(e) if e.is_cancelled() => {}
-                Err(e) => {
-                    hop_err.get_or_insert(Error::Internal(format!("ring hop task failed: {e}")));
-                }
-            }
-        }
+        let hop_err = join_all(&mut hops, "ring hop", |()| {}).await;
         result?;
         match hop_err {
             Some(e) => Err(e),
