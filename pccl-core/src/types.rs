@@ -289,6 +289,121 @@ impl ReduceDescriptor {
     }
 }
 
+/// Which collective an op is. Values are the wire's `CollectiveSpec::kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CollectiveKind {
+    AllReduce = 0,
+    /// Every peer ends with the root rank's buffer.
+    Broadcast = 1,
+    /// Every peer ends with all peers' inputs, concatenated in rank order.
+    AllGather = 2,
+    /// Every peer ends with its rank's segment of the reduction.
+    ReduceScatter = 3,
+}
+
+impl CollectiveKind {
+    pub fn from_raw(raw: u8) -> Result<Self> {
+        match raw {
+            0 => Ok(CollectiveKind::AllReduce),
+            1 => Ok(CollectiveKind::Broadcast),
+            2 => Ok(CollectiveKind::AllGather),
+            3 => Ok(CollectiveKind::ReduceScatter),
+            _ => Err(Error::InvalidArgument(format!("unknown collective {raw}"))),
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CollectiveKind::AllReduce => "all-reduce",
+            CollectiveKind::Broadcast => "broadcast",
+            CollectiveKind::AllGather => "all-gather",
+            CollectiveKind::ReduceScatter => "reduce-scatter",
+        }
+    }
+}
+
+/// How a collective moves its data. The master fixes it per op (from the
+/// peers' common request and the op's size), so every peer runs the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(u8)]
+pub enum Algorithm {
+    /// Let the master choose: the one-hop [`Algorithm::Direct`] for
+    /// all-reduces up to its small-op threshold, the ring otherwise.
+    #[default]
+    Auto = 0,
+    /// Reduce-scatter then all-gather around the ring (pipelined, striped
+    /// over the pool): bandwidth-optimal, 2(w-1) hops of latency.
+    Ring = 1,
+    /// Every peer sends its whole buffer to every other peer and reduces
+    /// all contributions in rank order: one hop of latency, (w-1) times
+    /// the bytes. All-reduce only.
+    Direct = 2,
+}
+
+impl Algorithm {
+    pub fn from_raw(raw: u8) -> Result<Self> {
+        match raw {
+            0 => Ok(Algorithm::Auto),
+            1 => Ok(Algorithm::Ring),
+            2 => Ok(Algorithm::Direct),
+            _ => Err(Error::InvalidArgument(format!("unknown algorithm {raw}"))),
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Algorithm::Auto => "auto",
+            Algorithm::Ring => "ring",
+            Algorithm::Direct => "direct",
+        }
+    }
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Algorithm::Auto),
+            "ring" => Ok(Algorithm::Ring),
+            "direct" => Ok(Algorithm::Direct),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown algorithm '{s}' (auto, ring or direct)"
+            ))),
+        }
+    }
+}
+
+/// Largest world in which the direct algorithm runs: each peer holds a
+/// connection to, and sends its buffer to, every other peer.
+pub const DIRECT_MAX_WORLD: usize = 16;
+
+/// Outcome of one broadcast, all-gather or reduce-scatter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CollectiveInfo {
+    /// Number of peers that took part.
+    pub world_size: u32,
+    /// This peer's rank in the op: its position in the ring, which orders
+    /// all-gather results and reduce-scatter segments.
+    pub rank: u32,
+    /// The algorithm the master chose.
+    pub algorithm: Algorithm,
+    /// Bytes this peer wrote to the network for the op (headers included).
+    pub tx_bytes: u64,
+    /// Bytes this peer read from the network for the op (headers included).
+    pub rx_bytes: u64,
+}
+
+impl From<CollectiveInfo> for ReduceInfo {
+    fn from(i: CollectiveInfo) -> Self {
+        ReduceInfo {
+            local_world_size: i.world_size,
+            tx_bytes: i.tx_bytes,
+            rx_bytes: i.rx_bytes,
+        }
+    }
+}
+
 /// Outcome of one all-reduce (`pcclReduceInfo_t`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReduceInfo {

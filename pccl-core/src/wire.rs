@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// First four bytes of every connection.
 pub const MAGIC: [u8; 4] = *b"PCRS";
 /// Protocol version; both sides must match exactly.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest control frame accepted (type + payload).
 pub const MAX_CONTROL_FRAME: usize = 16 << 20;
 /// Largest p2p data payload accepted in one frame.
@@ -324,6 +324,14 @@ impl<'a> Dec<'a> {
 /// Operation fields that every participant of a collective must agree on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CollectiveSpec {
+    /// [`crate::CollectiveKind`].
+    pub kind: u8,
+    /// The algorithm the peers ask for ([`crate::Algorithm`]; 0 = let the master choose).
+    pub algorithm: u8,
+    /// Root rank of a broadcast (0 otherwise).
+    pub root: u32,
+    /// Elements of the op: the whole buffer of an all-reduce or broadcast,
+    /// each rank's share of an all-gather or reduce-scatter.
     pub count: u64,
     pub datatype: u8,
     pub op: u8,
@@ -445,6 +453,8 @@ pub enum MasterMsg {
         tag: u64,
         op_id: u64,
         ring: Vec<PeerId>,
+        /// The algorithm every participant runs ([`crate::Algorithm`], never auto).
+        algorithm: u8,
     },
     CollectiveResult {
         tag: u64,
@@ -577,6 +587,9 @@ impl PeerMsg {
             }
             PeerMsg::CollectiveInit { tag, spec } => {
                 e.u64(*tag)
+                    .u8(spec.kind)
+                    .u8(spec.algorithm)
+                    .u32(spec.root)
                     .u64(spec.count)
                     .u8(spec.datatype)
                     .u8(spec.op)
@@ -639,6 +652,9 @@ impl PeerMsg {
             8 => PeerMsg::CollectiveInit {
                 tag: d.u64()?,
                 spec: CollectiveSpec {
+                    kind: d.u8()?,
+                    algorithm: d.u8()?,
+                    root: d.u32()?,
                     count: d.u64()?,
                     datatype: d.u8()?,
                     op: d.u8()?,
@@ -742,9 +758,15 @@ impl MasterMsg {
             MasterMsg::OptimizeDone { ok } => {
                 e.bool(*ok);
             }
-            MasterMsg::CollectiveCommence { tag, op_id, ring } => {
+            MasterMsg::CollectiveCommence {
+                tag,
+                op_id,
+                ring,
+                algorithm,
+            } => {
                 e.u64(*tag).u64(*op_id);
                 enc_peers(&mut e, ring);
+                e.u8(*algorithm);
             }
             MasterMsg::CollectiveResult {
                 tag,
@@ -807,6 +829,7 @@ impl MasterMsg {
                 tag: d.u64()?,
                 op_id: d.u64()?,
                 ring: dec_peers(&mut d)?,
+                algorithm: d.u8()?,
             },
             109 => MasterMsg::CollectiveResult {
                 tag: d.u64()?,
@@ -1000,6 +1023,9 @@ mod tests {
             PeerMsg::CollectiveInit {
                 tag: 5,
                 spec: CollectiveSpec {
+                    kind: 3,
+                    algorithm: 2,
+                    root: 7,
                     count: 1 << 40,
                     datatype: 10,
                     op: 1,
@@ -1077,6 +1103,7 @@ mod tests {
                 tag: 1,
                 op_id: 2,
                 ring: vec![PeerId([7; 16])],
+                algorithm: 1,
             },
             MasterMsg::CollectiveResult {
                 tag: 1,

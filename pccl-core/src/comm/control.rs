@@ -13,9 +13,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::collectives;
 use crate::comm::p2p::{Frame, OpRoute, P2p};
 use crate::error::{Error, Result};
 use crate::transport::{self, FrameError};
+use crate::types::{Algorithm, CollectiveKind};
 use crate::wire::{MasterMsg, PeerEntry, PeerId, PeerMsg, WorldInfo};
 
 /// Which call a master message answers.
@@ -35,6 +37,7 @@ pub(crate) enum Routed {
     Commence {
         op_id: u64,
         ring: Vec<PeerId>,
+        algorithm: Algorithm,
         route: Arc<OpRoute>,
         inbox: mpsc::Receiver<Frame>,
     },
@@ -59,6 +62,9 @@ pub(crate) struct Control {
     p2p: Arc<P2p>,
     shutdown: CancellationToken,
     establish_task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Kind and root of each collective this peer waits on, by tag: what
+    /// "commence" needs to know whom the op receives from and sends to.
+    collectives: Mutex<HashMap<u64, (CollectiveKind, u32)>>,
 }
 
 /// A registered wait; unregisters itself when dropped.
@@ -83,6 +89,11 @@ impl Drop for Waiter {
         if let Ok(mut w) = self.ctl.waiters.lock() {
             w.remove(&self.key);
         }
+        if let WaitKey::Collective(tag) = self.key {
+            if let Ok(mut c) = self.ctl.collectives.lock() {
+                c.remove(&tag);
+            }
+        }
     }
 }
 
@@ -106,6 +117,7 @@ impl Control {
             p2p,
             shutdown,
             establish_task: Mutex::new(None),
+            collectives: Mutex::new(HashMap::new()),
         });
         tokio::spawn(writer_task(wr, out_rx, ctl.clone()));
         tokio::spawn(reader_task(rd, ctl.clone()));
@@ -199,6 +211,21 @@ impl Control {
         })
     }
 
+    /// Registers interest in the verdict on the collective with `tag`,
+    /// which is a `kind` (rooted at `root` for a broadcast).
+    pub fn wait_collective(
+        self: &Arc<Self>,
+        tag: u64,
+        kind: CollectiveKind,
+        root: u32,
+    ) -> Result<Waiter> {
+        let waiter = self.wait(WaitKey::Collective(tag))?;
+        if let Ok(mut c) = self.collectives.lock() {
+            c.insert(tag, (kind, root));
+        }
+        Ok(waiter)
+    }
+
     fn route(&self, key: WaitKey, msg: Routed) -> bool {
         let tx = self.waiters.lock().ok().and_then(|w| w.get(&key).cloned());
         match tx {
@@ -228,16 +255,34 @@ impl Control {
             MasterMsg::OptimizeDone { .. } => {
                 self.route(WaitKey::Optimize, Routed::Msg(msg));
             }
-            MasterMsg::CollectiveCommence { tag, op_id, ring } => {
+            MasterMsg::CollectiveCommence {
+                tag,
+                op_id,
+                ring,
+                algorithm,
+            } => {
                 let n = ring.len();
                 let pos = ring.iter().position(|p| *p == me);
-                let (Some(i), true) = (pos, n >= 2) else {
-                    tracing::warn!(peer = %me, tag, op_id, "commence without this peer in the ring");
+                let meta = self
+                    .collectives
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.get(&tag).copied());
+                let algo = Algorithm::from_raw(algorithm)
+                    .ok()
+                    .filter(|a| *a != Algorithm::Auto);
+                let (Some(rank), true, Some((kind, root)), Some(algorithm)) =
+                    (pos, n >= 2, meta, algo)
+                else {
+                    tracing::warn!(peer = %me, tag, op_id, algorithm,
+                        "commence without this peer in the ring, for no call of ours, or with an unknown algorithm");
                     self.p2p.note_commenced(op_id);
                     return;
                 };
+                let (sources, sinks) =
+                    collectives::route_peers(&ring, rank, kind, algorithm, root as usize);
                 let (tx, inbox) = mpsc::channel(super::p2p::INBOX_CAPACITY);
-                let route = Arc::new(OpRoute::new(ring[(i + n - 1) % n], ring[(i + 1) % n], tx));
+                let route = Arc::new(OpRoute::new(sources, sinks, tx));
                 // Register before acknowledging, so early frames find their op.
                 self.p2p.register_op(op_id, route.clone());
                 let delivered = self.route(
@@ -245,6 +290,7 @@ impl Control {
                     Routed::Commence {
                         op_id,
                         ring,
+                        algorithm,
                         route,
                         inbox,
                     },
@@ -287,7 +333,7 @@ impl Control {
                     true
                 }
                 Some(right) => {
-                    this.p2p.retain_pools(&[right]);
+                    this.p2p.retain_pools(&ring);
                     match this.addr_of(right) {
                         Err(e) => {
                             tracing::warn!(peer = %me, "establish round {round}: {e}");
@@ -304,6 +350,21 @@ impl Control {
                 }
             };
             let _ = this.send(&PeerMsg::ConnectionsEstablished { round, ok });
+            if ok && ring.len() > 2 && ring.len() <= crate::types::DIRECT_MAX_WORLD {
+                // Small ops may run the direct algorithm, which sends to every
+                // peer: dial the rest of the mesh now rather than in the first
+                // such op. Best effort: an op dials whatever is still missing.
+                let others = ring
+                    .iter()
+                    .filter(|p| **p != me && Some(**p) != right_neighbour(&ring, me));
+                for peer in others {
+                    if let Ok(addr) = this.addr_of(*peer) {
+                        if let Err(e) = this.p2p.ensure_mesh_pool(*peer, addr).await {
+                            tracing::debug!(peer = %me, to = %peer, "mesh connection not up yet: {e}");
+                        }
+                    }
+                }
+            }
         });
         if let Ok(mut t) = self.establish_task.lock() {
             if let Some(prev) = t.replace(task.abort_handle()) {

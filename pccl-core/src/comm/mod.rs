@@ -17,10 +17,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::collectives::{self, RawBuf, RingParams};
+use crate::collectives::{self, RawBuf, RingParams, RingPhase};
 use crate::error::{Error, Result};
 use crate::transport::{self, SocketTuning};
-use crate::types::{Attribute, DataType, QuantizationAlgorithm, ReduceDescriptor, ReduceInfo};
+use crate::types::{
+    Algorithm, Attribute, CollectiveInfo, CollectiveKind, DataType, QuantizationAlgorithm,
+    ReduceDescriptor, ReduceInfo,
+};
 use crate::wire::{CollectiveSpec, ConnKind, Hello, MasterMsg, PeerId, PeerMsg, WorldInfo};
 use control::{Control, Routed, WaitKey};
 use p2p::P2p;
@@ -61,6 +64,11 @@ pub struct CommunicatorConfig {
     /// Socket options of data connections (buffers, congestion control;
     /// the latter defaults to `$PCCL_TCP_CONGESTION`).
     pub socket: SocketTuning,
+    /// The algorithm this peer asks for in every all-reduce: `Auto` (the
+    /// default) lets the master choose by size; every peer of a group must
+    /// ask for the same, or the op fails with `InvalidUsage`. Defaults to
+    /// `$PCCL_ALGORITHM` (auto, ring or direct).
+    pub algorithm: Algorithm,
 }
 
 impl CommunicatorConfig {
@@ -83,6 +91,7 @@ impl CommunicatorConfig {
                 congestion: transport::CongestionControl::from_env(),
                 ..SocketTuning::default()
             },
+            algorithm: algorithm_from_env(),
         }
     }
 
@@ -105,7 +114,7 @@ pub struct Communicator {
     ss: Arc<crate::shared_state::SharedStateServer>,
     /// (p2p, shared-state) ports actually bound, once connected.
     ports: Mutex<(u16, u16)>,
-    async_ops: Mutex<HashMap<u64, tokio::task::JoinHandle<Result<ReduceInfo>>>>,
+    async_ops: Mutex<HashMap<u64, tokio::task::JoinHandle<Result<CollectiveInfo>>>>,
 }
 
 impl Communicator {
@@ -449,31 +458,62 @@ impl Communicator {
         recv: *mut u8,
         desc: &ReduceDescriptor,
     ) -> Result<AsyncReduceHandle> {
-        let ctl = self.control()?;
         let bytes = validate_descriptor(desc)?;
+        self.start_collective(CollectiveKind::AllReduce, 0, send, bytes, recv, bytes, desc)
+    }
+
+    /// Validates a collective call's buffers, tells the master, and spawns
+    /// the op; the handle's task returns once the master's verdict is in.
+    ///
+    /// # Safety
+    /// `send` readable for `send_bytes` and `recv` writable for
+    /// `recv_bytes` bytes until the returned handle is awaited.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn start_collective(
+        &self,
+        kind: CollectiveKind,
+        root: u32,
+        send: *const u8,
+        send_bytes: usize,
+        recv: *mut u8,
+        recv_bytes: usize,
+        desc: &ReduceDescriptor,
+    ) -> Result<AsyncReduceHandle> {
+        let ctl = self.control()?;
         if send.is_null() || recv.is_null() {
             return Err(Error::InvalidArgument(
                 "send and receive buffers must not be NULL".into(),
             ));
         }
         let (s, r) = (send as usize, recv as usize);
-        if s != r && s < r + bytes && r < s + bytes {
-            return Err(Error::InvalidArgument(
-                "send and receive buffers overlap without being identical".into(),
-            ));
+        let identical_ok = matches!(kind, CollectiveKind::AllReduce | CollectiveKind::Broadcast);
+        let overlap = s < r.saturating_add(recv_bytes) && r < s.saturating_add(send_bytes);
+        if overlap && !(identical_ok && s == r && send_bytes == recv_bytes) {
+            return Err(Error::InvalidArgument(format!(
+                "{} send and receive buffers overlap{}",
+                kind.name(),
+                if identical_ok {
+                    " without being identical"
+                } else {
+                    ""
+                }
+            )));
         }
-        let waiter = ctl.wait(WaitKey::Collective(desc.tag))?;
+        let waiter = ctl.wait_collective(desc.tag, kind, root)?;
         ctl.send(&PeerMsg::CollectiveInit {
             tag: desc.tag,
-            spec: spec_of(desc),
+            spec: spec_of(kind, root, self.cfg.algorithm, desc),
         })?;
         let job = OpJob {
             ctl,
             p2p: self.p2p.clone(),
+            kind,
+            root,
             send: send as usize,
-            recv: RawBuf::new(recv, bytes),
+            send_bytes,
+            recv: RawBuf::new(recv, recv_bytes),
             recv_addr: recv as usize,
-            bytes,
+            recv_bytes,
             desc: *desc,
             chunk_bytes: self.cfg.chunk_bytes,
         };
@@ -485,13 +525,18 @@ impl Communicator {
     }
 
     /// Blocks until an async all-reduce finishes.
-    pub fn await_handle(&self, mut h: AsyncReduceHandle) -> Result<ReduceInfo> {
+    pub fn await_handle(&self, h: AsyncReduceHandle) -> Result<ReduceInfo> {
+        self.await_collective(h).map(ReduceInfo::from)
+    }
+
+    /// Blocks until an async collective (of any kind) finishes.
+    pub fn await_collective(&self, mut h: AsyncReduceHandle) -> Result<CollectiveInfo> {
         let Some(join) = h.join.take() else {
             return Err(Error::InvalidUsage("handle was already awaited".into()));
         };
         match self.block_on(join)? {
             Ok(r) => r,
-            Err(e) => Err(Error::Internal(format!("all-reduce task failed: {e}"))),
+            Err(e) => Err(Error::Internal(format!("collective task failed: {e}"))),
         }
     }
 
@@ -506,38 +551,255 @@ impl Communicator {
         recv: *mut u8,
         desc: &ReduceDescriptor,
     ) -> Result<()> {
+        self.keep_tagged(desc.tag, || self.all_reduce_async_raw(send, recv, desc))
+    }
+
+    /// Starts the op `start` returns, keeping its handle by `tag`.
+    fn keep_tagged(
+        &self,
+        tag: u64,
+        start: impl FnOnce() -> Result<AsyncReduceHandle>,
+    ) -> Result<()> {
         {
             let ops = self
                 .async_ops
                 .lock()
                 .map_err(|_| Error::Internal("async op table poisoned".into()))?;
-            if ops.contains_key(&desc.tag) {
+            if ops.contains_key(&tag) {
                 return Err(Error::InvalidUsage(format!(
-                    "an async all-reduce with tag {} is not awaited yet",
-                    desc.tag
+                    "an async collective with tag {tag} is not awaited yet"
                 )));
             }
         }
-        let mut h = self.all_reduce_async_raw(send, recv, desc)?;
+        let mut h = start()?;
         if let (Ok(mut ops), Some(join)) = (self.async_ops.lock(), h.join.take()) {
-            ops.insert(desc.tag, join);
+            ops.insert(tag, join);
         }
         Ok(())
     }
 
     /// Awaits the async all-reduce started with `tag`.
     pub fn await_async(&self, tag: u64) -> Result<ReduceInfo> {
+        self.await_async_collective(tag).map(ReduceInfo::from)
+    }
+
+    /// Awaits the async collective (of any kind) started with `tag`.
+    pub fn await_async_collective(&self, tag: u64) -> Result<CollectiveInfo> {
         let join = self
             .async_ops
             .lock()
             .map_err(|_| Error::Internal("async op table poisoned".into()))?
             .remove(&tag)
             .ok_or_else(|| {
-                Error::InvalidArgument(format!("no async all-reduce with tag {tag} is in flight"))
+                Error::InvalidArgument(format!("no async collective with tag {tag} is in flight"))
             })?;
-        self.await_handle(AsyncReduceHandle {
+        self.await_collective(AsyncReduceHandle {
             tag,
             join: Some(join),
+        })
+    }
+
+    /// The group's size as of the latest master update, for sizing
+    /// all-gather and reduce-scatter buffers; `TooFewPeers` below two.
+    fn collective_world(&self, kind: CollectiveKind) -> Result<usize> {
+        let world = self.world()?.group_world as usize;
+        if world < 2 {
+            return Err(Error::TooFewPeers(format!(
+                "{} needs at least 2 peers in the group, have {world}",
+                kind.name()
+            )));
+        }
+        Ok(world)
+    }
+
+    /// Broadcast of a typed slice from the peer at rank `root`: on success
+    /// every peer's `buf` holds the root's bytes. Ranks are ring positions
+    /// (see [`CollectiveInfo::rank`]); a failed broadcast leaves the
+    /// non-root buffers partly written.
+    pub fn broadcast<T: Element>(
+        &self,
+        buf: &mut [T],
+        root: u32,
+        tag: u64,
+    ) -> Result<CollectiveInfo> {
+        let desc = ReduceDescriptor::new(buf.len(), T::DTYPE, crate::ReduceOp::Sum).with_tag(tag);
+        // SAFETY: the slice is valid and exclusively ours for the call.
+        let h = unsafe { self.broadcast_async_raw(buf.as_mut_ptr() as *mut u8, &desc, root)? };
+        self.await_collective(h)
+    }
+
+    /// Starts a broadcast of `desc.count` elements of `desc.datatype` in
+    /// `buf` from rank `root` (`desc.op` is ignored; quantization refused).
+    ///
+    /// # Safety
+    /// `buf` writable for the whole buffer until the handle is awaited.
+    pub unsafe fn broadcast_async_raw(
+        &self,
+        buf: *mut u8,
+        desc: &ReduceDescriptor,
+        root: u32,
+    ) -> Result<AsyncReduceHandle> {
+        let bytes = validate_unreduced(desc, CollectiveKind::Broadcast)?;
+        self.start_collective(
+            CollectiveKind::Broadcast,
+            root,
+            buf,
+            bytes,
+            buf,
+            bytes,
+            desc,
+        )
+    }
+
+    /// All-gather of typed slices: `recv` (world × `send.len()` elements)
+    /// ends with every peer's `send` in rank order, identical everywhere.
+    pub fn all_gather<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        tag: u64,
+    ) -> Result<CollectiveInfo> {
+        let world = self.collective_world(CollectiveKind::AllGather)?;
+        if send.len().checked_mul(world) != Some(recv.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "all-gather of {} elements over {world} peers needs a receive buffer of {}, not {}",
+                send.len(),
+                send.len().saturating_mul(world),
+                recv.len()
+            )));
+        }
+        let desc = ReduceDescriptor::new(send.len(), T::DTYPE, crate::ReduceOp::Sum).with_tag(tag);
+        // SAFETY: both slices are valid for the call, which awaits the op.
+        let h = unsafe {
+            self.all_gather_async_raw(
+                send.as_ptr() as *const u8,
+                recv.as_mut_ptr() as *mut u8,
+                &desc,
+            )?
+        };
+        self.await_collective(h)
+    }
+
+    /// Starts an all-gather of `desc.count` elements per peer; `recv`
+    /// must hold world × count elements for the group's current size (an
+    /// op that finds the group resized fails with `RankConnectionLost`).
+    ///
+    /// # Safety
+    /// `send` readable and `recv` writable for their sizes until the
+    /// handle is awaited; they must not overlap.
+    pub unsafe fn all_gather_async_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        desc: &ReduceDescriptor,
+    ) -> Result<AsyncReduceHandle> {
+        let bytes = validate_unreduced(desc, CollectiveKind::AllGather)?;
+        let world = self.collective_world(CollectiveKind::AllGather)?;
+        let recv_bytes = bytes
+            .checked_mul(world)
+            .ok_or_else(|| Error::InvalidArgument("receive buffer too large".into()))?;
+        self.start_collective(
+            CollectiveKind::AllGather,
+            0,
+            send,
+            bytes,
+            recv,
+            recv_bytes,
+            desc,
+        )
+    }
+
+    /// Reduce-scatter of typed slices: `send` holds world × `recv.len()`
+    /// elements; `recv` ends with this rank's segment of the reduction.
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        desc: &ReduceDescriptor,
+    ) -> Result<CollectiveInfo> {
+        let world = self.collective_world(CollectiveKind::ReduceScatter)?;
+        if T::DTYPE != desc.datatype || recv.len() != desc.count {
+            return Err(Error::InvalidArgument(format!(
+                "reduce-scatter buffers of {} ({} elements) do not match the descriptor's {} ({})",
+                T::DTYPE.name(),
+                recv.len(),
+                desc.datatype.name(),
+                desc.count
+            )));
+        }
+        if recv.len().checked_mul(world) != Some(send.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "reduce-scatter to {} elements over {world} peers needs a send buffer of {}, not {}",
+                recv.len(),
+                recv.len().saturating_mul(world),
+                send.len()
+            )));
+        }
+        // SAFETY: both slices are valid for the call, which awaits the op.
+        let h = unsafe {
+            self.reduce_scatter_async_raw(
+                send.as_ptr() as *const u8,
+                recv.as_mut_ptr() as *mut u8,
+                desc,
+            )?
+        };
+        self.await_collective(h)
+    }
+
+    /// Starts a reduce-scatter: `desc.count` is each rank's share, `send`
+    /// holds world × count elements for the group's current size.
+    ///
+    /// # Safety
+    /// `send` readable and `recv` writable for their sizes until the
+    /// handle is awaited; they must not overlap.
+    pub unsafe fn reduce_scatter_async_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        desc: &ReduceDescriptor,
+    ) -> Result<AsyncReduceHandle> {
+        let bytes = validate_descriptor(desc)?;
+        let world = self.collective_world(CollectiveKind::ReduceScatter)?;
+        let send_bytes = bytes
+            .checked_mul(world)
+            .ok_or_else(|| Error::InvalidArgument("send buffer too large".into()))?;
+        self.start_collective(
+            CollectiveKind::ReduceScatter,
+            0,
+            send,
+            send_bytes,
+            recv,
+            bytes,
+            desc,
+        )
+    }
+
+    /// Tagged (C-style) forms of the three: the handle is kept by tag and
+    /// awaited with [`await_async_collective`](Self::await_async_collective).
+    ///
+    /// # Safety
+    /// As for the matching `*_async_raw` call, until awaited.
+    pub unsafe fn collective_async_tagged(
+        &self,
+        kind: CollectiveKind,
+        send: *const u8,
+        recv: *mut u8,
+        desc: &ReduceDescriptor,
+        root: u32,
+    ) -> Result<()> {
+        self.keep_tagged(desc.tag, || match kind {
+            CollectiveKind::AllReduce => self.all_reduce_async_raw(send, recv, desc),
+            CollectiveKind::Broadcast => {
+                if !std::ptr::eq(send, recv) {
+                    return Err(Error::InvalidArgument(
+                        "a broadcast works in place: send and receive must be the same buffer"
+                            .into(),
+                    ));
+                }
+                self.broadcast_async_raw(recv, desc, root)
+            }
+            CollectiveKind::AllGather => self.all_gather_async_raw(send, recv, desc),
+            CollectiveKind::ReduceScatter => self.reduce_scatter_async_raw(send, recv, desc),
         })
     }
 
@@ -720,7 +982,16 @@ pub struct RawReduceOp {
 /// An all-reduce in flight.
 pub struct AsyncReduceHandle {
     tag: u64,
-    join: Option<tokio::task::JoinHandle<Result<ReduceInfo>>>,
+    join: Option<tokio::task::JoinHandle<Result<CollectiveInfo>>>,
+}
+
+impl std::fmt::Debug for AsyncReduceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncReduceHandle")
+            .field("tag", &self.tag)
+            .field("finished", &self.is_finished())
+            .finish()
+    }
 }
 
 impl AsyncReduceHandle {
@@ -797,12 +1068,24 @@ pub fn validate_descriptor(desc: &ReduceDescriptor) -> Result<usize> {
     Ok(bytes)
 }
 
-fn spec_of(desc: &ReduceDescriptor) -> CollectiveSpec {
+fn spec_of(
+    kind: CollectiveKind,
+    root: u32,
+    algorithm: Algorithm,
+    desc: &ReduceDescriptor,
+) -> CollectiveSpec {
     let quant = desc.quantization.algorithm != QuantizationAlgorithm::None;
+    let reduces = matches!(
+        kind,
+        CollectiveKind::AllReduce | CollectiveKind::ReduceScatter
+    );
     CollectiveSpec {
+        kind: kind as u8,
+        algorithm: algorithm as u8,
+        root,
         count: desc.count as u64,
         datatype: desc.datatype as u8,
-        op: desc.op as u8,
+        op: if reduces { desc.op as u8 } else { 0 },
         quant_datatype: if quant {
             desc.quantization.quantized_datatype as u8
         } else {
@@ -812,13 +1095,40 @@ fn spec_of(desc: &ReduceDescriptor) -> CollectiveSpec {
     }
 }
 
+/// Checks the descriptor of a collective that moves data without reducing
+/// it (broadcast, all-gather): a positive count, no quantization.
+fn validate_unreduced(desc: &ReduceDescriptor, kind: CollectiveKind) -> Result<usize> {
+    if desc.quantization.algorithm != QuantizationAlgorithm::None {
+        return Err(Error::InvalidArgument(format!(
+            "{} does not quantize (it moves each peer's bytes unchanged)",
+            kind.name()
+        )));
+    }
+    validate_descriptor(desc)
+}
+
+/// `$PCCL_ALGORITHM`, or auto when unset or unknown (with a warning).
+fn algorithm_from_env() -> Algorithm {
+    match std::env::var("PCCL_ALGORITHM") {
+        Ok(v) => v.parse().unwrap_or_else(|e| {
+            tracing::warn!("ignoring PCCL_ALGORITHM: {e}");
+            Algorithm::Auto
+        }),
+        Err(_) => Algorithm::Auto,
+    }
+}
+
 struct OpJob {
     ctl: Arc<Control>,
     p2p: Arc<P2p>,
+    kind: CollectiveKind,
+    /// Root rank of a broadcast.
+    root: u32,
     send: usize,
+    send_bytes: usize,
     recv: RawBuf,
     recv_addr: usize,
-    bytes: usize,
+    recv_bytes: usize,
     desc: ReduceDescriptor,
     chunk_bytes: usize,
 }
@@ -841,18 +1151,19 @@ pub(crate) fn error_from_code(code: u8, reason: String) -> Error {
     }
 }
 
-/// One all-reduce from "init sent" to the master's verdict.
-async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
+/// One collective from "init sent" to the master's verdict.
+async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<CollectiveInfo> {
     let me = job.ctl.me();
     let tag = job.desc.tag;
-    let (op_id, ring, route, mut inbox) = loop {
+    let (op_id, ring, algorithm, route, mut inbox) = loop {
         match waiter.recv().await? {
             Routed::Commence {
                 op_id,
                 ring,
+                algorithm,
                 route,
                 inbox,
-            } => break (op_id, ring, route, inbox),
+            } => break (op_id, ring, algorithm, route, inbox),
             // Before "commence" only a refusal (op id 0) can concern this call;
             // a verdict with an op id is a late one for an earlier attempt.
             Routed::Msg(MasterMsg::CollectiveResult {
@@ -873,82 +1184,161 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
     };
     let world = ring.len();
     let rank = ring.iter().position(|p| *p == me).unwrap_or(0);
-    let ds = job.desc.datatype.size();
-    debug_assert_eq!(job.bytes, job.desc.count * ds);
 
-    // The ring reads its input from `send` and writes only `recv`. In place,
-    // it reads a copy instead, which is also what a failure restores.
-    let in_place = job.send == job.recv_addr;
+    // An all-reduce reads its input from `send` and writes only `recv`. In
+    // place, it reads a copy instead, which is also what a failure restores.
+    let in_place = job.kind == CollectiveKind::AllReduce && job.send == job.recv_addr;
     let mut backup: Option<Arc<Vec<u8>>> = None;
     let input = if in_place {
-        let mut copy = job.p2p.take_scratch(job.bytes);
+        let bytes = job.recv_bytes;
+        let mut copy = job.p2p.take_scratch(bytes);
         // SAFETY: the caller guarantees `recv` is valid for `bytes` bytes.
-        let src = unsafe { std::slice::from_raw_parts(job.recv_addr as *const u8, job.bytes) };
-        copy[..job.bytes].copy_from_slice(src);
+        let src = unsafe { std::slice::from_raw_parts(job.recv_addr as *const u8, bytes) };
+        copy[..bytes].copy_from_slice(src);
         let copy = Arc::new(copy);
-        // SAFETY: the ring only reads the input; `copy` is kept alive by
+        // SAFETY: the op only reads the input; `copy` is kept alive by
         // `backup` and by every sender task that may read it.
-        let raw = unsafe { RawBuf::new(copy.as_ptr() as *mut u8, job.bytes) };
+        let raw = unsafe { RawBuf::new(copy.as_ptr() as *mut u8, bytes) };
         backup = Some(copy);
         raw
     } else {
-        // SAFETY: the caller guarantees `send` is valid for `bytes` bytes and
-        // does not overlap `recv` (checked at start); the ring only reads it.
-        unsafe { RawBuf::new(job.send as *mut u8, job.bytes) }
+        // SAFETY: the caller guarantees `send` is valid for `send_bytes`
+        // bytes and does not overlap `recv` unless identical (checked at
+        // start; a broadcast works in place); ops only read it.
+        unsafe { RawBuf::new(job.send as *mut u8, job.send_bytes) }
     };
 
     let quant = (job.desc.quantization.algorithm != QuantizationAlgorithm::None).then_some((
         job.desc.quantization.quantized_datatype,
         job.desc.quantization.algorithm,
     ));
-    let params = RingParams {
+    let abort = CancellationToken::new();
+    let input_owner = backup.clone();
+    let ring_params = |count: usize, phase: RingPhase| RingParams {
         op_id,
         rank,
         world,
-        count: job.desc.count,
+        count,
         dtype: job.desc.datatype,
         op: job.desc.op,
         quant,
         chunk_elems: collectives::chunk_elems(job.desc.datatype, quant, job.chunk_bytes),
+        phase,
     };
-    let abort = CancellationToken::new();
-    let right = route.right;
-
-    let input_owner = backup.clone();
-    let ring_fut = async {
-        let addr = job.ctl.addr_of(right)?;
-        let pool = job.p2p.ensure_pool(right, addr).await?;
-        collectives::run_ring(
-            &params,
-            input,
-            input_owner,
-            job.recv,
-            &mut inbox,
-            &route,
-            &abort,
-            pool,
-            &job.p2p.bufs,
-        )
-        .await
-    };
-    tokio::pin!(ring_fut);
-    // The ring future is always driven to completion (never dropped early):
-    // its tasks read and write the caller's buffers until they are joined.
-    let mut verdict: Option<Result<(bool, u8, String)>> = None;
-    let ring_result = tokio::select! {
-        r = &mut ring_fut => r,
-        v = next_verdict(&mut waiter, op_id) => {
-            // The master decided before we finished (a peer failed or the
-            // master is gone): stop the ring, then honour the verdict.
-            abort.cancel();
-            verdict = Some(v);
-            (&mut ring_fut).await
+    let exchange = async {
+        let right = ring[(rank + 1) % world];
+        let per_rank = job.desc.count;
+        let ring_phase = match job.kind {
+            CollectiveKind::AllReduce => (RingPhase::Full, job.desc.count),
+            CollectiveKind::AllGather => {
+                check_world_shape(world, job.send_bytes, job.recv_bytes, "all-gather receive")?;
+                (RingPhase::AllGather, per_rank * world)
+            }
+            CollectiveKind::ReduceScatter => {
+                check_world_shape(world, job.recv_bytes, job.send_bytes, "reduce-scatter send")?;
+                (RingPhase::ReduceScatter, per_rank * world)
+            }
+            CollectiveKind::Broadcast => (RingPhase::Full, 0),
+        };
+        match (job.kind, algorithm) {
+            (CollectiveKind::AllReduce, Algorithm::Direct) => {
+                let mut pools = Vec::with_capacity(world);
+                for (r, peer) in ring.iter().enumerate() {
+                    if r == rank {
+                        pools.push(None);
+                        continue;
+                    }
+                    let addr = job.ctl.addr_of(*peer)?;
+                    pools.push(Some(job.p2p.ensure_mesh_pool(*peer, addr).await?));
+                }
+                let params = collectives::direct::DirectParams {
+                    op_id,
+                    rank,
+                    count: job.desc.count,
+                    dtype: job.desc.datatype,
+                    op: job.desc.op,
+                    quant,
+                    chunk_elems: collectives::chunk_elems(
+                        job.desc.datatype,
+                        quant,
+                        job.chunk_bytes,
+                    ),
+                };
+                collectives::direct::run_direct(
+                    &params,
+                    &ring,
+                    input,
+                    input_owner.clone(),
+                    job.recv,
+                    &mut inbox,
+                    &route,
+                    &abort,
+                    pools,
+                    &job.p2p.bufs,
+                )
+                .await
+            }
+            (CollectiveKind::Broadcast, _) => {
+                let params = collectives::broadcast::BroadcastParams {
+                    op_id,
+                    rank,
+                    world,
+                    root: job.root as usize,
+                    bytes: job.recv_bytes,
+                    chunk_bytes: collectives::chunk_elems(job.desc.datatype, None, job.chunk_bytes)
+                        * job.desc.datatype.size(),
+                };
+                let pool = if route.sinks.is_empty() {
+                    None
+                } else {
+                    let addr = job.ctl.addr_of(right)?;
+                    Some(job.p2p.ensure_pool(right, addr).await?)
+                };
+                collectives::broadcast::run_broadcast(
+                    &params, job.recv, &mut inbox, &route, &abort, pool,
+                )
+                .await
+            }
+            _ => {
+                let (phase, count) = ring_phase;
+                let params = ring_params(count, phase);
+                let addr = job.ctl.addr_of(right)?;
+                let pool = job.p2p.ensure_pool(right, addr).await?;
+                collectives::run_ring(
+                    &params,
+                    input,
+                    input_owner.clone(),
+                    job.recv,
+                    &mut inbox,
+                    &route,
+                    &abort,
+                    pool,
+                    &job.p2p.bufs,
+                )
+                .await
+            }
         }
     };
-    let outcome: Result<ReduceInfo> = match ring_result {
+    tokio::pin!(exchange);
+    // The exchange is always driven to completion (never dropped early):
+    // its tasks read and write the caller's buffers until they are joined.
+    let mut verdict: Option<Result<(bool, u8, String)>> = None;
+    let exchanged = tokio::select! {
+        r = &mut exchange => r,
+        v = next_verdict(&mut waiter, op_id) => {
+            // The master decided before we finished (a peer failed or the
+            // master is gone): stop the op, then honour the verdict.
+            abort.cancel();
+            verdict = Some(v);
+            (&mut exchange).await
+        }
+    };
+    let outcome: Result<CollectiveInfo> = match exchanged {
         Ok((tx, rx)) => {
-            let info = ReduceInfo {
-                local_world_size: world as u32,
+            let info = CollectiveInfo {
+                world_size: world as u32,
+                rank: rank as u32,
+                algorithm,
                 tx_bytes: tx,
                 rx_bytes: rx,
             };
@@ -994,20 +1384,32 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<ReduceInfo> {
         }
     };
     if let Err(e) = &outcome {
-        tracing::debug!(peer = %me, tag, op_id, "all-reduce failed: {e}");
+        tracing::debug!(peer = %me, tag, op_id, kind = job.kind.name(), "collective failed: {e}");
         if let Some(b) = &backup {
-            // SAFETY: every ring task has been joined; `recv` is ours again.
+            // SAFETY: every task of the op has been joined; `recv` is ours again.
             unsafe {
-                std::ptr::copy_nonoverlapping(b.as_ptr(), job.recv_addr as *mut u8, job.bytes)
+                std::ptr::copy_nonoverlapping(b.as_ptr(), job.recv_addr as *mut u8, job.recv_bytes)
             };
         }
     }
-    // Every ring task is joined here, so this is the last reference; the
-    // copy is kept for the next in-place op.
+    // Every task is joined here, so this is the last reference; the copy
+    // is kept for the next in-place op.
     if let Some(b) = backup.and_then(|b| Arc::try_unwrap(b).ok()) {
         job.p2p.put_scratch(b);
     }
     outcome
+}
+
+/// An all-gather's receive buffer (a reduce-scatter's send buffer) holds
+/// one share per peer: fails when the group changed size since the call.
+fn check_world_shape(world: usize, share: usize, whole: usize, what: &str) -> Result<()> {
+    if share.checked_mul(world) != Some(whole) {
+        return Err(Error::RankConnectionLost(format!(
+            "the group has {world} peers now, but the {what} buffer holds {} shares",
+            whole / share.max(1)
+        )));
+    }
+    Ok(())
 }
 
 /// How long a peer whose ring failed waits for the master's reason.

@@ -29,6 +29,8 @@ const EARLY_FRAME_WAIT: Duration = Duration::from_secs(30);
 
 /// A received data frame.
 pub struct Frame {
+    /// The peer that sent it.
+    pub from: PeerId,
     pub header: DataHeader,
     /// Empty when the reader landed a raw payload in the op's buffer; for a
     /// landed quantized frame, the encoded bytes (already decoded there).
@@ -39,8 +41,10 @@ pub struct Frame {
 
 /// What a reader delivers to a running operation.
 pub struct OpRoute {
-    pub left: PeerId,
-    pub right: PeerId,
+    /// Peers whose frames the op accepts (for the ring: the left neighbour).
+    pub sources: Vec<PeerId>,
+    /// Peers the op sends to (for the ring: the right neighbour).
+    pub sinks: Vec<PeerId>,
     pub tx: mpsc::Sender<Frame>,
     /// Cancelled when a connection the op depends on breaks.
     pub lost: CancellationToken,
@@ -50,10 +54,10 @@ pub struct OpRoute {
 }
 
 impl OpRoute {
-    pub fn new(left: PeerId, right: PeerId, tx: mpsc::Sender<Frame>) -> Self {
+    pub fn new(sources: Vec<PeerId>, sinks: Vec<PeerId>, tx: mpsc::Sender<Frame>) -> Self {
         OpRoute {
-            left,
-            right,
+            sources,
+            sinks,
             tx,
             lost: CancellationToken::new(),
             lost_reason: Arc::new(Mutex::new(None)),
@@ -75,6 +79,8 @@ impl OpRoute {
 
 /// One outgoing data connection.
 pub struct OutConn {
+    /// The peer at the other end.
+    peer: PeerId,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     /// The socket, to shut it down synchronously when a frame is abandoned.
     fd: std::os::fd::RawFd,
@@ -104,6 +110,10 @@ impl Drop for WriteGuard<'_> {
 }
 
 impl OutConn {
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::SeqCst)
     }
@@ -313,7 +323,7 @@ impl P2p {
         let reason = self.clone().read_frames(rd, hello.from).await;
         tracing::debug!(peer = %me, from = %hello.from, "ring connection closed: {reason}");
         self.fail_ops_with(
-            |r| r.left == hello.from,
+            |r| r.sources.contains(&hello.from),
             &format!("connection from peer {} lost: {reason}", hello.from),
         );
     }
@@ -352,7 +362,7 @@ impl P2p {
                 .as_ref()
                 .and_then(|r| r.landing.get())
                 .and_then(|l| Some((l, l.target(&header)?)));
-            let frame = match self.read_payload(&mut rd, header, landing).await {
+            let frame = match self.read_payload(&mut rd, from, header, landing).await {
                 Ok(f) => f,
                 Err(why) => return why,
             };
@@ -371,11 +381,13 @@ impl P2p {
     async fn read_payload(
         &self,
         rd: &mut OwnedReadHalf,
+        from: PeerId,
         header: DataHeader,
         landing: Option<(&Arc<Landing>, (usize, usize))>,
     ) -> std::result::Result<Option<Frame>, String> {
         let len = header.payload_len as usize;
         let frame = |payload, landed| Frame {
+            from,
             header,
             payload,
             landed,
@@ -438,10 +450,9 @@ impl P2p {
         let Some(route) = route else {
             return Ok(None);
         };
-        if route.left != from {
+        if !route.sources.contains(&from) {
             return Err(format!(
-                "peer {from} sent data for op {op_id}, whose left neighbour is {}",
-                route.left
+                "peer {from} sent data for op {op_id}, which takes none from it"
             ));
         }
         Ok(Some(route))
@@ -488,23 +499,44 @@ impl P2p {
         }
     }
 
-    /// Returns a healthy pool to `peer`, dialing `addr` if needed.
+    /// Returns a healthy pool to `peer` (a ring neighbour: the configured
+    /// pool size), dialing `addr` if needed.
     pub async fn ensure_pool(
         self: &Arc<Self>,
         peer: PeerId,
         addr: SocketAddr,
     ) -> Result<Arc<OutPool>> {
-        if let Some(p) = self.healthy_pool(peer) {
+        self.ensure_pool_of(peer, addr, self.pool_size).await
+    }
+
+    /// Returns a healthy pool to `peer` of any size, dialing one
+    /// connection if there is none: what one-hop algorithms use to reach
+    /// peers that are not ring neighbours.
+    pub async fn ensure_mesh_pool(
+        self: &Arc<Self>,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<Arc<OutPool>> {
+        self.ensure_pool_of(peer, addr, 1).await
+    }
+
+    async fn ensure_pool_of(
+        self: &Arc<Self>,
+        peer: PeerId,
+        addr: SocketAddr,
+        size: usize,
+    ) -> Result<Arc<OutPool>> {
+        if let Some(p) = self.healthy_pool(peer, size) {
             return Ok(p);
         }
         let _dialing = self.dial_lock.lock().await;
-        if let Some(p) = self.healthy_pool(peer) {
+        if let Some(p) = self.healthy_pool(peer, size) {
             return Ok(p);
         }
         let me = self.me();
-        let dials = (0..self.pool_size).map(|_| self.dial_one(peer, addr));
+        let dials = (0..size).map(|_| self.dial_one(peer, addr));
         let results = futures_join_all(dials).await;
-        let mut conns = Vec::with_capacity(self.pool_size);
+        let mut conns = Vec::with_capacity(size);
         for r in results {
             conns.push(r?);
         }
@@ -516,10 +548,13 @@ impl P2p {
         Ok(pool)
     }
 
-    fn healthy_pool(&self, peer: PeerId) -> Option<Arc<OutPool>> {
+    /// A healthy pool of at least `size` connections to `peer` (a smaller
+    /// one, dialed for a one-hop op, is replaced by a full one).
+    fn healthy_pool(&self, peer: PeerId, size: usize) -> Option<Arc<OutPool>> {
         let mut pools = self.out_pools.lock().ok()?;
         match pools.get(&peer) {
-            Some(p) if p.healthy() => Some(p.clone()),
+            Some(p) if p.healthy() && p.conns.len() >= size => Some(p.clone()),
+            Some(p) if p.healthy() => None,
             Some(_) => {
                 pools.remove(&peer);
                 None
@@ -554,6 +589,7 @@ impl P2p {
         let (mut rd, wr) = s.into_split();
         let closed = self.shutdown.child_token();
         let conn = Arc::new(OutConn {
+            peer,
             writer: tokio::sync::Mutex::new(wr),
             fd,
             broken: AtomicBool::new(false),
@@ -577,7 +613,7 @@ impl P2p {
             watched.broken.store(true, Ordering::SeqCst);
             tracing::debug!(peer = %me, to = %peer, seq, "ring connection lost: {why}");
             this.fail_ops_with(
-                |r| r.right == peer,
+                |r| r.sinks.contains(&peer),
                 &format!("connection to peer {peer} lost: {why}"),
             );
         });

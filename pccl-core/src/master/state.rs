@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::error::Error;
+use crate::types::{Algorithm, CollectiveKind, DataType, DIRECT_MAX_WORLD};
 use crate::wire::{
     CollectiveSpec, FailCode, FetchItem, MasterMsg, PeerEntry, PeerId, PeerMsg, TensorMeta,
     WorldInfo,
@@ -75,6 +76,15 @@ pub struct MasterConfig {
     pub peer_timeout_ms: u64,
     /// Establish rounds that may fail in a row before update topology fails.
     pub max_establish_attempts: u32,
+    /// Largest all-reduce (bytes on the wire per contribution) that runs
+    /// the one-hop direct algorithm when the peers leave the choice to the
+    /// master. `None`: derived per world size from `link_latency_us` and
+    /// `link_bandwidth_bps` ([`small_op_threshold`]).
+    pub small_op_max_bytes: Option<u64>,
+    /// One-way latency between peers the automatic threshold assumes.
+    pub link_latency_us: u64,
+    /// Per-peer bandwidth the automatic threshold assumes.
+    pub link_bandwidth_bps: u64,
 }
 
 impl Default for MasterConfig {
@@ -82,8 +92,94 @@ impl Default for MasterConfig {
         MasterConfig {
             peer_timeout_ms: 5_000,
             max_establish_attempts: 3,
+            small_op_max_bytes: None,
+            link_latency_us: 1_000,
+            link_bandwidth_bps: 1_000_000_000,
         }
     }
+}
+
+/// Upper bound of the automatic threshold. The direct algorithm stages
+/// every contribution, (w-1) buffers, on each peer, and each peer reduces
+/// the whole buffer where the ring splits that work w ways: past a few
+/// hundred KiB the CPU time outweighs the hops saved, even on a LAN.
+pub const DIRECT_MAX_BYTES: u64 = 256 << 10;
+
+/// The largest all-reduce (bytes per contribution) for which the direct
+/// algorithm beats the ring, from a latency/bandwidth cost model:
+/// direct takes `a + (w-1)·n/b` (one hop, w-1 copies of the buffer out of
+/// each peer), the ring `2(w-1)·a + 2(w-1)/w·n/b`, so direct wins for
+/// `n < (2w-3)·w·a·b / ((w-1)(w-2))`; at w = 2 it always does (the same
+/// bytes in one hop instead of two). Capped at [`DIRECT_MAX_BYTES`].
+pub fn small_op_threshold(world: usize, latency_us: u64, bandwidth_bps: u64) -> u64 {
+    if !(2..=DIRECT_MAX_WORLD).contains(&world) {
+        return 0;
+    }
+    if world == 2 {
+        return DIRECT_MAX_BYTES;
+    }
+    let w = world as u128;
+    // a·b in bytes: latency (s) × bandwidth (bytes/s).
+    let ab = latency_us as u128 * (bandwidth_bps as u128 / 8) / 1_000_000;
+    let n = (2 * w - 3) * w * ab / ((w - 1) * (w - 2));
+    n.min(DIRECT_MAX_BYTES as u128) as u64
+}
+
+/// The algorithm an op of `spec` over `world` peers runs: the peers'
+/// common request, or the master's choice when they leave it open.
+/// `Err` when the request cannot be honoured.
+pub fn choose_algorithm(
+    spec: &CollectiveSpec,
+    world: usize,
+    cfg: &MasterConfig,
+) -> Result<Algorithm, Error> {
+    let kind = CollectiveKind::from_raw(spec.kind)?;
+    let asked = Algorithm::from_raw(spec.algorithm)?;
+    if kind != CollectiveKind::AllReduce {
+        return match asked {
+            Algorithm::Auto | Algorithm::Ring => Ok(Algorithm::Ring),
+            Algorithm::Direct => Err(Error::InvalidArgument(format!(
+                "the direct algorithm is for all-reduce only, not {}",
+                kind.name()
+            ))),
+        };
+    }
+    match asked {
+        Algorithm::Ring => Ok(Algorithm::Ring),
+        Algorithm::Direct if world <= DIRECT_MAX_WORLD => Ok(Algorithm::Direct),
+        Algorithm::Direct => Err(Error::InvalidArgument(format!(
+            "the direct algorithm runs in groups of at most {DIRECT_MAX_WORLD} peers, this one has {world}"
+        ))),
+        Algorithm::Auto => {
+            // An explicit threshold is the user's to set, beyond the cap too.
+            let threshold = match cfg.small_op_max_bytes {
+                Some(t) if world <= DIRECT_MAX_WORLD => t,
+                Some(_) => 0,
+                None => small_op_threshold(world, cfg.link_latency_us, cfg.link_bandwidth_bps),
+            };
+            Ok(if wire_bytes(spec) <= threshold {
+                Algorithm::Direct
+            } else {
+                Algorithm::Ring
+            })
+        }
+    }
+}
+
+/// Bytes of one whole contribution on the wire (quantized: the code type's
+/// size per element, ignoring the small per-block metadata).
+fn wire_bytes(spec: &CollectiveSpec) -> u64 {
+    let size = |raw: u8| {
+        DataType::from_raw(raw as u32)
+            .map(|d| d.size() as u64)
+            .unwrap_or(8)
+    };
+    let elem = if spec.quant_algorithm != 0 {
+        size(spec.quant_datatype)
+    } else {
+        size(spec.datatype)
+    };
+    spec.count.saturating_mul(elem)
 }
 
 impl MasterConfig {
@@ -715,7 +811,7 @@ impl MasterState {
             }
             Some(coll) if coll.spec != spec => {
                 let e = Error::InvalidUsage(format!(
-                    "peers disagree on the all-reduce with tag {tag}: {:?} vs {:?}",
+                    "peers disagree on the collective with tag {tag}: {:?} vs {:?}",
                     coll.spec, spec
                 ));
                 self.result(conn, tag, 0, Err(e.clone()));
@@ -751,13 +847,37 @@ impl MasterState {
         if coll.running.is_some() || coll.voters != members {
             return;
         }
+        let kind = CollectiveKind::from_raw(coll.spec.kind)
+            .map(CollectiveKind::name)
+            .unwrap_or("collective");
         if members.len() < 2 {
             self.fail_collective(
                 key,
                 Error::TooFewPeers(format!(
-                    "all-reduce needs at least 2 peers in group {}, have {}",
+                    "{kind} needs at least 2 peers in group {}, have {}",
                     key.0,
                     members.len()
+                )),
+            );
+            return;
+        }
+        let algorithm = match choose_algorithm(&coll.spec, members.len(), &self.cfg) {
+            Ok(a) => a,
+            Err(e) => {
+                self.fail_collective(key, e);
+                return;
+            }
+        };
+        if coll.spec.kind == CollectiveKind::Broadcast as u8
+            && coll.spec.root as usize >= members.len()
+        {
+            self.fail_collective(
+                key,
+                Error::InvalidArgument(format!(
+                    "broadcast root {} is not a rank of the {} peers of group {}",
+                    coll.spec.root,
+                    members.len(),
+                    key.0
                 )),
             );
             return;
@@ -781,6 +901,7 @@ impl MasterState {
                     tag: key.1,
                     op_id,
                     ring: ring.clone(),
+                    algorithm: algorithm as u8,
                 },
             );
         }

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use proptest::prelude::*;
 
 use super::*;
+use crate::types::{Algorithm, CollectiveKind};
 use crate::wire::{
     CollectiveSpec, FetchItem, MasterMsg, PeerEntry, PeerId, PeerMsg, TensorMeta, WorldInfo,
 };
@@ -83,6 +84,9 @@ fn world(global_world: u32, group_world: u32, num_groups: u32, largest_group: u3
 
 fn spec(count: u64) -> CollectiveSpec {
     CollectiveSpec {
+        kind: 0,
+        algorithm: 0,
+        root: 0,
         count,
         datatype: 10,
         op: 0,
@@ -247,7 +251,9 @@ fn sync_verdict(msg: &MasterMsg) -> (u64, bool, u8) {
 /// (tag, op_id, ring) of a commence message.
 fn commence(msg: &MasterMsg) -> (u64, u64, Vec<PeerId>) {
     match msg {
-        MasterMsg::CollectiveCommence { tag, op_id, ring } => (*tag, *op_id, ring.clone()),
+        MasterMsg::CollectiveCommence {
+            tag, op_id, ring, ..
+        } => (*tag, *op_id, ring.clone()),
         other => panic!("expected a commence, got {other:?}"),
     }
 }
@@ -872,6 +878,7 @@ fn commence_waits_for_every_group_member() {
                 tag: 5,
                 op_id: 1,
                 ring: ids(&[1, 2, 3]),
+                algorithm: Algorithm::Direct as u8,
             }
         );
     }
@@ -1175,6 +1182,7 @@ fn leave_before_an_op_starts_is_not_an_error_for_the_others() {
                     tag: 6,
                     op_id: 1,
                     ring: ids(&[1, 2]),
+                    algorithm: Algorithm::Direct as u8,
                 },
                 MasterMsg::World {
                     world: world(3, 2, 2, 2)
@@ -1901,6 +1909,7 @@ impl Sim {
             m: MasterState::new(MasterConfig {
                 peer_timeout_ms: SIM_TIMEOUT_MS,
                 max_establish_attempts: 3,
+                ..MasterConfig::default()
             }),
             program,
             groups,
@@ -2158,9 +2167,9 @@ impl Sim {
                         MasterMsg::Kick { reason } => {
                             panic!("a correct peer {conn} was kicked: {reason}")
                         }
-                        MasterMsg::CollectiveCommence { tag, op_id, ring } => {
-                            self.check_commence(*conn, group, *tag, *op_id, ring, &closed_now)
-                        }
+                        MasterMsg::CollectiveCommence {
+                            tag, op_id, ring, ..
+                        } => self.check_commence(*conn, group, *tag, *op_id, ring, &closed_now),
                         MasterMsg::CollectiveResult {
                             tag,
                             op_id,
@@ -3048,5 +3057,149 @@ proptest! {
                 prop_assert!(ring.iter().all(|c| m.peers.get(c).is_some_and(|p| p.phase == Phase::Accepted)));
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Algorithm choice
+// ---------------------------------------------------------------------------
+
+fn spec_of_kind(kind: CollectiveKind, algorithm: Algorithm, count: u64) -> CollectiveSpec {
+    CollectiveSpec {
+        kind: kind as u8,
+        algorithm: algorithm as u8,
+        ..spec(count)
+    }
+}
+
+#[test]
+fn small_op_threshold_follows_the_cost_model() {
+    // 1 ms one-way and 1 Gbit/s: a·b = 125 000 bytes.
+    let (a, b) = (1_000, 1_000_000_000);
+    assert_eq!(small_op_threshold(2, a, b), DIRECT_MAX_BYTES);
+    // (2w-3)·w·ab / ((w-1)(w-2)): w=3 gives 4.5·ab, capped.
+    assert_eq!(small_op_threshold(3, a, b), DIRECT_MAX_BYTES);
+    // Loopback-like: 20 µs, 10 Gbit/s → ab = 25 000; w = 4: 10/3·ab.
+    assert_eq!(small_op_threshold(4, 20, 10_000_000_000), 83_333);
+    // w = 8: 13·8/(7·6)·ab.
+    assert_eq!(small_op_threshold(8, 20, 10_000_000_000), 61_904);
+    // Larger worlds have a smaller threshold; none outside 2..=16.
+    assert!(small_op_threshold(16, 20, 10_000_000_000) < 61_904);
+    assert_eq!(small_op_threshold(1, a, b), 0);
+    assert_eq!(small_op_threshold(DIRECT_MAX_WORLD + 1, a, b), 0);
+}
+
+#[test]
+fn the_master_chooses_direct_only_for_small_all_reduces() {
+    let cfg = MasterConfig {
+        small_op_max_bytes: Some(1024),
+        ..MasterConfig::default()
+    };
+    let ar = |count, algo| spec_of_kind(CollectiveKind::AllReduce, algo, count);
+    // f32: 256 elements are 1024 bytes.
+    assert_eq!(
+        choose_algorithm(&ar(256, Algorithm::Auto), 4, &cfg),
+        Ok(Algorithm::Direct)
+    );
+    assert_eq!(
+        choose_algorithm(&ar(257, Algorithm::Auto), 4, &cfg),
+        Ok(Algorithm::Ring)
+    );
+    // Quantized to u8: 1024 elements are 1024 bytes on the wire.
+    let q = CollectiveSpec {
+        quant_datatype: 0,
+        quant_algorithm: 1,
+        ..ar(1024, Algorithm::Auto)
+    };
+    assert_eq!(choose_algorithm(&q, 4, &cfg), Ok(Algorithm::Direct));
+    // A request is honoured either way.
+    assert_eq!(
+        choose_algorithm(&ar(1 << 30, Algorithm::Direct), 4, &cfg),
+        Ok(Algorithm::Direct)
+    );
+    assert_eq!(
+        choose_algorithm(&ar(1, Algorithm::Ring), 4, &cfg),
+        Ok(Algorithm::Ring)
+    );
+    // Too many peers for a full mesh.
+    assert_eq!(
+        choose_algorithm(&ar(1, Algorithm::Auto), DIRECT_MAX_WORLD + 1, &cfg),
+        Ok(Algorithm::Ring)
+    );
+    assert!(matches!(
+        choose_algorithm(&ar(1, Algorithm::Direct), DIRECT_MAX_WORLD + 1, &cfg),
+        Err(Error::InvalidArgument(_))
+    ));
+    // The other collectives run on the ring; direct is refused.
+    for kind in [
+        CollectiveKind::Broadcast,
+        CollectiveKind::AllGather,
+        CollectiveKind::ReduceScatter,
+    ] {
+        assert_eq!(
+            choose_algorithm(&spec_of_kind(kind, Algorithm::Auto, 1), 4, &cfg),
+            Ok(Algorithm::Ring)
+        );
+        assert!(matches!(
+            choose_algorithm(&spec_of_kind(kind, Algorithm::Direct, 1), 4, &cfg),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+    // Unknown kinds or algorithms are invalid arguments, never a panic.
+    let bad = CollectiveSpec { kind: 9, ..spec(1) };
+    assert!(matches!(
+        choose_algorithm(&bad, 4, &cfg),
+        Err(Error::InvalidArgument(_))
+    ));
+    let bad = CollectiveSpec {
+        algorithm: 9,
+        ..spec(1)
+    };
+    assert!(matches!(
+        choose_algorithm(&bad, 4, &cfg),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn commence_carries_the_chosen_algorithm_and_bad_roots_fail() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    // A 4 KiB all-reduce is under the automatic threshold: direct.
+    for c in [1, 2] {
+        assert!(m.msg(c, init(5)).is_empty());
+    }
+    let acts = m.msg(3, init(5));
+    let MasterMsg::CollectiveCommence { algorithm, .. } = only(&acts, 3) else {
+        panic!("expected a commence");
+    };
+    assert_eq!(algorithm, Algorithm::Direct as u8);
+    // A 1 MiB one is past it: the ring.
+    let big = PeerMsg::CollectiveInit {
+        tag: 6,
+        spec: spec(1 << 18),
+    };
+    for c in [1, 2] {
+        assert!(m.msg(c, big.clone()).is_empty());
+    }
+    let acts = m.msg(3, big);
+    let MasterMsg::CollectiveCommence { algorithm, .. } = only(&acts, 3) else {
+        panic!("expected a commence");
+    };
+    assert_eq!(algorithm, Algorithm::Ring as u8);
+    // A broadcast from a root past the world fails every voter.
+    let bcast = |root| PeerMsg::CollectiveInit {
+        tag: 9,
+        spec: CollectiveSpec {
+            kind: CollectiveKind::Broadcast as u8,
+            root,
+            ..spec(10)
+        },
+    };
+    assert!(m.msg(1, bcast(3)).is_empty());
+    assert!(m.msg(2, bcast(3)).is_empty());
+    let acts = m.msg(3, bcast(3));
+    for c in [1, 2, 3] {
+        let (tag, op_id, ok, code) = verdict(&only(&acts, c));
+        assert_eq!((tag, op_id, ok, code), (9, 0, false, INVALID_ARGUMENT));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use pccl_core::{Communicator, CommunicatorConfig, MasterConfig, MasterNode};
+use pccl_core::{Algorithm, Communicator, CommunicatorConfig, MasterConfig, MasterNode};
 
 pub fn master() -> MasterNode {
     master_with(MasterConfig::default())
@@ -20,10 +20,18 @@ pub fn master_with(cfg: MasterConfig) -> MasterNode {
     m
 }
 
+/// A loopback peer's config. It asks for the ring: these suites assert the
+/// ring's exact traffic and error bounds (`collectives.rs` covers the
+/// master's choice and the direct algorithm).
 pub fn config(master: SocketAddr) -> CommunicatorConfig {
+    config_with(master, Algorithm::Ring)
+}
+
+pub fn config_with(master: SocketAddr, algorithm: Algorithm) -> CommunicatorConfig {
     let mut c = CommunicatorConfig::new(master).with_ephemeral_ports();
     c.bind_ip = "127.0.0.1".parse().unwrap();
     c.connect_timeout = Duration::from_secs(5);
+    c.algorithm = algorithm;
     c
 }
 
@@ -34,9 +42,19 @@ pub fn connect_peers(
     n: usize,
     group_of: impl Fn(usize) -> u32,
 ) -> Vec<Arc<Communicator>> {
+    connect_peers_with(master, n, group_of, Algorithm::Ring)
+}
+
+/// [`connect_peers`] with peers that ask for `algorithm`.
+pub fn connect_peers_with(
+    master: SocketAddr,
+    n: usize,
+    group_of: impl Fn(usize) -> u32,
+    algorithm: Algorithm,
+) -> Vec<Arc<Communicator>> {
     let mut peers: Vec<Arc<Communicator>> = Vec::new();
     for i in 0..n {
-        let mut cfg = config(master);
+        let mut cfg = config_with(master, algorithm);
         cfg.peer_group = group_of(i);
         let joiner = thread::spawn(move || {
             let c = Communicator::new(cfg).expect("new communicator");

@@ -1,11 +1,14 @@
 //! Ring all-reduce: reduce-scatter then all-gather, pipelined in sub-chunks
 //! that are processed as they arrive (in any order) and striped over the
-//! connection pool to the right neighbour.
+//! connection pool to the right neighbour. Either half also runs alone
+//! ([`RingPhase`]): the reduce-scatter and all-gather collectives.
 //!
-//! Rank `r` of `w` owns segment `(r+1) mod w` at the end of reduce-scatter.
-//! In the all-gather every peer, the owner included, ends with the owner's
-//! exact bytes (for quantized ops the owner adopts the dequantized values of
-//! what it sends), so results are bit-identical everywhere.
+//! Rank `r` of `w` owns ring segment `(r+1) mod w` at the end of
+//! reduce-scatter. In the all-gather every peer, the owner included, ends
+//! with the owner's exact bytes (for quantized ops the owner adopts the
+//! dequantized values of what it sends), so results are bit-identical
+//! everywhere. The standalone halves rotate the buffer by one segment
+//! (`seg_shift`), so rank `r`'s ring segment is buffer segment `r`.
 
 use std::sync::Arc;
 
@@ -13,51 +16,25 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bufpool::{BufPool, PooledBuf};
-use crate::comm::p2p::{Frame, OpRoute, OutConn, OutPool};
+use super::{join_all, sender_task, Payload, RawBuf, SendItem};
+use crate::bufpool::BufPool;
+use crate::comm::p2p::{Frame, OpRoute, OutPool};
 use crate::error::{Error, Result};
 use crate::types::{DataType, QuantizationAlgorithm, ReduceOp};
 use crate::wire::{DataHeader, Encoding};
 use crate::{kernels, quant};
 
-/// A caller-owned byte buffer the ring reads and writes through raw
-/// pointers. The op that holds it joins every task using it before returning.
-#[derive(Clone, Copy)]
-pub(crate) struct RawBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: RawBuf is only a pointer and a length; the all-reduce that creates
-// it guarantees the memory outlives every task it is handed to (all tasks are
-// joined before the op returns) and the ring's schedule never has two tasks
-// write the same bytes at once.
-unsafe impl Send for RawBuf {}
-// SAFETY: see `Send`.
-unsafe impl Sync for RawBuf {}
-
-impl RawBuf {
-    /// # Safety
-    /// `ptr` must be valid for reads and writes of `len` bytes for as long
-    /// as any copy of the returned value is used.
-    pub(crate) unsafe fn new(ptr: *mut u8, len: usize) -> Self {
-        RawBuf { ptr, len }
-    }
-
-    /// # Safety
-    /// The range must not be written concurrently while the slice lives.
-    unsafe fn slice(&self, off: usize, len: usize) -> &[u8] {
-        debug_assert!(off + len <= self.len);
-        std::slice::from_raw_parts(self.ptr.add(off), len)
-    }
-
-    /// # Safety
-    /// The range must not be accessed by anyone else while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice_mut(&self, off: usize, len: usize) -> &mut [u8] {
-        debug_assert!(off + len <= self.len);
-        std::slice::from_raw_parts_mut(self.ptr.add(off), len)
-    }
+/// Which steps of the ring an op runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RingPhase {
+    /// Reduce-scatter then all-gather: all-reduce.
+    Full,
+    /// Only the reduce-scatter: each rank ends with its reduced segment,
+    /// written at the start of its (segment-sized) result buffer.
+    ReduceScatter,
+    /// Only the all-gather: each rank's input becomes its segment of every
+    /// rank's result.
+    AllGather,
 }
 
 /// Everything that defines one ring pass.
@@ -71,15 +48,53 @@ pub(crate) struct RingParams {
     pub op: ReduceOp,
     pub quant: Option<(DataType, QuantizationAlgorithm)>,
     pub chunk_elems: usize,
+    pub phase: RingPhase,
 }
 
 impl RingParams {
+    /// Ring segment `s` maps onto buffer segment `s - shift`: the halves
+    /// run alone put rank `r`'s segment (ring segment `r+1`) at buffer
+    /// segment `r`.
+    fn seg_shift(&self) -> usize {
+        match self.phase {
+            RingPhase::Full => 0,
+            RingPhase::ReduceScatter | RingPhase::AllGather => 1,
+        }
+    }
+
     fn seg_range(&self, s: usize) -> (usize, usize) {
+        let b = (s + self.world - self.seg_shift()) % self.world;
         let w = self.world as u128;
         let n = self.count as u128;
-        let a = (s as u128 * n / w) as usize;
-        let b = ((s as u128 + 1) * n / w) as usize;
-        (a, b)
+        let a = (b as u128 * n / w) as usize;
+        let e = ((b as u128 + 1) * n / w) as usize;
+        (a, e)
+    }
+
+    /// The steps this op runs: `first_step()..end_step()`.
+    fn first_step(&self) -> usize {
+        match self.phase {
+            RingPhase::Full | RingPhase::ReduceScatter => 0,
+            RingPhase::AllGather => self.world - 1,
+        }
+    }
+
+    fn end_step(&self) -> usize {
+        match self.phase {
+            RingPhase::Full | RingPhase::AllGather => self.steps(),
+            RingPhase::ReduceScatter => self.world - 1,
+        }
+    }
+
+    /// The ring segment this rank owns after reduce-scatter.
+    fn owned_segment(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    /// First element of the owned segment: where a reduce-scatter result
+    /// buffer starts in the whole buffer's coordinates.
+    fn owned_base(&self) -> usize {
+        self.seg_range(self.owned_segment()).0
     }
 
     fn chunks_in(&self, s: usize) -> usize {
@@ -114,21 +129,6 @@ impl RingParams {
     fn steps(&self) -> usize {
         2 * (self.world - 1)
     }
-}
-
-enum Payload {
-    /// Bytes of a caller buffer (the input or the result).
-    Borrowed {
-        buf: RawBuf,
-        off: usize,
-        len: usize,
-    },
-    Owned(PooledBuf),
-}
-
-struct SendItem {
-    header: [u8; DataHeader::LEN],
-    payload: Payload,
 }
 
 /// Lets the p2p readers write all-gather values straight into the caller's
@@ -212,7 +212,7 @@ impl Landing {
         } else {
             Encoding::Raw
         };
-        if h.encoding != encoding || step < p.world - 1 || step >= p.steps() {
+        if h.encoding != encoding || step < p.world - 1 || step >= p.end_step() {
             return None;
         }
         let seg = p.recv_segment(step);
@@ -335,36 +335,6 @@ impl Drop for CloseLanding {
     }
 }
 
-/// Sends queued frames on one connection until the queue closes.
-/// `_input_owner` keeps library-owned input memory alive while this task
-/// may still read it.
-async fn sender_task(
-    conn: Arc<OutConn>,
-    queue: async_channel::Receiver<SendItem>,
-    failed: CancellationToken,
-    _input_owner: Option<Arc<Vec<u8>>>,
-) -> Result<u64> {
-    let mut sent = 0u64;
-    while let Ok(item) = queue.recv().await {
-        let payload: &[u8] = match &item.payload {
-            // SAFETY: the range was final when it was queued and the ring
-            // never writes it again while the op runs (see `Landing`); the
-            // op joins this task before the caller's buffers are released,
-            // and library-owned input lives in `_input_owner`.
-            Payload::Borrowed { buf, off, len } => unsafe { buf.slice(*off, *len) },
-            Payload::Owned(b) => b,
-        };
-        if let Err(e) = conn.write_frame(&item.header, payload).await {
-            failed.cancel();
-            return Err(Error::RankConnectionLost(format!(
-                "sending to the right neighbour failed: {e}"
-            )));
-        }
-        sent += (DataHeader::LEN + payload.len()) as u64;
-    }
-    Ok(sent)
-}
-
 /// One op's ring schedule. Data flow per sub-chunk:
 /// * step 0 sends this peer's own segment straight from `input`;
 /// * a reduce-scatter hop reduces the received partial sum with `input`
@@ -394,29 +364,6 @@ struct RingState {
     bufs: Arc<BufPool>,
     tx_q: async_channel::Sender<SendItem>,
     rx_bytes: u64,
-}
-
-/// Joins every task of `set`, passing each success to `on_ok`; returns the
-/// first error (a task's own, or its panic), ignoring cancelled tasks.
-async fn join_all<T: 'static>(
-    set: &mut JoinSet<Result<T>>,
-    what: &str,
-    mut on_ok: impl FnMut(T),
-) -> Option<Error> {
-    let mut first = None;
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(Ok(v)) => on_ok(v),
-            Ok(Err(e)) => {
-                first.get_or_insert(e);
-            }
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => {
-                first.get_or_insert(Error::Internal(format!("{what} task failed: {e}")));
-            }
-        }
-    }
-    first
 }
 
 impl RingState {
@@ -458,11 +405,23 @@ impl RingState {
         let mut seen: Vec<Vec<bool>> = (0..steps)
             .map(|s| vec![false; p.chunks_in(p.recv_segment(s))])
             .collect();
-        let mut remaining: usize = seen.iter().map(Vec::len).sum();
+        let mut remaining: usize = (p.first_step()..p.end_step()).map(|s| seen[s].len()).sum();
 
+        if p.phase == RingPhase::AllGather {
+            // This peer's contribution is its owned segment from the start.
+            let own = p.owned_segment();
+            for c in 0..p.chunks_in(own) {
+                self.start_owned(own, c)?;
+            }
+        }
         // Step 0: this peer's own segment (encoded in hop tasks when
         // quantized, so the first frames do not wait for all of it).
-        for c in 0..p.chunks_in(p.rank) {
+        let first_sends = if p.phase == RingPhase::AllGather {
+            0
+        } else {
+            p.chunks_in(p.rank)
+        };
+        for c in 0..first_sends {
             if p.quant.is_some() {
                 let hop = self.clone();
                 hops.spawn(async move { hop.send_input(hop.p.rank, c) });
@@ -506,7 +465,7 @@ impl RingState {
             Error::RankConnectionLost(format!("left neighbour sent a malformed frame: {what}"))
         };
         let step = h.step as usize;
-        if step >= p.steps() {
+        if step < p.first_step() || step >= p.end_step() {
             return Err(bad("step out of range"));
         }
         let seg = p.recv_segment(step);
@@ -594,6 +553,19 @@ impl RingState {
         }
     }
 
+    /// All-gather alone: copies chunk `c` of this peer's input into its
+    /// owned segment of the result and sends it from there.
+    fn start_owned(&self, seg: usize, c: usize) -> Result<()> {
+        let (off, len) = self.byte_range(seg, c);
+        let base = self.p.owned_base() * self.p.dtype.size();
+        let src = self.input_slice(off - base, len);
+        // SAFETY: the owned segment is never a landing target; nothing else
+        // touches it until it is queued below, and it is not written again.
+        let dst = unsafe { self.acc.slice_mut(off, len) };
+        dst.copy_from_slice(src);
+        self.send_from(self.acc, self.p.world - 1, seg, c)
+    }
+
     fn send_input(&self, seg: usize, c: usize) -> Result<()> {
         self.send_from(self.input, 0, seg, c)
     }
@@ -636,9 +608,14 @@ impl RingState {
             }
             // The last hop: this peer owns `seg`. It is written into `acc`
             // once, finalized, and sent from there.
+            // A reduce-scatter result buffer holds only the owned segment.
+            let acc_off = match p.phase {
+                RingPhase::ReduceScatter => off - p.owned_base() * p.dtype.size(),
+                _ => off,
+            };
             // SAFETY: the owned segment is never a landing target and this
             // task is the only one touching it until it is queued below.
-            let dst = unsafe { self.acc.slice_mut(off, len) };
+            let dst = unsafe { self.acc.slice_mut(acc_off, len) };
             match p.quant {
                 None => kernels::reduce_from(p.dtype, p.op, dst, &payload, mine),
                 Some((q, algo)) => {
@@ -648,6 +625,9 @@ impl RingState {
             drop(payload);
             if p.op == ReduceOp::Avg {
                 kernels::finalize_avg(p.dtype, dst, w as u32);
+            }
+            if p.phase == RingPhase::ReduceScatter {
+                return Ok(());
             }
             match p.quant {
                 None => self.send_from(self.acc, w - 1, seg, c),
@@ -702,21 +682,6 @@ impl RingState {
     }
 }
 
-/// Elements per sub-chunk for `chunk_bytes`, aligned to quantization blocks.
-pub(crate) fn chunk_elems(
-    dtype: DataType,
-    quant: Option<(DataType, QuantizationAlgorithm)>,
-    chunk_bytes: usize,
-) -> usize {
-    let e = (chunk_bytes / dtype.size()).max(1);
-    if quant.is_some() {
-        let b = quant::QUANT_BLOCK_ELEMS;
-        (e / b).max(1) * b
-    } else {
-        e
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,6 +696,7 @@ mod tests {
             op: ReduceOp::Sum,
             quant: None,
             chunk_elems: chunk,
+            phase: RingPhase::Full,
         }
     }
 

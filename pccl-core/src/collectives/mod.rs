@@ -1,0 +1,275 @@
+//! Collective algorithms over the p2p data plane, one file per algorithm:
+//! [`ring`] (all-reduce, and its two halves as reduce-scatter and
+//! all-gather), [`direct`] (the one-hop small all-reduce) and
+//! [`broadcast`] (a pipelined chain from the root). This module holds what
+//! they share: the raw view of caller buffers, the send queue and its
+//! per-connection sender tasks, and task joining.
+//!
+//! May import: `comm::p2p` (frames, routes, outgoing pools), `kernels`,
+//! `quant`, `wire`, `bufpool`, `types`, `error`.
+
+pub(crate) mod broadcast;
+pub(crate) mod direct;
+pub(crate) mod ring;
+
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bufpool::PooledBuf;
+use crate::comm::p2p::OutConn;
+use crate::comm::p2p::OutPool;
+use crate::error::{Error, Result};
+use crate::quant;
+use crate::types::{Algorithm, CollectiveKind, DataType, QuantizationAlgorithm};
+use crate::wire::{DataHeader, PeerId};
+
+pub(crate) use ring::{run_ring, Landing, RingParams, RingPhase};
+
+/// A caller-owned byte buffer the ring reads and writes through raw
+/// pointers. The op that holds it joins every task using it before returning.
+#[derive(Clone, Copy)]
+pub(crate) struct RawBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: RawBuf is only a pointer and a length; the all-reduce that creates
+// it guarantees the memory outlives every task it is handed to (all tasks are
+// joined before the op returns) and the ring's schedule never has two tasks
+// write the same bytes at once.
+unsafe impl Send for RawBuf {}
+// SAFETY: see `Send`.
+unsafe impl Sync for RawBuf {}
+
+impl RawBuf {
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes for as long
+    /// as any copy of the returned value is used.
+    pub(crate) unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        RawBuf { ptr, len }
+    }
+
+    /// # Safety
+    /// The range must not be written concurrently while the slice lives.
+    pub(crate) unsafe fn slice(&self, off: usize, len: usize) -> &[u8] {
+        debug_assert!(off + len <= self.len);
+        std::slice::from_raw_parts(self.ptr.add(off), len)
+    }
+
+    /// # Safety
+    /// The range must not be accessed by anyone else while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice_mut(&self, off: usize, len: usize) -> &mut [u8] {
+        debug_assert!(off + len <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(off), len)
+    }
+}
+
+pub(crate) enum Payload {
+    /// Bytes of a caller buffer (the input or the result).
+    Borrowed {
+        buf: RawBuf,
+        off: usize,
+        len: usize,
+    },
+    Owned(PooledBuf),
+    /// One encoding sent to several peers.
+    Shared(Arc<PooledBuf>),
+}
+
+pub(crate) struct SendItem {
+    pub header: [u8; DataHeader::LEN],
+    pub payload: Payload,
+}
+
+/// Sends queued frames on one connection until the queue closes.
+/// `_input_owner` keeps library-owned input memory alive while this task
+/// may still read it.
+pub(crate) async fn sender_task(
+    conn: Arc<OutConn>,
+    queue: async_channel::Receiver<SendItem>,
+    failed: CancellationToken,
+    _input_owner: Option<Arc<Vec<u8>>>,
+) -> Result<u64> {
+    let mut sent = 0u64;
+    while let Ok(item) = queue.recv().await {
+        let payload: &[u8] = match &item.payload {
+            // SAFETY: the range was final when it was queued and the ring
+            // never writes it again while the op runs (see `Landing`); the
+            // op joins this task before the caller's buffers are released,
+            // and library-owned input lives in `_input_owner`.
+            Payload::Borrowed { buf, off, len } => unsafe { buf.slice(*off, *len) },
+            Payload::Owned(b) => b,
+            Payload::Shared(b) => b,
+        };
+        if let Err(e) = conn.write_frame(&item.header, payload).await {
+            failed.cancel();
+            return Err(Error::RankConnectionLost(format!(
+                "sending to peer {} failed: {e}",
+                conn.peer()
+            )));
+        }
+        sent += (DataHeader::LEN + payload.len()) as u64;
+    }
+    Ok(sent)
+}
+
+/// Joins every task of `set`, passing each success to `on_ok`; returns the
+/// first error (a task's own, or its panic), ignoring cancelled tasks.
+pub(crate) async fn join_all<T: 'static>(
+    set: &mut JoinSet<Result<T>>,
+    what: &str,
+    mut on_ok: impl FnMut(T),
+) -> Option<Error> {
+    let mut first = None;
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(v)) => on_ok(v),
+            Ok(Err(e)) => {
+                first.get_or_insert(e);
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                first.get_or_insert(Error::Internal(format!("{what} task failed: {e}")));
+            }
+        }
+    }
+    first
+}
+
+/// Elements per sub-chunk for `chunk_bytes`, aligned to quantization blocks.
+pub(crate) fn chunk_elems(
+    dtype: DataType,
+    quant: Option<(DataType, QuantizationAlgorithm)>,
+    chunk_bytes: usize,
+) -> usize {
+    let e = (chunk_bytes / dtype.size()).max(1);
+    if quant.is_some() {
+        let b = quant::QUANT_BLOCK_ELEMS;
+        (e / b).max(1) * b
+    } else {
+        e
+    }
+}
+
+/// Whom a peer at `rank` of `ring` receives from and sends to in one op:
+/// (sources, sinks). The ring and its halves talk to the neighbours, the
+/// direct algorithm to everyone, a broadcast chain from the root around
+/// the ring (the root receives nothing; the root's left neighbour sends
+/// nothing).
+pub(crate) fn route_peers(
+    ring: &[PeerId],
+    rank: usize,
+    kind: CollectiveKind,
+    algorithm: Algorithm,
+    root: usize,
+) -> (Vec<PeerId>, Vec<PeerId>) {
+    let n = ring.len();
+    if n < 2 || rank >= n {
+        return (Vec::new(), Vec::new());
+    }
+    let left = ring[(rank + n - 1) % n];
+    let right_rank = (rank + 1) % n;
+    let right = ring[right_rank];
+    match (kind, algorithm) {
+        (CollectiveKind::Broadcast, _) => {
+            let sources = if rank == root { vec![] } else { vec![left] };
+            let sinks = if right_rank == root {
+                vec![]
+            } else {
+                vec![right]
+            };
+            (sources, sinks)
+        }
+        (_, Algorithm::Direct) => {
+            let others: Vec<PeerId> = ring
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != rank)
+                .map(|(_, p)| *p)
+                .collect();
+            (others.clone(), others)
+        }
+        _ => (vec![left], vec![right]),
+    }
+}
+
+/// A send queue drained by one sender task per connection of `pool`.
+pub(crate) struct Outbox {
+    pub tx: async_channel::Sender<SendItem>,
+    pub senders: JoinSet<Result<u64>>,
+}
+
+impl Outbox {
+    pub(crate) fn new(
+        pool: &OutPool,
+        failed: &CancellationToken,
+        input_owner: &Option<Arc<Vec<u8>>>,
+    ) -> Outbox {
+        let (tx, rx) = async_channel::unbounded::<SendItem>();
+        let mut senders = JoinSet::new();
+        for conn in &pool.conns {
+            senders.spawn(sender_task(
+                conn.clone(),
+                rx.clone(),
+                failed.clone(),
+                input_owner.clone(),
+            ));
+        }
+        Outbox { tx, senders }
+    }
+
+    pub(crate) fn enqueue(&self, header: [u8; DataHeader::LEN], payload: Payload) -> Result<()> {
+        self.tx
+            .try_send(SendItem { header, payload })
+            .map_err(|_| Error::RankConnectionLost("send queue closed".into()))
+    }
+
+    /// Lets the senders drain the queue (or aborts them after a failure)
+    /// and joins them; returns the bytes they wrote.
+    pub(crate) async fn finish(mut self, failed: bool) -> Result<u64> {
+        self.tx.close();
+        if failed {
+            self.senders.abort_all();
+        }
+        let mut sent = 0u64;
+        match join_all(&mut self.senders, "sender", |n| sent += n).await {
+            Some(e) => Err(e),
+            None => Ok(sent),
+        }
+    }
+}
+
+/// Why an op stopped early: the master's abort, a lost connection of its
+/// route, or a failed send.
+pub(crate) async fn interrupted(
+    abort: &CancellationToken,
+    route: &crate::comm::p2p::OpRoute,
+    send_failed: &CancellationToken,
+) -> Error {
+    tokio::select! {
+        biased;
+        _ = abort.cancelled() => Error::RankConnectionLost("aborted by the master".into()),
+        _ = route.lost.cancelled() => Error::RankConnectionLost(
+            route.lost_reason.lock().ok().and_then(|g| g.clone())
+                .unwrap_or_else(|| "a connection of the op was lost".into())),
+        _ = send_failed.cancelled() => Error::RankConnectionLost("sending to a peer failed".into()),
+    }
+}
+
+/// Checks a frame's geometry: raw (or quantized), `elems` elements from
+/// `start`, of the given payload length.
+pub(crate) fn frame_matches(
+    h: &DataHeader,
+    start: usize,
+    elems: usize,
+    encoding: crate::wire::Encoding,
+    payload_len: usize,
+) -> bool {
+    h.elem_offset == start as u64
+        && h.elems as usize == elems
+        && h.encoding == encoding
+        && h.payload_len as usize == payload_len
+}
