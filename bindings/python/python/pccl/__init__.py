@@ -49,7 +49,13 @@ from ._enums import (
     SharedStateSyncStrategy,
 )
 from ._errors import InvalidBufferError, MismatchedBuffersError, PCCLError, UnsupportedTypeError
-from . import _pccl  # noqa: E402,F401  (PCCL 1.0's module path, see pccl/_pccl.py)
+from . import _pccl  # noqa: E402  (PCCL 1.0's module path, see pccl/_pccl.py)
+
+if not hasattr(_pccl, "Communicator"):  # pragma: no cover - a stale build in a source tree
+    raise ImportError(
+        f"{_pccl.__file__} is a native module left over from an older build of pccl (it is now "
+        "pccl._native); delete that file, or reinstall the package"
+    )
 
 __version__: str = _native.__version__
 
