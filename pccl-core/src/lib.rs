@@ -29,8 +29,14 @@ pub use comm::{
 pub use master::{MasterConfig, MasterNode};
 pub use shared_state::{SharedState, SharedTensor};
 
-/// Whether this build handles CUDA device buffers.
-pub const CUDA_SUPPORT: bool = cfg!(feature = "cuda");
+/// Whether this build handles CUDA device buffers: `false` in every build.
+///
+/// The `cuda` cargo feature exists (so that builds asking for it keep
+/// working) but no CUDA code is behind it yet, so it does not change this
+/// value: CUDA tensors (`DeviceType::Cuda`) are rejected with
+/// [`Error::InvalidArgument`] by `Communicator::sync_shared_state`, and
+/// all-reduce buffers must be host memory, with or without the feature.
+pub const CUDA_SUPPORT: bool = false;
 
 /// Default port of the master (`CCOIP_PROTOCOL_PORT_MASTER`).
 pub const DEFAULT_MASTER_PORT: u16 = 48148;

@@ -144,7 +144,9 @@ typedef enum pcclDataType_t {
 /** Where a shared-state tensor's memory lives. */
 typedef enum pcclDeviceType_t {
     pcclDeviceCpu = 0,
-    /** CUDA device memory; needs a build with has_cuda_support (pcclGetBuildInfo). */
+    /** CUDA device memory. Not supported yet, in any build (has_cuda_support
+     *  is false, with or without the cuda cargo feature): a tensor info with
+     *  pcclDeviceCuda is rejected with pcclInvalidArgument. */
     pcclDeviceCuda = 1
 } pcclDeviceType_t;
 
@@ -325,7 +327,9 @@ typedef struct pcclMasterInstanceState_t pcclMasterInstance_t;
 
 /** Build properties of the loaded library. */
 typedef struct pcclBuildInfo_t {
-    /** Whether CUDA device buffers are accepted (pcclDeviceCuda). */
+    /** Whether CUDA device buffers are accepted (pcclDeviceCuda). Always
+     *  false: there is no CUDA code yet, so even a build with the cuda cargo
+     *  feature reports false and rejects pcclDeviceCuda. */
     bool has_cuda_support;
 } pcclBuildInfo_t;
 
@@ -494,9 +498,12 @@ PCCL_EXPORT pcclResult_t pcclOptimizeTopology(const pcclComm_t *communicator);
  * the operation failed. The set of peers is fixed when the operation starts.
  * On success every participant's recvbuff holds the same bytes.
  *
- * Buffers are host memory, or CUDA device memory when pcclGetBuildInfo
- * reports has_cuda_support. sendbuff == recvbuff (in place) is allowed; other
- * overlap is not. On failure the contents of recvbuff are unspecified
+ * Buffers must be host memory: no build supports CUDA device memory yet
+ * (pcclGetBuildInfo reports has_cuda_support false). The library cannot
+ * tell a device pointer from a host pointer here, because a raw buffer
+ * carries no device type: passing one is undefined behaviour (it would be
+ * read as host memory), not an error code. sendbuff == recvbuff (in place)
+ * is allowed; other overlap is not. On failure the contents of recvbuff are unspecified
  * (for an in-place call: the input is lost); sendbuff is never written unless
  * it is recvbuff.
  *
@@ -635,7 +642,7 @@ PCCL_EXPORT pcclResult_t pcclAwaitAsyncReduce(const pcclAsyncReduceOp_t *reduce_
  * @return pcclSuccess on success.
  * @return pcclNotInitialized if pcclInit has not been called.
  * @return pcclInvalidArgument if a pointer is NULL, an entry is invalid (see
- *         above; pcclDeviceCuda without CUDA support included), names repeat,
+ *         above; pcclDeviceCuda included: no build supports it yet), names repeat,
  *         sizes overflow, or the strategy is unknown.
  * @return pcclInvalidUsage if the communicator is not connected, the revision
  *         did not advance by exactly one, a send-only peer does not hold the

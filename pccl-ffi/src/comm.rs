@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use pccl_core::comm::validate_descriptor;
 use pccl_core::{
-    AsyncReduceHandle, Attribute, Communicator, CommunicatorConfig, DeviceType, Error, RawReduceOp,
+    AsyncReduceHandle, Attribute, Communicator, CommunicatorConfig, Error, RawReduceOp,
     ReduceDescriptor, ReduceInfo, Result, SharedState, SharedTensor,
 };
 
@@ -697,11 +697,6 @@ pub unsafe extern "C" fn pcclSynchronizeSharedState(
             if !names.insert(name) {
                 return Err(Error::InvalidArgument(format!(
                     "{what}.name '{name}' appears more than once"
-                )));
-            }
-            if spec.device_type == DeviceType::Cuda && !crate::HAS_CUDA {
-                return Err(Error::InvalidArgument(format!(
-                    "{what} is on a CUDA device, but this build has no CUDA support"
                 )));
             }
             let ptr = if spec.count == 0 {

@@ -38,8 +38,10 @@ use boundary::{call, OutPtr};
 use types::*;
 
 /// Whether this build accepts CUDA device buffers (`pcclGetBuildInfo`):
-/// the `cuda` feature of this crate, which enables `pccl-core/cuda`.
-pub(crate) const HAS_CUDA: bool = cfg!(feature = "cuda");
+/// `false` in every build, `--features cuda` included, until a CUDA path
+/// exists (see `pccl_core::CUDA_SUPPORT`). `pcclDeviceCuda` tensor infos are
+/// rejected with `pcclInvalidArgument` (`types::tensor_spec_from_raw`).
+pub(crate) const HAS_CUDA: bool = pccl_core::CUDA_SUPPORT;
 
 /// Initializes the library (idempotent, thread-safe).
 #[no_mangle]

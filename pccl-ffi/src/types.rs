@@ -592,13 +592,23 @@ pub struct TensorSpec {
 }
 
 /// Validates a `pcclTensorInfo_t`'s enumerators and size, and that `name` is
-/// non-NULL and `data` is non-NULL unless `count` is 0.
+/// non-NULL and `data` is non-NULL unless `count` is 0. `pcclDeviceCuda` is
+/// `InvalidArgument` in every build: there is no CUDA path yet
+/// (`pccl_core::CUDA_SUPPORT`), and device memory must never be read as
+/// host memory.
 pub fn tensor_spec_from_raw(t: &pcclTensorInfo_t) -> Result<TensorSpec> {
     if t.name.is_null() {
         return Err(Error::InvalidArgument("tensor name is NULL".into()));
     }
     let datatype = datatype_from_raw(t.datatype)?;
     let device_type = device_type_from_raw(t.device_type)?;
+    if device_type == DeviceType::Cuda {
+        return Err(Error::InvalidArgument(
+            "the tensor is on a CUDA device (pcclDeviceCuda), but this build has no CUDA support \
+             (pcclGetBuildInfo: has_cuda_support is false); pass host memory (pcclDeviceCpu)"
+                .into(),
+        ));
+    }
     let byte_len = checked_byte_len(t.count, datatype)?;
     if t.data.is_null() && t.count != 0 {
         return Err(Error::InvalidArgument(format!(
@@ -1055,6 +1065,25 @@ mod tests {
         ] {
             assert!(tensor_spec_from_raw(&bad).is_err(), "{bad:?}");
         }
+
+        // No CUDA path exists, in any build (`--features cuda` included):
+        // device memory is refused, never read as host memory.
+        let cuda = pcclTensorInfo_t {
+            device_type: pcclDeviceCuda,
+            ..t
+        };
+        match tensor_spec_from_raw(&cuda) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("CUDA"), "{m}"),
+            other => panic!("a pcclDeviceCuda tensor gave {other:?}"),
+        }
+        let empty_cuda = pcclTensorInfo_t {
+            device_type: pcclDeviceCuda,
+            ..empty
+        };
+        assert!(matches!(
+            tensor_spec_from_raw(&empty_cuda),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]

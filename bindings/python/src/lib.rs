@@ -1,4 +1,4 @@
-//! `pccl._pccl`: the native half of the `pccl` Python package.
+//! `pccl._native`: the native half of the `pccl` Python package.
 //!
 //! This module is private. The public API (`pccl.Communicator`,
 //! `pccl.MasterNode`, tensor helpers, enums) is written in Python on top of
@@ -16,7 +16,16 @@
 //! the communicator (the core finishes the call in the background, then
 //! leaves the swarm); an interrupted `AsyncReduceHandle.wait()` leaves both
 //! the handle and the communicator usable.
+//!
+//! Argument and state errors are raised at the call, with the C API's
+//! result codes (`pccl-ffi/src/comm.rs`): an all-reduce in a group of one is
+//! `TOO_FEW_PEERS` when it is started (not at `wait()`), a tag still used by
+//! an async all-reduce that was not awaited is `INVALID_ARGUMENT`, topology
+//! and shared-state calls while async all-reduces are not awaited are
+//! `PENDING_ASYNC_OPS`, and `optimize_topology` with fewer than two peers in
+//! the run is `INVALID_USAGE`.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -217,14 +226,66 @@ fn info_tuple(i: ReduceInfo) -> (u32, u64, u64) {
     (i.local_world_size, i.tx_bytes, i.rx_bytes)
 }
 
+/// Reports whether an operation is over.
+type DoneFn = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Tags of async all-reduces started on one communicator and not awaited
+/// yet, as the C API tracks them: `None` while a handle is alive and not
+/// awaited, `Some(done)` once the handle was dropped without `wait()` (the
+/// tag stays taken until the operation is over).
+#[derive(Default)]
+struct AsyncTags(Mutex<HashMap<u64, Option<DoneFn>>>);
+
+impl AsyncTags {
+    fn live(&self) -> MutexGuard<'_, HashMap<u64, Option<DoneFn>>> {
+        let mut m = lock(&self.0);
+        m.retain(|_, dropped| dropped.as_ref().is_none_or(|done| !done()));
+        m
+    }
+
+    /// `InvalidArgument` if `tag` belongs to an async all-reduce not awaited yet.
+    fn ensure_free(&self, tag: u64) -> CoreResult<()> {
+        if self.live().contains_key(&tag) {
+            return Err(pccl_core::Error::InvalidArgument(format!(
+                "tag {tag} is used by an async all-reduce that has not been awaited"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `PendingAsyncOps` while async all-reduces are not awaited.
+    fn ensure_none(&self) -> CoreResult<()> {
+        let n = self.live().len();
+        if n > 0 {
+            return Err(pccl_core::Error::PendingAsyncOps(format!(
+                "{n} async all-reduce(s) must be awaited first"
+            )));
+        }
+        Ok(())
+    }
+
+    fn insert(&self, tag: u64) {
+        lock(&self.0).insert(tag, None);
+    }
+
+    fn release(&self, tag: u64) {
+        lock(&self.0).remove(&tag);
+    }
+
+    fn orphan(&self, tag: u64, done: DoneFn) {
+        lock(&self.0).insert(tag, Some(done));
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Communicator
 // ---------------------------------------------------------------------------
 
 /// Native communicator; see `pccl.Communicator` for the public API.
-#[pyclass(frozen, module = "pccl._pccl")]
+#[pyclass(frozen, module = "pccl._native")]
 struct NativeCommunicator {
     inner: Mutex<Option<Arc<Communicator>>>,
+    tags: Arc<AsyncTags>,
 }
 
 impl NativeCommunicator {
@@ -236,6 +297,15 @@ impl NativeCommunicator {
                 &pccl_core::Error::InvalidUsage("the communicator is closed".into()),
             )
         })
+    }
+
+    /// `INVALID_USAGE` if closed (or not connected), then `PENDING_ASYNC_OPS`
+    /// while async all-reduces are not awaited (the C API's order).
+    fn ensure_no_async_ops(&self, py: Python<'_>, func: &str) -> PyResult<()> {
+        let comm = self.get(py, func)?;
+        comm.world()
+            .and_then(|_| self.tags.ensure_none())
+            .map_err(|e| pccl_err(py, func, &e))
     }
 
     /// Drops this object's reference; the core leaves the swarm once the
@@ -289,8 +359,38 @@ impl NativeCommunicator {
         desc: DescTuple,
     ) -> PyResult<Arc<Slot<CoreResult<ReduceInfo>>>> {
         prune_orphans(py);
-        let comm = self.get(py, func)?;
         let desc = descriptor(py, func, desc)?;
+        // The C API's order: descriptor and buffers, connection, tag, peers.
+        let check_buffers = || -> CoreResult<()> {
+            let bytes = pccl_core::comm::validate_descriptor(&desc)?;
+            if send == 0 || recv == 0 {
+                return Err(pccl_core::Error::InvalidArgument(
+                    "send and receive buffers must not be NULL".into(),
+                ));
+            }
+            if send != recv
+                && send < recv.saturating_add(bytes)
+                && recv < send.saturating_add(bytes)
+            {
+                return Err(pccl_core::Error::InvalidArgument(
+                    "send and receive buffers overlap without being identical".into(),
+                ));
+            }
+            Ok(())
+        };
+        check_buffers().map_err(|e| pccl_err(py, func, &e))?;
+        let comm = self.get(py, func)?;
+        let check_state = || -> CoreResult<()> {
+            let world = comm.attribute(Attribute::PeerGroupWorldSize)?;
+            self.tags.ensure_free(desc.tag)?;
+            if world < 2 {
+                return Err(pccl_core::Error::TooFewPeers(format!(
+                    "the peer group has {world} accepted peer(s); an all-reduce needs two"
+                )));
+            }
+            Ok(())
+        };
+        check_state().map_err(|e| pccl_err(py, func, &e))?;
         // SAFETY: the Python layer derived `send`/`recv` from live, contiguous,
         // CPU-resident buffers of at least `desc.count` elements of
         // `desc.datatype` (checked there) and passed the owning objects as
@@ -338,6 +438,7 @@ impl NativeCommunicator {
             Communicator::new(cfg).map_err(|e| pccl_err(py, "pcclCreateCommunicator", &e))?;
         Ok(NativeCommunicator {
             inner: Mutex::new(Some(Arc::new(comm))),
+            tags: Arc::new(AsyncTags::default()),
         })
     }
 
@@ -347,15 +448,35 @@ impl NativeCommunicator {
     }
 
     fn update_topology(&self, py: Python<'_>) -> PyResult<()> {
-        self.blocking(py, "pcclUpdateTopology", None, |c| c.update_topology())
+        let func = "pcclUpdateTopology";
+        self.ensure_no_async_ops(py, func)?;
+        self.blocking(py, func, None, |c| c.update_topology())
     }
 
     fn are_peers_pending(&self, py: Python<'_>) -> PyResult<bool> {
         self.blocking(py, "pcclArePeersPending", None, |c| c.are_peers_pending())
     }
 
+    /// As `pcclOptimizeTopology`: `INVALID_USAGE` when not connected or
+    /// alone in the run, `PENDING_ASYNC_OPS` with async all-reduces not awaited.
     fn optimize_topology(&self, py: Python<'_>) -> PyResult<()> {
-        self.blocking(py, "pcclOptimizeTopology", None, |c| c.optimize_topology())
+        let func = "pcclOptimizeTopology";
+        self.ensure_no_async_ops(py, func)?;
+        let comm = self.get(py, func)?;
+        let alone = comm
+            .attribute(Attribute::GlobalWorldSize)
+            .map_err(|e| pccl_err(py, func, &e))?
+            < 2;
+        if alone {
+            return Err(pccl_err(
+                py,
+                func,
+                &pccl_core::Error::InvalidUsage(
+                    "topology optimization needs at least two peers in the run".into(),
+                ),
+            ));
+        }
+        self.blocking(py, func, None, |c| c.optimize_topology())
     }
 
     fn get_attribute(&self, py: Python<'_>, attribute: u32) -> PyResult<u32> {
@@ -402,11 +523,13 @@ impl NativeCommunicator {
     ) -> PyResult<NativeHandle> {
         let tag = desc.3;
         let slot = self.start_all_reduce(py, "pcclAllReduceAsync", send, recv, desc)?;
+        self.tags.insert(tag);
         Ok(NativeHandle {
             tag,
             slot,
             keep: Mutex::new(Some(keep)),
             outcome: Mutex::new(None),
+            tags: self.tags.clone(),
         })
     }
 
@@ -422,6 +545,12 @@ impl NativeCommunicator {
         let mut raw: Vec<(usize, usize, ReduceDescriptor)> = Vec::with_capacity(ops.len());
         for (send, recv, d) in ops {
             raw.push((send, recv, descriptor(py, func, d)?));
+        }
+        let _ = self.get(py, func)?;
+        for (_, _, d) in &raw {
+            self.tags
+                .ensure_free(d.tag)
+                .map_err(|e| pccl_err(py, func, &e))?;
         }
         let info = self.blocking(py, func, Some(keep), move |c| {
             let ops: Vec<RawReduceOp> = raw
@@ -477,6 +606,7 @@ impl NativeCommunicator {
                 Ok((strategy, out))
             };
         let (strategy, tensors) = check().map_err(|e| pccl_err(py, func, &e))?;
+        self.ensure_no_async_ops(py, func)?;
         self.blocking(py, func, Some(keep), move |c| {
             let shared: Vec<SharedTensor<'_>> = tensors
                 .iter()
@@ -531,12 +661,14 @@ impl NativeCommunicator {
 type Outcome = (bool, i32, u32, u64, u64, String);
 
 /// An all-reduce in flight; see `pccl.AsyncReduceHandle`.
-#[pyclass(frozen, module = "pccl._pccl")]
+#[pyclass(frozen, module = "pccl._native")]
 struct NativeHandle {
     tag: u64,
     slot: Arc<Slot<CoreResult<ReduceInfo>>>,
     keep: Mutex<Option<Py<PyAny>>>,
     outcome: Mutex<Option<Outcome>>,
+    /// The communicator's table of tags not awaited yet.
+    tags: Arc<AsyncTags>,
 }
 
 #[pymethods]
@@ -573,6 +705,7 @@ impl NativeHandle {
                     Err(e) => (false, e.code(), 0, 0, 0, e.message().to_string()),
                 };
                 *lock(&self.outcome) = Some(outcome.clone());
+                self.tags.release(self.tag);
                 let keep = lock(&self.keep).take();
                 drop(keep);
                 return Ok(outcome);
@@ -584,6 +717,11 @@ impl NativeHandle {
 
 impl Drop for NativeHandle {
     fn drop(&mut self) {
+        if lock(&self.outcome).is_none() {
+            // Dropped without wait(): the tag stays taken until the op is over.
+            let s = self.slot.clone();
+            self.tags.orphan(self.tag, Arc::new(move || s.is_done()));
+        }
         let keep = lock(&self.keep).take();
         if let Some(keep) = keep {
             if !self.slot.is_done() {
@@ -599,7 +737,7 @@ impl Drop for NativeHandle {
 // ---------------------------------------------------------------------------
 
 /// Native master; see `pccl.MasterNode`.
-#[pyclass(frozen, module = "pccl._pccl")]
+#[pyclass(frozen, module = "pccl._native")]
 struct NativeMaster {
     inner: Mutex<Option<MasterNode>>,
     local_addr: SocketAddr,
@@ -743,7 +881,7 @@ fn _orphan_count(py: Python<'_>) -> usize {
 }
 
 #[pymodule]
-fn _pccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeCommunicator>()?;
     m.add_class::<NativeHandle>()?;
     m.add_class::<NativeMaster>()?;
@@ -756,7 +894,9 @@ fn _pccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("DEFAULT_P2P_PORT", pccl_core::DEFAULT_P2P_PORT)?;
     m.add("DEFAULT_BENCHMARK_PORT", pccl_core::DEFAULT_BENCHMARK_PORT)?;
-    m.add("HAS_CUDA_SUPPORT", false)?;
+    // No CUDA code exists yet, so this is `false` in every build (see
+    // `pccl_core::CUDA_SUPPORT`); CUDA tensors are rejected by the Python layer.
+    m.add("HAS_CUDA_SUPPORT", pccl_core::CUDA_SUPPORT)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -403,18 +403,18 @@ def scenario_async_overlap(args) -> None:
         # its buffer: the buffer stays alive until the op is over.
         import gc
 
-        from pccl import _pccl
+        from pccl import _native
 
         if rank == 0:
             tmp = np.full(1 << 20, 2.0, dtype=np.float32)
             h = comm.all_reduce_async(tmp, tmp, op=ReduceOp.SUM, tag=300)
             del h, tmp
             gc.collect()
-            orphans_in_flight = _pccl._orphan_count()
+            orphans_in_flight = _native._orphan_count()
             deadline = time.monotonic() + 30
-            while _pccl._orphan_count() and time.monotonic() < deadline:
+            while _native._orphan_count() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            orphans_after = _pccl._orphan_count()
+            orphans_after = _native._orphan_count()
         else:
             time.sleep(0.5)  # rank 0 has dropped its handle by now
             tmp = np.full(1 << 20, 3.0, dtype=np.float32)
@@ -653,6 +653,63 @@ def scenario_interrupt(args) -> None:
     emit("result", rank=rank, seconds=latency, interrupted_at=interrupted_at, after=after, closed=comm.closed)
     # Exit at once: the core finishes the interrupted call in the background.
     os._exit(0)
+
+
+def scenario_pair_sum(args) -> None:
+    """Joins, grows the group to ``world``, all-reduces ``rank + 1`` and checks the sum."""
+    import numpy as np
+
+    world, rank = args["world"], args["rank"]
+    comm = join(args)
+    grow(comm, world)
+    x = np.full(1000, rank + 1, dtype=np.float32)
+    info = comm.all_reduce(x, x, op=ReduceOp.SUM)
+    expect = sum(r + 1 for r in range(world))
+    if not bool((x == expect).all()) or info.local_world_size != world:
+        raise AssertionError(f"all-reduce gave {x[:4]} (world {info.local_world_size}), expected {expect}")
+    emit("result", rank=rank, value=float(x[0]), world=info.local_world_size)
+    comm.close()
+
+
+def _code(fn) -> str:
+    try:
+        fn()
+    except PCCLError as e:
+        return e.result.name
+    return "ok"
+
+
+def scenario_async_rules(args) -> None:
+    """The C API's rules for async all-reduces not awaited yet, raised at the
+    call: a reused tag is INVALID_ARGUMENT; update/optimize topology and a
+    shared-state sync are PENDING_ASYNC_OPS. Rank 0 checks; rank 1 only
+    takes part in the all-reduces (tag 7, then tag 7 again after the wait)."""
+    import numpy as np
+
+    world, rank = 2, args["rank"]
+    comm = join(args)
+    grow(comm, world)
+    x = np.full(256, rank + 1, dtype=np.int32)
+    codes = {}
+    if rank == 0:
+        h = comm.all_reduce_async(x, x, op=ReduceOp.SUM, tag=7)
+        y = np.zeros(256, dtype=np.int32)
+        codes["same_tag_async"] = _code(lambda: comm.all_reduce_async(y, y, op=ReduceOp.SUM, tag=7))
+        codes["same_tag_blocking"] = _code(lambda: comm.all_reduce(y, y, op=ReduceOp.SUM, tag=7))
+        codes["update_topology"] = _code(comm.update_topology)
+        codes["optimize_topology"] = _code(comm.optimize_topology)
+        state = SharedState([TensorInfo.from_numpy(np.zeros(4, dtype=np.float32), "w")])
+        codes["sync_shared_state"] = _code(lambda: comm.sync_shared_state(state))
+        ok, status, info = h.wait()
+        codes["wait"] = status.name
+    else:
+        comm.all_reduce(x, x, op=ReduceOp.SUM, tag=7)
+    first = int(x[0])
+    # Awaited: the tag is free again.
+    z = np.full(8, rank + 1, dtype=np.int32)
+    comm.all_reduce(z, z, op=ReduceOp.SUM, tag=7)
+    emit("result", rank=rank, codes=codes, first=first, second=int(z[0]))
+    comm.close()
 
 
 def scenario_idle(args) -> None:

@@ -171,13 +171,16 @@ def test_core_errors_carry_result_codes(solo):
             a, a, op=ReduceOp.SUM, quantization_options=QuantizationOptions(DataType.DOUBLE, QuantizationAlgorithm.MIN_MAX)
         )
     assert ei.value.result is Result.INVALID_ARGUMENT
-    h = solo.all_reduce_async(a, a, op=ReduceOp.SUM, tag=4)
-    ok, status, info = h.wait()
-    assert not ok and status is Result.TOO_FEW_PEERS and isinstance(h.error, PCCLError)
+    # an async all-reduce fails at the call, as pcclAllReduceAsync does
+    with pytest.raises(PCCLError) as ei:
+        solo.all_reduce_async(a, a, op=ReduceOp.SUM, tag=4)
+    assert ei.value.result is Result.TOO_FEW_PEERS
     assert solo.get_attribute(Attribute.GLOBAL_WORLD_SIZE) == 1
     assert solo.get_attribute(Attribute.NUM_DISTINCT_PEER_GROUPS) == 1
     assert solo.are_peers_pending() is False
-    solo.optimize_topology()
+    with pytest.raises(PCCLError) as ei:
+        solo.optimize_topology()  # alone in the run, as pcclOptimizeTopology
+    assert ei.value.result is Result.INVALID_USAGE
     with pytest.raises(PCCLError) as ei:
         solo.connect(n_attempts=3)
     assert ei.value.result is Result.INVALID_USAGE
@@ -255,16 +258,18 @@ def test_communicator_and_master_errors(master):
         MasterNode(master.listen_address)
     assert ei.value.result is Result.INVALID_ARGUMENT
     m = MasterNode("127.0.0.1:0")
-    assert m.port > 0 and m.listen_address.endswith(f":{m.port}")
-    with pytest.raises(PCCLError) as ei:
-        m.await_termination()  # not running
-    assert ei.value.result is Result.INVALID_USAGE
-    m.run()
-    with pytest.raises(PCCLError):
+    try:
+        assert m.port > 0 and m.listen_address.endswith(f":{m.port}")
+        with pytest.raises(PCCLError) as ei:
+            m.await_termination()  # not running
+        assert ei.value.result is Result.INVALID_USAGE
         m.run()
-    m.interrupt()
-    m.await_termination()
-    m.close()
+        with pytest.raises(PCCLError):
+            m.run()
+        m.interrupt()
+        m.await_termination()
+    finally:
+        m.close()  # a master left running would keep this process serving at exit
 
 
 # ---------------------------------------------------------------------------

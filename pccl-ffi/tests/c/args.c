@@ -98,7 +98,7 @@ static void library_functions(void) {
     CHECK(contains(pcclGetLastErrorString(), "info"));
     info.has_cuda_support = true;
     EXPECT(pcclGetBuildInfo(&info), pcclSuccess);
-    CHECK(info.has_cuda_support == false); /* no CUDA build yet */
+    CHECK(info.has_cuda_support == false); /* false in every build, --features cuda included */
 
     for (i = 0; i < 13; i++) {
         name = NULL;
@@ -394,7 +394,7 @@ static void communicator_arguments(uint16_t master_port) {
     tensors[1].device_type = (pcclDeviceType_t)2;
     EXPECT(pcclSynchronizeSharedState(comm, &state, PCCL_SHARED_STATE_SYNC_STRATEGY_ENFORCE_POPULAR, NULL),
            pcclInvalidArgument);
-    tensors[1].device_type = pcclDeviceCuda; /* no CUDA in this build */
+    tensors[1].device_type = pcclDeviceCuda; /* no build supports CUDA yet */
     EXPECT(pcclSynchronizeSharedState(comm, &state, PCCL_SHARED_STATE_SYNC_STRATEGY_ENFORCE_POPULAR, NULL),
            pcclInvalidArgument);
     CHECK(contains(pcclGetLastErrorString(), "CUDA"));
@@ -716,6 +716,18 @@ static void single_peer_sync(uint16_t master_port) {
     state.infos = tensors;
 
     EXPECT(pcclConnect(comm), pcclSuccess);
+    /* No build supports CUDA memory (has_cuda_support is false, with or
+     * without the cuda feature): a pcclDeviceCuda entry of a connected peer
+     * is refused with exactly pcclInvalidArgument, nothing read or written. */
+    tensors[0].device_type = pcclDeviceCuda;
+    EXPECT(pcclSynchronizeSharedState(comm, &state, PCCL_SHARED_STATE_SYNC_STRATEGY_ENFORCE_POPULAR, NULL),
+           pcclInvalidArgument);
+    CHECK(contains(pcclGetLastErrorString(), "CUDA"));
+    CHECK(state.revision == 5);
+    for (j = 0; j < 16; j++) {
+        CHECK(w[j] == (float)j * 0.5f);
+    }
+    tensors[0].device_type = pcclDeviceCpu;
     memset(&info, 0xff, sizeof info);
     EXPECT(pcclSynchronizeSharedState(comm, &state, PCCL_SHARED_STATE_SYNC_STRATEGY_ENFORCE_POPULAR, &info),
            pcclSuccess);

@@ -9,6 +9,9 @@ PCCL 1.0's ``pccl`` package, so existing code runs unchanged.
 NumPy and PyTorch are optional: NumPy arrays and PyTorch CPU tensors are
 used in place, without copies, by whichever library is installed.
 
+PCCL 1.0's module paths work too: ``pccl.cuda`` (also ``pccl._cuda``) and
+``pccl._pccl`` hold the same names as in PCCL 1.0.
+
 Minimal use::
 
     import pccl, torch
@@ -21,7 +24,7 @@ Logging goes to stderr; ``PCCL_LOG`` (or ``RUST_LOG``) sets the level
 (``warn`` by default), and :func:`set_log_level` changes it at run time.
 """
 
-from . import _pccl
+from . import _cuda, _native, cuda
 from ._api import (
     AsyncReduceHandle,
     Communicator,
@@ -45,24 +48,32 @@ from ._enums import (
     Result,
     SharedStateSyncStrategy,
 )
-from ._errors import PCCLError
+from ._errors import InvalidBufferError, MismatchedBuffersError, PCCLError, UnsupportedTypeError
+from . import _pccl  # noqa: E402  (PCCL 1.0's module path, see pccl/_pccl.py)
 
-__version__: str = _pccl.__version__
+if not hasattr(_pccl, "Communicator"):  # pragma: no cover - a stale build in a source tree
+    raise ImportError(
+        f"{_pccl.__file__} is a native module left over from an older build of pccl (it is now "
+        "pccl._native); delete that file, or reinstall the package"
+    )
 
-DEFAULT_MASTER_PORT: int = _pccl.DEFAULT_MASTER_PORT
+__version__: str = _native.__version__
 
-_pccl.init_logging(None)
+DEFAULT_MASTER_PORT: int = _native.DEFAULT_MASTER_PORT
+
+_native.init_logging(None)
 
 
 def set_log_level(level: str) -> None:
     """Sets the native log filter: ``"error"``, ``"warn"``, ``"info"``, ``"debug"``,
     ``"trace"`` or a ``tracing`` filter such as ``"pccl_core=debug"``."""
-    _pccl.init_logging(str(level))
+    _native.init_logging(str(level))
 
 
 def is_cuda_available() -> bool:
-    """Whether this build accepts CUDA tensors (not yet: always ``False``)."""
-    return bool(_pccl.HAS_CUDA_SUPPORT)
+    """Whether this build accepts CUDA tensors (not yet: always ``False``);
+    the same as :func:`pccl.cuda.is_available`."""
+    return cuda.is_available()
 
 
 def get_build_info() -> dict:
@@ -71,13 +82,16 @@ def get_build_info() -> dict:
 
 
 __all__ = [
+    "cuda",
     "AsyncReduceHandle",
     "Attribute",
     "Communicator",
     "DataType",
     "DeviceType",
     "DistributionHint",
+    "InvalidBufferError",
     "MasterNode",
+    "MismatchedBuffersError",
     "PCCLError",
     "QuantizationAlgorithm",
     "QuantizationOptions",
@@ -91,6 +105,7 @@ __all__ = [
     "SharedStateSyncInfo",
     "SharedStateSyncStrategy",
     "TensorInfo",
+    "UnsupportedTypeError",
     "DEFAULT_MASTER_PORT",
     "get_build_info",
     "is_cuda_available",

@@ -6,12 +6,16 @@ unchanged; extensions are keyword-only and documented as such.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import sys
+import threading
 import time
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import _pccl
+from . import _native
 from ._enums import (
     Attribute,
     DataType,
@@ -22,7 +26,7 @@ from ._enums import (
     Result,
     SharedStateSyncStrategy,
 )
-from ._errors import PCCLError
+from ._errors import InvalidBufferError, MismatchedBuffersError, PCCLError, UnsupportedTypeError
 from ._tensors import Buffer, describe, is_numpy_array, is_torch_tensor
 
 __all__ = [
@@ -83,8 +87,12 @@ class ReduceInfo:
 
     @property
     def world_size(self) -> int:
-        """Alias of ``local_world_size`` (early PCCL 1.0 name)."""
+        """Alias of ``local_world_size`` (the name before PCCL 1.0 had peer groups)."""
         return self.local_world_size
+
+    @world_size.setter
+    def world_size(self, value: int) -> None:
+        self.local_world_size = value
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ReduceInfo):
@@ -193,7 +201,7 @@ def _native_desc(
         if not isinstance(operand, ReduceOperandDescriptor):
             raise TypeError("operand_descriptor must be a pccl.ReduceOperandDescriptor or None")
         if operand.datatype != dtype:
-            raise TypeError(
+            raise MismatchedBuffersError(
                 f"operand_descriptor.datatype is {operand.datatype.name} but the buffers hold {dtype.name}"
             )
         hint = operand.distribution_hint
@@ -210,9 +218,9 @@ def _pair(send: Any, recv: Any) -> Tuple[Buffer, Buffer]:
     s = describe(send, "send")
     r = describe(recv, "recv", writable=True)
     if s.dtype != r.dtype:
-        raise TypeError(f"send and recv must have the same dtype, got {s.dtype.name} and {r.dtype.name}")
+        raise MismatchedBuffersError(f"send and recv must have the same dtype, got {s.dtype.name} and {r.dtype.name}")
     if s.count != r.count:
-        raise ValueError(f"send and recv must have the same number of elements, got {s.count} and {r.count}")
+        raise InvalidBufferError(f"send and recv must have the same number of elements, got {s.count} and {r.count}")
     return s, r
 
 
@@ -239,12 +247,12 @@ class ReduceOpDescriptor:
             raise TypeError("reduce_descriptor must be a pccl.ReduceDescriptor")
         s, r = _pair(send, recv)
         if reduce_descriptor.count > s.count:
-            raise ValueError(
+            raise InvalidBufferError(
                 f"reduce_descriptor.count is {reduce_descriptor.count} but the buffers hold {s.count} elements"
             )
         od = reduce_descriptor.operand_descriptor
         if od is not None and od.datatype != s.dtype:
-            raise TypeError(
+            raise MismatchedBuffersError(
                 f"reduce_descriptor's operand datatype is {od.datatype.name} but the buffers hold {s.dtype.name}"
             )
         d = cls(s.ptr, r.ptr, reduce_descriptor)
@@ -256,14 +264,14 @@ class ReduceOpDescriptor:
     def from_torch(send: Any, recv: Any, reduce_descriptor: ReduceDescriptor) -> "ReduceOpDescriptor":
         """Describes an all-reduce of two contiguous CPU tensors (``send is recv`` for in place)."""
         if not (is_torch_tensor(send) and is_torch_tensor(recv)):
-            raise TypeError("from_torch expects two torch.Tensor objects")
+            raise UnsupportedTypeError("from_torch expects two torch.Tensor objects")
         return ReduceOpDescriptor._from_buffers(send, recv, reduce_descriptor)
 
     @staticmethod
     def from_numpy(send: Any, recv: Any, reduce_descriptor: ReduceDescriptor) -> "ReduceOpDescriptor":
         """Describes an all-reduce of two C-contiguous arrays (``send is recv`` for in place)."""
         if not (is_numpy_array(send) and is_numpy_array(recv)):
-            raise TypeError("from_numpy expects two numpy.ndarray objects")
+            raise UnsupportedTypeError("from_numpy expects two numpy.ndarray objects")
         return ReduceOpDescriptor._from_buffers(send, recv, reduce_descriptor)
 
     def _native(self) -> Tuple[int, int, Tuple[int, int, int, int, int, int, int]]:
@@ -333,14 +341,14 @@ class TensorInfo:
     def from_torch(cls, tensor: Any, name: str, *, allow_content_inequality: bool = False) -> "TensorInfo":
         """A contiguous CPU tensor, used in place (a sync may overwrite it)."""
         if not is_torch_tensor(tensor):
-            raise TypeError(f"from_torch expects a torch.Tensor, got {type(tensor).__name__}")
+            raise UnsupportedTypeError(f"from_torch expects a torch.Tensor, got {type(tensor).__name__}")
         return cls._from_buffer(tensor, name, allow_content_inequality)
 
     @classmethod
     def from_numpy(cls, tensor: Any, name: str, *, allow_content_inequality: bool = False) -> "TensorInfo":
         """A C-contiguous, writable array, used in place (a sync may overwrite it)."""
         if not is_numpy_array(tensor):
-            raise TypeError(f"from_numpy expects a numpy.ndarray, got {type(tensor).__name__}")
+            raise UnsupportedTypeError(f"from_numpy expects a numpy.ndarray, got {type(tensor).__name__}")
         return cls._from_buffer(tensor, name, allow_content_inequality)
 
     def __repr__(self) -> str:
@@ -407,8 +415,8 @@ class AsyncReduceHandle:
     handle is dropped without :meth:`wait`.
     """
 
-    def __init__(self, native: Any) -> None:
-        self._native = native
+    def __init__(self, handle: Any) -> None:
+        self._native = handle
         self._info: Optional[Tuple[bool, Result, ReduceInfo]] = None
         self._error: Optional[PCCLError] = None
 
@@ -451,7 +459,7 @@ class AsyncReduceHandle:
 def _port_defaults() -> Tuple[int, int, int]:
     base = os.environ.get("PCCL_PEER_PORT_BASE")
     if base is None or base.strip() == "":
-        return (_pccl.DEFAULT_SHARED_STATE_PORT, _pccl.DEFAULT_P2P_PORT, _pccl.DEFAULT_BENCHMARK_PORT)
+        return (_native.DEFAULT_SHARED_STATE_PORT, _native.DEFAULT_P2P_PORT, _native.DEFAULT_BENCHMARK_PORT)
     try:
         b = int(base)
     except ValueError:
@@ -497,7 +505,7 @@ class Communicator:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError(f"Invalid address: {address!r}, expected format: ip:port")
         ss, p2p, bench = _port_defaults()
-        self._native = _pccl.NativeCommunicator(
+        self._native = _native.NativeCommunicator(
             address,
             _int_arg("peer_group", peer_group, 0, 0xFFFFFFFF),
             _int_arg("p2p_connection_pool_size", p2p_connection_pool_size, 0, 0xFFFFFFFF),
@@ -535,7 +543,8 @@ class Communicator:
 
     def update_topology(self) -> None:
         """Admits pending peers (collective: every accepted peer calls it) and
-        returns when the ring connections are up."""
+        returns when the ring connections are up. ``PENDING_ASYNC_OPS`` while
+        async all-reduces are not awaited."""
         self._native.update_topology()
 
     def are_peers_pending(self) -> bool:
@@ -544,12 +553,20 @@ class Communicator:
         return bool(self._native.are_peers_pending())
 
     def optimize_topology(self) -> None:
-        """Collective call that may reorder the ring for bandwidth."""
+        """Collective call that may reorder the ring for bandwidth. Raises
+        :class:`PCCLError` with ``INVALID_USAGE`` when not connected or when
+        fewer than two peers are in the run, and ``PENDING_ASYNC_OPS`` while
+        async all-reduces are not awaited (as ``pcclOptimizeTopology``)."""
         self._native.optimize_topology()
 
     def get_attribute(self, attribute: Attribute) -> int:
         """One of the :class:`Attribute` values, as of the latest master update."""
         return int(self._native.get_attribute(int(_enum_arg(Attribute, "attribute", attribute))))
+
+    def current_world_size(self) -> int:
+        """The accepted peers of this peer's group (``Attribute.LOCAL_WORLD_SIZE``;
+        the name before PCCL 1.0 had peer groups)."""
+        return self.get_attribute(Attribute.LOCAL_WORLD_SIZE)
 
     @property
     def peer_id(self) -> Optional[str]:
@@ -628,7 +645,14 @@ class Communicator:
         """Starts an all-reduce and returns at once. Several may be in flight
         with distinct tags; do not touch the buffers until the handle's
         :meth:`~AsyncReduceHandle.wait` returned. (``numel`` is accepted for
-        early PCCL 1.0 code and must equal the element count.)"""
+        early PCCL 1.0 code and must equal the element count.)
+
+        Every error the start can detect is raised here, as by
+        ``pcclAllReduceAsync``: bad buffers or descriptors, ``PCCLError``
+        with ``INVALID_USAGE`` (not connected or closed), ``INVALID_ARGUMENT``
+        (overlapping buffers, or ``tag`` still used by an async all-reduce not
+        awaited) and ``TOO_FEW_PEERS`` (alone in the peer group). Failures
+        during the operation are reported by ``wait()``."""
         sp, rp, desc, keep = self._prepare(send, recv, op, tag, operand_descriptor, quantization_options)
         if numel is not None and numel != desc[0]:
             raise ValueError(f"numel={numel} does not match the buffers' {desc[0]} elements")
@@ -678,6 +702,85 @@ class Communicator:
 # Master
 # ---------------------------------------------------------------------------
 
+# Native masters that were started with run() and have been neither
+# interrupted nor closed, by id. Holding them here keeps a master serving
+# after its MasterNode was dropped, as PCCL 1.0's did (its __del__ blocked in
+# pcclMasterAwaitTermination); at interpreter exit _serve_until_signalled()
+# waits for SIGINT/SIGTERM before stopping them.
+_SERVING: Dict[int, Any] = {}
+_SERVING_LOCK = threading.Lock()
+_AT_EXIT_REGISTERED = False
+
+
+def _still_serving(native: Any) -> None:
+    global _AT_EXIT_REGISTERED
+    with _SERVING_LOCK:
+        _SERVING[id(native)] = native
+        if not _AT_EXIT_REGISTERED:
+            atexit.register(_serve_until_signalled)
+            _AT_EXIT_REGISTERED = True
+
+
+def _done_serving(native: Any) -> None:
+    with _SERVING_LOCK:
+        _SERVING.pop(id(native), None)
+
+
+def _stop_all(masters: List[Any]) -> None:
+    for m in masters:
+        _done_serving(m)
+        try:
+            m.interrupt()
+        except PCCLError:
+            pass  # already closed
+        m.close()
+
+
+def _serve_until_signalled() -> None:
+    """At interpreter exit: masters still serving keep serving until SIGINT
+    (Ctrl-C) or SIGTERM, then stop cleanly and the process exits normally."""
+    with _SERVING_LOCK:
+        masters = list(_SERVING.values())
+    if not masters:
+        return
+    # A script ended by Ctrl-C already got its signal: stop without waiting
+    # for a second one.
+    if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+        _stop_all(masters)
+        return
+    addresses = ", ".join(str(m.local_addr) for m in masters)
+    print(
+        f"pccl: the master on {addresses} keeps serving after the script ended; "
+        "send SIGINT (Ctrl-C) or SIGTERM to stop it (call MasterNode.interrupt() to stop without waiting)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # pragma: no cover - not the main thread
+            pass
+    try:
+        for m in masters:
+            # Returns only once interrupted; Python signal handlers run meanwhile.
+            m.await_termination()
+    except KeyboardInterrupt:
+        _log.info("signal received; stopping the master")
+    except PCCLError as e:  # pragma: no cover - a master that failed on its own
+        print(f"pccl: master stopped with {e}", file=sys.stderr, flush=True)
+    finally:
+        _stop_all(masters)
+        for sig, handler in previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):  # pragma: no cover
+                pass
+
 
 class MasterNode:
     """An embedded master (coordinator).
@@ -686,6 +789,20 @@ class MasterNode:
     back from :attr:`port` / :attr:`listen_address`). The socket is bound at
     construction, so a taken port fails here. ``peer_timeout_ms``
     (extension) evicts a peer silent for that long.
+
+    **Lifetime, as PCCL 1.0's:** once :meth:`run` was called, the master
+    serves until it is stopped. A master that is still serving when its
+    ``MasterNode`` is dropped keeps serving in the background, and when the
+    interpreter exits (the script ended) the process waits, serving, until it
+    receives SIGINT (Ctrl-C) or SIGTERM; it then stops the master and exits
+    normally. So the two-line PCCL 1.0 master script
+    ``master = pccl.MasterNode(...); master.run()`` serves until interrupted.
+    (A script ended *by* Ctrl-C stops its masters without waiting again.)
+
+    To stop without waiting (the non-blocking path): call :meth:`interrupt`
+    (returns at once) or :meth:`close`, or use the master as a context
+    manager (``with pccl.MasterNode(...) as m:``, which closes it); a master
+    stopped so is not waited for at exit.
     """
 
     def __init__(self, listen_address: str = "0.0.0.0:48148", *, peer_timeout_ms: Optional[int] = None) -> None:
@@ -693,23 +810,30 @@ class MasterNode:
             raise ValueError(f"Invalid listen address: {listen_address!r}, expected format: ip:port")
         if peer_timeout_ms is not None:
             peer_timeout_ms = _int_arg("peer_timeout_ms", peer_timeout_ms, 1, 1 << 40)
-        self._native = _pccl.NativeMaster(listen_address, peer_timeout_ms)
+        self._native = _native.NativeMaster(listen_address, peer_timeout_ms)
 
     def run(self) -> None:
-        """Starts serving in the background; returns at once."""
+        """Starts serving in the background and returns at once. The master
+        then serves until :meth:`interrupt`/:meth:`close`, or, at interpreter
+        exit, until SIGINT/SIGTERM (see the class documentation)."""
         self._native.run()
+        _still_serving(self._native)
 
     def interrupt(self) -> None:
-        """Asks the master to stop; returns at once."""
+        """Asks the master to stop; returns at once. A master interrupted so
+        is not waited for at interpreter exit."""
         self._native.interrupt()
+        _done_serving(self._native)
 
     def await_termination(self) -> None:
         """Blocks until :meth:`interrupt` was called and the master stopped
         (the GIL is released; Ctrl-C raises ``KeyboardInterrupt``)."""
         self._native.await_termination()
+        _done_serving(self._native)
 
     def close(self) -> None:
-        """Stops the master if running and frees the port."""
+        """Stops the master if running and frees the port; returns once it stopped."""
+        _done_serving(self._native)
         self._native.close()
 
     @property

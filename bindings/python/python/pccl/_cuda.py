@@ -1,5 +1,5 @@
-"""CUDA availability (PCCL 1.0 compatibility: ``pccl._cuda.is_cuda_available``)."""
+"""PCCL 1.0's private name of :mod:`pccl.cuda` (``pccl._cuda.is_cuda_available``)."""
 
-from ._pccl import HAS_CUDA_SUPPORT
+from .cuda import is_available, is_cuda_available
 
-is_cuda_available: bool = bool(HAS_CUDA_SUPPORT)
+__all__ = ["is_available", "is_cuda_available"]

@@ -12,6 +12,8 @@ import enum
 import sys
 from typing import Any
 
+from ._exc import UnsupportedTypeError
+
 __all__ = [
     "Result",
     "ReduceOp",
@@ -187,7 +189,7 @@ class DataType(_Enum):
         torch = _require("torch")
         dt = getattr(torch, _TORCH_NAMES[int(self)], None)
         if dt is None:
-            raise TypeError(f"this PyTorch version has no dtype for {self.name}")
+            raise UnsupportedTypeError(f"this PyTorch version has no dtype for {self.name}")
         return dt
 
     def to_numpy_dtype(self) -> Any:
@@ -197,53 +199,53 @@ class DataType(_Enum):
             try:
                 import ml_dtypes  # type: ignore[import-not-found]
             except ImportError as e:
-                raise TypeError("NumPy has no bfloat16 dtype; install ml_dtypes for one") from e
+                raise UnsupportedTypeError("NumPy has no bfloat16 dtype; install ml_dtypes for one") from e
             return np.dtype(ml_dtypes.bfloat16)
         return np.dtype(_NUMPY_NAMES[int(self)])
 
     @classmethod
     def from_torch_dtype(cls, dtype: Any) -> "DataType":
-        """Maps a ``torch.dtype``; raises :class:`TypeError` for unsupported ones."""
+        """Maps a ``torch.dtype``; raises :class:`pccl.UnsupportedTypeError` (a ``ValueError``, as PCCL 1.0, and a ``TypeError``) for unsupported ones."""
         torch = _require("torch")
         for value, name in _TORCH_NAMES.items():
             if getattr(torch, name, None) == dtype:
                 return cls(value)
-        raise TypeError(
+        raise UnsupportedTypeError(
             f"unsupported dtype {dtype}; pccl supports "
             + ", ".join(f"torch.{n}" for n in _TORCH_NAMES.values())
         )
 
     @classmethod
     def from_numpy_dtype(cls, dtype: Any) -> "DataType":
-        """Maps a ``numpy.dtype`` (native byte order); raises :class:`TypeError` for unsupported ones."""
+        """Maps a ``numpy.dtype`` (native byte order); raises :class:`pccl.UnsupportedTypeError` (a ``ValueError``, as PCCL 1.0, and a ``TypeError``) for unsupported ones."""
         np = _require("numpy")
         dt = np.dtype(dtype)
         if dt.name == "bfloat16":
             return cls.BFLOAT16
         code = _NUMPY_CODES.get((dt.kind, dt.itemsize))
         if code is None:
-            raise TypeError(
+            raise UnsupportedTypeError(
                 f"unsupported dtype {dt}; pccl supports "
                 + ", ".join(_NUMPY_NAMES.values())
                 + " and ml_dtypes.bfloat16"
             )
         if not dt.isnative:
-            raise TypeError(f"dtype {dt} is not in native byte order; use arr.astype(arr.dtype.newbyteorder('='))")
+            raise UnsupportedTypeError(f"dtype {dt} is not in native byte order; use arr.astype(arr.dtype.newbyteorder('='))")
         return cls(code)
 
     @classmethod
     def _from_typestr(cls, typestr: str) -> "DataType":
         """Maps an ``__array_interface__`` type string such as ``'<f4'``."""
         if len(typestr) < 3 or typestr[0] not in "<>|=":
-            raise TypeError(f"unsupported array type string {typestr!r}")
+            raise UnsupportedTypeError(f"unsupported array type string {typestr!r}")
         order, kind, size = typestr[0], typestr[1], typestr[2:]
         if not size.isdigit():
-            raise TypeError(f"unsupported array type string {typestr!r}")
+            raise UnsupportedTypeError(f"unsupported array type string {typestr!r}")
         n = int(size)
         native = "<" if sys.byteorder == "little" else ">"
         if n > 1 and order not in ("=", native):
-            raise TypeError(f"array type {typestr!r} is not in native byte order")
+            raise UnsupportedTypeError(f"array type {typestr!r} is not in native byte order")
         code = _NUMPY_CODES.get((kind, n))
         if code is None:
-            raise TypeError(f"unsupported array element type {typestr!r}")
+            raise UnsupportedTypeError(f"unsupported array element type {typestr!r}")
         return cls(code)

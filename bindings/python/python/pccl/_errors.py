@@ -1,10 +1,18 @@
-"""The exception type of the PCCL API."""
+"""The exception types of the PCCL API.
+
+:class:`PCCLError` carries a result code from the library. The other three
+are raised by the Python layer before anything reaches the library; each
+derives from the type PCCL 1.0's package raised for the same mistake *and*
+from the type earlier versions of this package raised, so ``except`` clauses
+written for either keep working.
+"""
 
 from __future__ import annotations
 
 from ._enums import Result
+from ._exc import InvalidBufferError, MismatchedBuffersError, UnsupportedTypeError
 
-__all__ = ["PCCLError"]
+__all__ = ["PCCLError", "UnsupportedTypeError", "InvalidBufferError", "MismatchedBuffersError"]
 
 
 class PCCLError(Exception):
@@ -37,3 +45,4 @@ class PCCLError(Exception):
     @classmethod
     def _from_native(cls, code: int, func_name: str, message: str) -> "PCCLError":
         return cls(code, func_name, message)
+

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._enums import DataType, DeviceType
+from ._exc import InvalidBufferError, UnsupportedTypeError
 
 __all__ = ["Buffer", "describe", "is_torch_tensor", "is_numpy_array"]
 
@@ -52,30 +53,30 @@ def is_numpy_array(obj: Any) -> bool:
 def _from_torch(t: Any, what: str) -> Buffer:
     torch = sys.modules["torch"]
     if type(t).__name__ == "DTensor":
-        raise TypeError(f"{what}: distributed tensors (DTensor) are not supported; pass the local shard")
+        raise UnsupportedTypeError(f"{what}: distributed tensors (DTensor) are not supported; pass the local shard")
     if t.layout != torch.strided:
-        raise ValueError(f"{what}: only dense (strided) tensors are supported, not {t.layout}")
+        raise InvalidBufferError(f"{what}: only dense (strided) tensors are supported, not {t.layout}")
     device_type = t.device.type
     if device_type == "cuda":
-        raise ValueError(f"{what}: {_CUDA_MSG}")
+        raise InvalidBufferError(f"{what}: {_CUDA_MSG}")
     if device_type != "cpu":
-        raise ValueError(f"{what}: tensors on device {t.device} are not supported; use CPU tensors")
+        raise InvalidBufferError(f"{what}: tensors on device {t.device} are not supported; use CPU tensors")
     dtype = DataType.from_torch_dtype(t.dtype)
     if not t.is_contiguous():
-        raise ValueError(f"{what}: tensor must be contiguous (call .contiguous() and use the result)")
+        raise InvalidBufferError(f"{what}: tensor must be contiguous (call .contiguous() and use the result)")
     count = t.numel()
     if count == 0:
-        raise ValueError(f"{what}: tensor is empty")
+        raise InvalidBufferError(f"{what}: tensor is empty")
     return Buffer(t, int(t.data_ptr()), count, dtype, DeviceType.CPU, True)
 
 
 def _from_numpy(a: Any, what: str) -> Buffer:
     dtype = DataType.from_numpy_dtype(a.dtype)
     if not a.flags["C_CONTIGUOUS"]:
-        raise ValueError(f"{what}: array must be C-contiguous (use numpy.ascontiguousarray and keep the result)")
+        raise InvalidBufferError(f"{what}: array must be C-contiguous (use numpy.ascontiguousarray and keep the result)")
     count = int(a.size)
     if count == 0:
-        raise ValueError(f"{what}: array is empty")
+        raise InvalidBufferError(f"{what}: array is empty")
     ptr = int(a.__array_interface__["data"][0])
     return Buffer(a, ptr, count, dtype, DeviceType.CPU, bool(a.flags["WRITEABLE"]))
 
@@ -92,34 +93,36 @@ def _from_array_interface(obj: Any, what: str) -> Buffer:
         expect = dtype.itemsize
         for dim, stride in zip(reversed(shape), reversed(tuple(strides))):
             if dim > 1 and stride != expect:
-                raise ValueError(f"{what}: array must be C-contiguous")
+                raise InvalidBufferError(f"{what}: array must be C-contiguous")
             expect *= dim
     if count == 0:
-        raise ValueError(f"{what}: array is empty")
+        raise InvalidBufferError(f"{what}: array is empty")
     data = ai.get("data")
     if not isinstance(data, tuple) or not data or not data[0]:
-        raise TypeError(f"{what}: the object does not expose a data address")
+        raise UnsupportedTypeError(f"{what}: the object does not expose a data address")
     ptr, readonly = int(data[0]), bool(data[1]) if len(data) > 1 else False
     return Buffer(obj, ptr, count, dtype, DeviceType.CPU, not readonly)
 
 
 def describe(obj: Any, what: str = "buffer", *, writable: bool = False) -> Buffer:
     """Describes a NumPy array, a PyTorch CPU tensor, or any object with a
-    CPU ``__array_interface__``. Raises :class:`TypeError` for other objects
-    and unsupported element types, :class:`ValueError` for non-contiguous,
-    empty, read-only (when ``writable``) or device (CUDA) buffers."""
+    CPU ``__array_interface__``. Raises :class:`UnsupportedTypeError` (a
+    ``ValueError`` and a ``TypeError``) for other objects and unsupported
+    element types, :class:`InvalidBufferError` (a ``ValueError`` and an
+    ``AssertionError``) for non-contiguous, empty, read-only (when
+    ``writable``) or device (CUDA) buffers."""
     if is_torch_tensor(obj):
         buf = _from_torch(obj, what)
     elif is_numpy_array(obj):
         buf = _from_numpy(obj, what)
     elif hasattr(obj, "__cuda_array_interface__"):
-        raise ValueError(f"{what}: {_CUDA_MSG}")
+        raise InvalidBufferError(f"{what}: {_CUDA_MSG}")
     elif hasattr(obj, "__array_interface__"):
         buf = _from_array_interface(obj, what)
     else:
-        raise TypeError(
+        raise UnsupportedTypeError(
             f"{what}: expected a numpy.ndarray or a torch.Tensor, got {type(obj).__module__}.{type(obj).__qualname__}"
         )
     if writable and not buf.writable:
-        raise ValueError(f"{what}: array is read-only but pccl must write to it")
+        raise InvalidBufferError(f"{what}: array is read-only but pccl must write to it")
     return buf

@@ -1,4 +1,4 @@
-"""Type stubs of the native module ``pccl._pccl`` (private; use the ``pccl`` package)."""
+"""Type stubs of the native module ``pccl._native`` (private; use the ``pccl`` package)."""
 
 from typing import Any, Optional, Sequence, Tuple
 
