@@ -1,0 +1,217 @@
+//! Liveness under oversubscription (issue #19: a busy peer is not a dead
+//! peer). Real processes: an in-process master, three `pccl-worker`s that
+//! each run 2 × cores busy threads of compute beside their loop (shared-state
+//! sync + in-place multi-tensor all-reduce via
+//! `all_reduce_multiple_with_retry`, every result checked exactly), and a
+//! `cpu-hog` process with one busy thread per core on top. The machine is
+//! oversubscribed ~(3 × 2 + 1) times over.
+//!
+//! Asserted: the busy peers are never evicted and never lose the master;
+//! every all-reduce completes and is exact; the peers agree on the shared
+//! state; a peer frozen with SIGSTOP in the same run is evicted within
+//! timeout + one heartbeat interval + the master's own (discounted)
+//! lateness + 500 ms, and not before timeout − one heartbeat interval. The
+//! heartbeat gaps the master saw are printed (`--nocapture`).
+//!
+//! Short form (the test command): 64 MiB per step (8 tensors of 8 MiB),
+//! 3 steps before the freeze, 2 after. Long form (documented in
+//! `docs/reliability.md`): e.g.
+//! `PCCL_LIVENESS_ELEMS=134217728 PCCL_LIVENESS_STEPS=10 cargo test --release
+//! -p pccl-stress --test liveness -- --nocapture` (512 MiB per step).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{serial, Cluster};
+use pccl_core::MasterConfig;
+use pccl_stress::hog::{cores, CpuHog};
+use pccl_stress::swarm::lines::Record;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[test]
+fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
+    let _g = serial();
+    let timeout_ms = 3_000u64;
+    let hb_ms = MasterConfig {
+        peer_timeout_ms: timeout_ms,
+        ..MasterConfig::default()
+    }
+    .heartbeat_interval_ms() as u64;
+    let n_cores = cores();
+    let elems = env_or("PCCL_LIVENESS_ELEMS", 16 << 20);
+    let tensors = env_or("PCCL_LIVENESS_TENSORS", 8);
+    let steps_before = env_or("PCCL_LIVENESS_STEPS", 3);
+    let steps_after = env_or("PCCL_LIVENESS_STEPS_AFTER", 2);
+    let busy = 2 * n_cores;
+    let t0 = Instant::now();
+
+    let mut c = Cluster::new(timeout_ms);
+    let _hog =
+        CpuHog::spawn(Path::new(env!("CARGO_BIN_EXE_cpu-hog")), n_cores).expect("spawn cpu-hog");
+    let (e, t, b) = (elems.to_string(), tensors.to_string(), busy.to_string());
+    let args = [
+        "--elems",
+        e.as_str(),
+        "--tensors",
+        t.as_str(),
+        "--busy-threads",
+        b.as_str(),
+        "--pool",
+        "4",
+        "--state-mib",
+        "16",
+        "--min-world",
+        "3",
+        "--trace",
+    ];
+    let ids: Vec<usize> = (0..3).map(|_| c.spawn(&args)).collect();
+    println!(
+        "{} cores; per peer {busy} busy threads, {} MiB in {tensors} in-place tensors per step; \
+         cpu-hog with {n_cores} threads; peer timeout {timeout_ms} ms, heartbeat {hb_ms} ms",
+        n_cores,
+        elems * 4 >> 20
+    );
+    c.wait_steps(&ids, steps_before, Duration::from_secs(120));
+    println!(
+        "{steps_before} steps under load after {:.1} s (load average {})",
+        t0.elapsed().as_secs_f64(),
+        loadavg()
+    );
+    let before = c.master.liveness();
+    assert!(
+        before.evictions.is_empty(),
+        "busy peers were evicted: {:?}\n{}",
+        before.evictions,
+        c.diagnostics()
+    );
+
+    // Freeze one peer inside a ring transfer.
+    let victim = ids[2];
+    let survivors = [ids[0], ids[1]];
+    let victim_peer = c.records[victim]
+        .iter()
+        .find_map(|r| match r {
+            Record::Joined { peer, .. } => Some(peer.clone()),
+            _ => None,
+        })
+        .expect("the victim joined");
+    let typical_ms = c
+        .steps(victim)
+        .values()
+        .map(|s| s.ar_ms)
+        .fold(f64::INFINITY, f64::min);
+    c.wait_all_begin(&ids, "allreduce");
+    std::thread::sleep(Duration::from_secs_f64((typical_ms / 4.0).max(5.0) / 1e3));
+    let discounted_before = c.master.liveness().discounted_ms;
+    c.procs
+        .signal(victim, libc::SIGSTOP)
+        .expect("SIGSTOP the victim");
+    let stopped_at = Instant::now();
+    let deadline = stopped_at + Duration::from_millis(4 * timeout_ms);
+    let evicted_after = loop {
+        c.pump(Duration::from_millis(20));
+        let l = c.master.liveness();
+        if l.evictions
+            .iter()
+            .any(|e| e.peer.to_string() == victim_peer)
+        {
+            break stopped_at.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the frozen peer was not evicted within {} ms\n{}",
+            4 * timeout_ms,
+            c.diagnostics()
+        );
+    };
+    let master_late = c.master.liveness().discounted_ms - discounted_before;
+    let bound = timeout_ms + hb_ms + master_late + 500;
+    println!(
+        "SIGSTOP -> evicted after {} ms (timeout {timeout_ms} ms, bound {bound} ms: timeout + \
+         heartbeat {hb_ms} ms + master lateness {master_late} ms + 500 ms)",
+        evicted_after.as_millis()
+    );
+    assert!(
+        evicted_after <= Duration::from_millis(bound),
+        "the frozen peer was evicted only after {} ms (bound {bound} ms)",
+        evicted_after.as_millis()
+    );
+    assert!(
+        evicted_after >= Duration::from_millis(timeout_ms - hb_ms),
+        "the frozen peer was evicted after {} ms, before its timeout could pass",
+        evicted_after.as_millis()
+    );
+
+    // The survivors go on with two peers, still under load.
+    let n = survivors
+        .iter()
+        .map(|&s| c.step_count(s))
+        .max()
+        .unwrap_or(0);
+    c.wait_steps(&survivors, n + steps_after, Duration::from_secs(120));
+    let _ = c.procs.kill(victim);
+
+    let l = c.master.liveness();
+    println!(
+        "after {:.1} s (load average {}): {}",
+        t0.elapsed().as_secs_f64(),
+        loadavg(),
+        l.summary()
+    );
+    let evicted: Vec<String> = l.evictions.iter().map(|e| e.peer.to_string()).collect();
+    assert_eq!(
+        evicted,
+        vec![victim_peer.clone()],
+        "only the frozen peer may be evicted\n{}",
+        c.diagnostics()
+    );
+    for &s in &survivors {
+        let rejoins: Vec<&Record> = c.records[s]
+            .iter()
+            .filter(|r| matches!(r, Record::Rejoin { .. }))
+            .collect();
+        assert!(
+            rejoins.is_empty(),
+            "w{s} lost the master: {rejoins:?}\n{}",
+            c.diagnostics()
+        );
+        let steps = c.steps(s);
+        assert!(steps.values().any(|st| st.world == 2));
+        for st in steps.values() {
+            assert!(
+                st.allreduce_exact,
+                "w{s}'s all-reduce at step {} is not exact",
+                st.step
+            );
+        }
+    }
+    for st in c.steps(victim).values() {
+        assert!(
+            st.allreduce_exact,
+            "the victim's step {} is inexact",
+            st.step
+        );
+    }
+    let common = c.assert_same_hashes(survivors[0], survivors[1]);
+    assert!(common >= steps_before + steps_after);
+    assert!(l.gap_count() > 0, "the master saw no heartbeats");
+    assert!(
+        l.max_gap_ms() < timeout_ms,
+        "a heartbeat gap reached the timeout: {}",
+        l.summary()
+    );
+}
