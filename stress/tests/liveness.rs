@@ -14,11 +14,14 @@
 //! (− 100 ms of tick resolution). The
 //! heartbeat gaps the master saw are printed (`--nocapture`).
 //!
-//! Short form (the test command): 64 MiB per step (8 tensors of 8 MiB),
-//! 3 steps before the freeze, 2 after. Long form (documented in
+//! Short form (the test command, ~30 s, ~1.7 GB of memory in all): 256 MiB
+//! per step (4 in-place tensors of 64 MiB), 2 steps before the freeze, 2
+//! after; the heartbeat gaps must stay under two intervals. Long form
+//! (documented in
 //! `docs/reliability.md`): e.g.
-//! `PCCL_LIVENESS_ELEMS=134217728 PCCL_LIVENESS_STEPS=10 cargo test --release
-//! -p pccl-stress --test liveness -- --nocapture` (512 MiB per step).
+//! `PCCL_LIVENESS_ELEMS=134217728 PCCL_LIVENESS_TENSORS=8 PCCL_LIVENESS_STEPS=4 PCCL_LIVENESS_WAIT_S=600
+//! cargo test --release -p pccl-stress --test liveness -- --nocapture`
+//! (512 MiB per step).
 
 mod common;
 
@@ -53,10 +56,12 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
     }
     .heartbeat_interval_ms() as u64;
     let n_cores = cores();
-    let elems = env_or("PCCL_LIVENESS_ELEMS", 16 << 20);
-    let tensors = env_or("PCCL_LIVENESS_TENSORS", 8);
-    let steps_before = env_or("PCCL_LIVENESS_STEPS", 3);
+    let elems = env_or("PCCL_LIVENESS_ELEMS", 64 << 20);
+    let tensors = env_or("PCCL_LIVENESS_TENSORS", 4);
+    let steps_before = env_or("PCCL_LIVENESS_STEPS", 2);
     let steps_after = env_or("PCCL_LIVENESS_STEPS_AFTER", 2);
+    // Deadline of each phase (the long form's steps take ~10 s each on 2 cores).
+    let wait = Duration::from_secs(env_or("PCCL_LIVENESS_WAIT_S", 120) as u64);
     let busy = 2 * n_cores;
     let t0 = Instant::now();
 
@@ -84,9 +89,9 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
         "{} cores; per peer {busy} busy threads, {} MiB in {tensors} in-place tensors per step; \
          cpu-hog with {n_cores} threads; peer timeout {timeout_ms} ms, heartbeat {hb_ms} ms",
         n_cores,
-        elems * 4 >> 20
+        (elems * 4) >> 20
     );
-    c.wait_steps(&ids, steps_before, Duration::from_secs(120));
+    c.wait_steps(&ids, steps_before, wait);
     println!(
         "{steps_before} steps under load after {:.1} s (load average {})",
         t0.elapsed().as_secs_f64(),
@@ -95,8 +100,9 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
     let before = c.master.liveness();
     assert!(
         before.evictions.is_empty(),
-        "busy peers were evicted: {:?}\n{}",
+        "busy peers were evicted: {:?}\nmaster: {}\n{}",
         before.evictions,
+        before.summary(),
         c.diagnostics()
     );
 
@@ -165,7 +171,7 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
         .map(|&s| c.step_count(s))
         .max()
         .unwrap_or(0);
-    c.wait_steps(&survivors, n + steps_after, Duration::from_secs(120));
+    c.wait_steps(&survivors, n + steps_after, wait);
     let _ = c.procs.kill(victim);
 
     let l = c.master.liveness();
@@ -211,10 +217,13 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
     }
     let common = c.assert_same_hashes(survivors[0], survivors[1]);
     assert!(common >= steps_before + steps_after);
+    // No heartbeat was late by a whole interval (the runtime-task heartbeat
+    // this replaced showed gaps of 1.7 s in this short form, and evictions
+    // at 512 MiB per step; docs/reliability.md).
     assert!(l.gap_count() > 0, "the master saw no heartbeats");
     assert!(
-        l.max_gap_ms() < timeout_ms,
-        "a heartbeat gap reached the timeout: {}",
+        l.max_gap_ms() <= 2 * hb_ms,
+        "a heartbeat came more than one interval late: {}",
         l.summary()
     );
 }
