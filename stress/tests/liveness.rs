@@ -16,7 +16,7 @@
 //!
 //! Short form (the test command, ~30 s, ~1.7 GB of memory in all): 256 MiB
 //! per step (4 in-place tensors of 64 MiB), 2 steps before the freeze, 2
-//! after; the heartbeat gaps must stay under two intervals. Long form
+//! after; the heartbeat gaps must stay under 1.5 intervals. Long form
 //! (documented in
 //! `docs/reliability.md`): e.g.
 //! `PCCL_LIVENESS_ELEMS=134217728 PCCL_LIVENESS_TENSORS=8 PCCL_LIVENESS_STEPS=4 PCCL_LIVENESS_WAIT_S=600
@@ -217,13 +217,14 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
     }
     let common = c.assert_same_hashes(survivors[0], survivors[1]);
     assert!(common >= steps_before + steps_after);
-    // No heartbeat was late by a whole interval (the runtime-task heartbeat
-    // this replaced showed gaps of 1.7 s in this short form, and evictions
-    // at 512 MiB per step; docs/reliability.md).
+    // No heartbeat was late by half an interval or more. Measured: at most
+    // 55 ms late; the runtime-task heartbeat this replaced came 510 ms and
+    // 1117 ms late in two runs of this short form, and let busy peers be
+    // evicted at 512 MiB per step (docs/reliability.md).
     assert!(l.gap_count() > 0, "the master saw no heartbeats");
     assert!(
-        l.max_gap_ms() <= 2 * hb_ms,
-        "a heartbeat came more than one interval late: {}",
+        l.max_gap_ms() < hb_ms * 3 / 2,
+        "a heartbeat came half an interval late or more: {}",
         l.summary()
     );
 }
