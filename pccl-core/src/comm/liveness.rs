@@ -232,6 +232,74 @@ mod tests {
         }
     }
 
+    /// Frames queued from many threads while heartbeats (with progress)
+    /// go out meanwhile: every frame arrives whole and decodable, in each
+    /// sender's order, and heartbeats keep coming during the traffic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writer_thread_never_interleaves_frames() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (_rd, wr) = client.unwrap().into_split();
+        let (mut server, _) = accepted.unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = CancellationToken::new();
+        let progress = Arc::new(RxProgress::default());
+        let w = Writer {
+            wr,
+            stop: stop.clone(),
+            heartbeat_ms: Arc::new(AtomicU64::new(2)),
+            progress: progress.clone(),
+        };
+        let writer = std::thread::spawn(move || w.run(&rx));
+        const SENDERS: u64 = 4;
+        const EACH: u64 = 2_000;
+        let senders: Vec<_> = (0..SENDERS)
+            .map(|s| {
+                let tx = tx.clone();
+                let progress = progress.clone();
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        progress.note(PeerId([s as u8; 16]), 1);
+                        let msg = PeerMsg::CollectiveDone {
+                            tag: s,
+                            op_id: i,
+                            ok: true,
+                        };
+                        tx.send(Out::Frame(msg.to_frame())).unwrap();
+                        if i % 200 == 0 {
+                            std::thread::sleep(Duration::from_millis(3));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().unwrap();
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        tx.send(Out::Flush(done_tx)).unwrap();
+        done_rx.await.unwrap();
+        stop.cancel();
+        writer.join().unwrap().unwrap();
+        let mut next = [0u64; SENDERS as usize];
+        let mut beats = 0;
+        // Until the writer's shutdown of the stream.
+        while let Ok(body) = crate::transport::read_control_frame(&mut server).await {
+            match PeerMsg::decode(&body).unwrap() {
+                PeerMsg::CollectiveDone { tag, op_id, .. } => {
+                    assert_eq!(op_id, next[tag as usize], "sender {tag} out of order");
+                    next[tag as usize] += 1;
+                }
+                PeerMsg::Heartbeat | PeerMsg::DataProgress { .. } => beats += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(next, [EACH; SENDERS as usize]);
+        assert!(beats >= 2, "only {beats} heartbeats during the traffic");
+    }
+
     /// On a one-worker runtime, another task keeps running while a large
     /// copy is in progress: the copy yields between slices.
     #[tokio::test(flavor = "current_thread")]
