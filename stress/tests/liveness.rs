@@ -228,3 +228,133 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
         l.summary()
     );
 }
+
+/// A master process of the test's own (`master-proc`), SIGKILLed and reaped
+/// when dropped.
+struct MasterProc {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    addr: std::net::SocketAddr,
+}
+
+impl MasterProc {
+    fn start(peer_timeout_ms: u64) -> MasterProc {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_master-proc"))
+            .arg("--peer-timeout-ms")
+            .arg(peer_timeout_ms.to_string())
+            .args(
+                std::env::var("PCCL_LIVENESS_MASTER_ARGS")
+                    .ok()
+                    .iter()
+                    .flat_map(|a| a.split_whitespace()),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn master-proc");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read LISTEN");
+        let addr = line
+            .trim()
+            .strip_prefix("LISTEN ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("master-proc printed {line:?}"));
+        MasterProc {
+            child,
+            stdout,
+            addr,
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) with the pid of our own, not yet reaped child.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// Closes its stdin; returns its `LIVENESS` line.
+    fn finish(&mut self) -> String {
+        use std::io::BufRead;
+        drop(self.child.stdin.take());
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read LIVENESS");
+        line
+    }
+}
+
+impl Drop for MasterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// The master itself is frozen (SIGSTOP) for 2.5 × the peer timeout, in
+/// the middle of the peers' work: when it resumes, its first tick is seconds
+/// late, and that time is not held against the peers. Nobody is evicted;
+/// the peers go on with all three. (`PCCL_LIVENESS_MASTER_ARGS` passes
+/// arguments to `master-proc`: `--max-tick-step-ms 100000000` turns the
+/// discount off, and then all three are evicted at the resume.)
+#[test]
+fn a_frozen_master_evicts_nobody() {
+    let _g = serial();
+    let timeout_ms = 2_000u64;
+    let mut master = MasterProc::start(timeout_ms);
+    let mut c = Cluster::new(timeout_ms); // its in-process master stays idle
+    let args = [
+        "--elems",
+        "1048576",
+        "--tensors",
+        "4",
+        "--state-mib",
+        "4",
+        "--min-world",
+        "3",
+        "--trace",
+    ];
+    let ids: Vec<usize> = (0..3)
+        .map(|_| c.spawn_for(master.addr, &args, &[]))
+        .collect();
+    c.wait_steps(&ids, 3, Duration::from_secs(60));
+    c.wait_all_begin(&ids, "allreduce");
+    master.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    // The freeze itself: the fault under test lasts this long on purpose.
+    std::thread::sleep(Duration::from_millis(timeout_ms * 5 / 2));
+    master.signal(libc::SIGCONT);
+    println!(
+        "master frozen for {} ms (peer timeout {timeout_ms} ms)",
+        frozen.elapsed().as_millis()
+    );
+    let n = ids.iter().map(|&i| c.step_count(i)).max().unwrap_or(0);
+    c.wait_steps(&ids, n + 3, Duration::from_secs(60));
+    let line = master.finish();
+    println!("{}", line.trim());
+    assert_eq!(field(&line, "evictions"), 0, "{line}");
+    assert!(field(&line, "late_ticks") >= 1, "{line}");
+    assert!(
+        field(&line, "max_tick_late_ms") >= timeout_ms * 2,
+        "the freeze did not show as a late tick: {line}"
+    );
+    for &i in &ids {
+        assert!(
+            !c.records[i]
+                .iter()
+                .any(|r| matches!(r, Record::Rejoin { .. })),
+            "w{i} lost the master\n{}",
+            c.diagnostics()
+        );
+        for st in c.steps(i).values() {
+            assert!(st.allreduce_exact && st.world == 3, "w{i}: {st:?}");
+        }
+    }
+}
