@@ -10,6 +10,9 @@
 #   PCCL_VENV            Python venv to create/reuse (default ~/.cache/pccl-rs/venv)
 #   PCCL_CHURN_SECS      length of the exact churn run (default 60)
 #   PCCL_CHURN_QUANT_SECS  length of the quantized (minmax > u8) churn run (default 30)
+#   PCCL_CHURN_CPU_HOG   busy threads of the cpu-hog process beside the exact churn
+#                        run (default: the number of cores; healthy peers must
+#                        never be evicted, docs/reliability.md)
 #   PCCL_SKIP_PYTHON=1   skip the Python suite (local iteration only; CI never sets it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +62,7 @@ else
 fi
 churn() {
     cargo build --release --quiet -p pccl-stress --bins &&
-        ./target/release/churn --duration "${PCCL_CHURN_SECS:-60}s"
+        ./target/release/churn --duration "${PCCL_CHURN_SECS:-60}s" --cpu-hog "${PCCL_CHURN_CPU_HOG:-$(nproc)}"
 }
 step "churn" churn
 churn_quant() {

@@ -418,6 +418,13 @@ pub enum PeerMsg {
         /// The distributor that failed us, if the transfer broke.
         failed_source: Option<PeerId>,
     },
+    /// A heartbeat that also reports data-plane progress: bytes received
+    /// from each ring peer since the previous report (only peers with
+    /// progress are listed). The master counts it as a sign of life of the
+    /// sender and of every listed peer with bytes > 0 (`docs/reliability.md`).
+    DataProgress {
+        from: Vec<(PeerId, u64)>,
+    },
 }
 
 /// Master to peer.
@@ -556,6 +563,7 @@ impl PeerMsg {
             PeerMsg::CollectiveDone { .. } => 9,
             PeerMsg::SyncVote { .. } => 10,
             PeerMsg::SyncTransferDone { .. } => 11,
+            PeerMsg::DataProgress { .. } => 12,
         }
     }
 
@@ -623,6 +631,12 @@ impl PeerMsg {
                     None => e.u8(0),
                     Some(p) => e.u8(1).peer(p),
                 };
+            }
+            PeerMsg::DataProgress { from } => {
+                e.len_prefix(from.len());
+                for (p, bytes) in from {
+                    e.peer(p).u64(*bytes);
+                }
             }
         }
         finish_frame(e.0)
@@ -701,6 +715,14 @@ impl PeerMsg {
                     }
                 },
             },
+            12 => {
+                let n = d.list_len("progress list")?;
+                let mut from = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    from.push((d.peer()?, d.u64()?));
+                }
+                PeerMsg::DataProgress { from }
+            }
             _ => {
                 return Err(WireError::Unknown {
                     what: "peer message type",
@@ -1015,6 +1037,10 @@ mod tests {
                 advertised_ip: Some("10.1.2.3".parse().unwrap()),
             },
             PeerMsg::Heartbeat,
+            PeerMsg::DataProgress { from: vec![] },
+            PeerMsg::DataProgress {
+                from: vec![(PeerId([7; 16]), 1 << 33), (PeerId([9; 16]), 1)],
+            },
             PeerMsg::Leave,
             PeerMsg::VoteUpdateTopology,
             PeerMsg::ConnectionsEstablished { round: 9, ok: true },

@@ -1,4 +1,5 @@
 //! Shared helpers of the stress and benchmark binaries.
 
 pub mod bench;
+pub mod hog;
 pub mod swarm;

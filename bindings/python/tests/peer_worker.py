@@ -655,6 +655,35 @@ def scenario_interrupt(args) -> None:
     os._exit(0)
 
 
+def scenario_gil_hog(args) -> None:
+    """Between collectives, holds the GIL in a pure-Python loop for longer
+    than the master's peer timeout. The peer must not be evicted: heartbeats
+    come from a Rust thread that never needs the GIL (docs/reliability.md)."""
+    import numpy as np
+
+    world, rank = args["world"], args["rank"]
+    comm = join(args)
+    grow(comm, world)
+    n = 1 << 16
+    buf = np.empty(n, dtype=np.float32)
+    worlds, hogged = [], []
+    for step in range(args.get("steps", 2)):
+        t0 = time.monotonic()
+        x = 0
+        while time.monotonic() - t0 < args["hog_s"]:
+            for i in range(10_000):  # pure Python bytecode: the GIL stays held
+                x += i * i
+        hogged.append(time.monotonic() - t0)
+        buf.fill(float(rank + 1))
+        info = comm.all_reduce(buf, buf, op=ReduceOp.SUM)
+        want = float(world * (world + 1) // 2)
+        if not bool((buf == want).all()):
+            raise AssertionError(f"step {step}: expected {want} everywhere, got {buf[:4]}")
+        worlds.append(info.local_world_size)
+    emit("result", rank=rank, worlds=worlds, hogged=hogged)
+    comm.close()
+
+
 def scenario_pair_sum(args) -> None:
     """Joins, grows the group to ``world``, all-reduces ``rank + 1`` and checks the sum."""
     import numpy as np

@@ -77,3 +77,16 @@ def test_multiple_with_retry_survives_sigkill(launcher):
     # way the assertions above must hold. Report which case this run hit.
     retried = any("will retry" in p.stderr_text() for p in survivors)
     print(f"kill landed {'inside a reduce (retried)' if retried else 'between reduces'}")
+
+
+def test_gil_held_past_the_timeout_is_not_an_eviction(launcher):
+    """Each peer's Python thread holds the GIL for longer than the master's
+    peer timeout (3 s, the ``master`` fixture) before every all-reduce; no
+    peer is evicted and every all-reduce runs with both peers."""
+    numpy_or_skip()
+    world = 2
+    peers = [launcher.spawn("gil_hog", r, world=world, hog_s=4.0, steps=2) for r in range(world)]
+    results = [p.result(timeout=120) for p in peers]
+    for r in results:
+        assert r["worlds"] == [world, world], r
+        assert min(r["hogged"]) >= 4.0, r

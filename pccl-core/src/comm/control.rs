@@ -1,14 +1,15 @@
-//! The peer's control channel to the master: one writer task, one reader task
-//! that routes each master message to whichever call is waiting for it, a
-//! heartbeat task, and the handling of "establish" rounds (connecting to the
-//! ring neighbour when the master says so).
+//! The peer's control channel to the master: one writer thread (which also
+//! sends the heartbeats, see [`super::liveness`]), one reader task that
+//! routes each master message to whichever call is waiting for it, and the
+//! handling of "establish" rounds (connecting to the ring neighbour when the
+//! master says so).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -43,14 +44,14 @@ pub(crate) enum Routed {
     },
 }
 
-enum Out {
-    Frame(Vec<u8>),
-    Flush(oneshot::Sender<()>),
-}
+use super::liveness::Out;
 
 /// Shared state of the control channel.
 pub(crate) struct Control {
-    out: mpsc::UnboundedSender<Out>,
+    /// To the writer thread.
+    out: std::sync::mpsc::Sender<Out>,
+    /// Heartbeat interval of the writer thread (0: none yet).
+    heartbeat_ms: Arc<AtomicU64>,
     waiters: Mutex<HashMap<WaitKey, mpsc::UnboundedSender<Routed>>>,
     dead: Mutex<Option<String>>,
     /// Set when this peer leaves on purpose, so the closing is not a warning.
@@ -98,16 +99,19 @@ impl Drop for Waiter {
 }
 
 impl Control {
-    /// Starts the reader and writer tasks on an established, greeted stream.
+    /// Starts the reader task and the writer thread on an established, greeted stream.
     pub fn start(
         rd: OwnedReadHalf,
         wr: OwnedWriteHalf,
         p2p: Arc<P2p>,
         shutdown: CancellationToken,
     ) -> Arc<Control> {
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (out_tx, out_rx) = std::sync::mpsc::channel();
+        let heartbeat_ms = Arc::new(AtomicU64::new(0));
+        let progress = p2p.rx_progress.clone();
         let ctl = Arc::new(Control {
             out: out_tx,
+            heartbeat_ms: heartbeat_ms.clone(),
             waiters: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
             leaving: std::sync::atomic::AtomicBool::new(false),
@@ -119,7 +123,8 @@ impl Control {
             establish_task: Mutex::new(None),
             collectives: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(writer_task(wr, out_rx, ctl.clone()));
+        let stop = ctl.shutdown.clone();
+        super::liveness::spawn_writer(wr, out_rx, ctl.clone(), heartbeat_ms, progress, stop);
         tokio::spawn(reader_task(rd, ctl.clone()));
         ctl
     }
@@ -146,7 +151,7 @@ impl Control {
         Error::MasterConnectionFailed(why)
     }
 
-    fn mark_dead(&self, why: String) {
+    pub(crate) fn mark_dead(&self, why: String) {
         if let Ok(mut d) = self.dead.lock() {
             if d.is_none() {
                 if self.leaving.load(std::sync::atomic::Ordering::Relaxed) {
@@ -393,32 +398,6 @@ pub(crate) fn right_neighbour(ring: &[PeerId], me: PeerId) -> Option<PeerId> {
         .map(|i| ring[(i + 1) % n])
 }
 
-async fn writer_task(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    ctl: Arc<Control>,
-) {
-    loop {
-        let out = tokio::select! {
-            _ = ctl.shutdown.cancelled() => break,
-            o = rx.recv() => match o { Some(o) => o, None => break },
-        };
-        match out {
-            Out::Frame(f) => {
-                if let Err(e) = wr.write_all(&f).await {
-                    ctl.mark_dead(format!("write to master failed: {e}"));
-                    return;
-                }
-            }
-            Out::Flush(done) => {
-                let _ = wr.flush().await;
-                let _ = done.send(());
-            }
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
 async fn reader_task(mut rd: OwnedReadHalf, ctl: Arc<Control>) {
     let why = loop {
         let frame = tokio::select! {
@@ -437,20 +416,10 @@ async fn reader_task(mut rd: OwnedReadHalf, ctl: Arc<Control>) {
     ctl.mark_dead(why);
 }
 
-/// Sends heartbeats until the channel dies or the communicator closes.
+/// Starts heartbeats every `interval` (sent by the control writer thread
+/// until the channel dies or the communicator closes).
 pub(crate) fn spawn_heartbeat(ctl: Arc<Control>, interval: Duration) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ctl.shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    if ctl.send(&PeerMsg::Heartbeat).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
+    let ms = (interval.as_millis() as u64).max(1);
+    ctl.heartbeat_ms
+        .store(ms, std::sync::atomic::Ordering::Relaxed);
 }

@@ -7,6 +7,7 @@
 //! (e.g. one thread awaits an async all-reduce while another trains).
 
 pub(crate) mod control;
+pub(crate) mod liveness;
 pub(crate) mod p2p;
 
 use std::collections::HashMap;
@@ -1194,7 +1195,8 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<CollectiveInf
         let mut copy = job.p2p.take_scratch(bytes);
         // SAFETY: the caller guarantees `recv` is valid for `bytes` bytes.
         let src = unsafe { std::slice::from_raw_parts(job.recv_addr as *const u8, bytes) };
-        copy[..bytes].copy_from_slice(src);
+        // In slices with yields: a whole-buffer copy must not hold a worker.
+        liveness::copy_yielding(&mut copy[..bytes], src).await;
         let copy = Arc::new(copy);
         // SAFETY: the op only reads the input; `copy` is kept alive by
         // `backup` and by every sender task that may read it.
@@ -1386,10 +1388,11 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<CollectiveInf
     if let Err(e) = &outcome {
         tracing::debug!(peer = %me, tag, op_id, kind = job.kind.name(), "collective failed: {e}");
         if let Some(b) = &backup {
-            // SAFETY: every task of the op has been joined; `recv` is ours again.
-            unsafe {
-                std::ptr::copy_nonoverlapping(b.as_ptr(), job.recv_addr as *mut u8, job.recv_bytes)
-            };
+            // SAFETY: every task of the op has been joined; `recv` is ours
+            // again and does not overlap the backup.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(job.recv_addr as *mut u8, job.recv_bytes) };
+            liveness::copy_yielding(dst, &b[..job.recv_bytes]).await;
         }
     }
     // Every task is joined here, so this is the last reference; the copy

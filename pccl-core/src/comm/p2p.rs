@@ -238,6 +238,8 @@ pub struct P2p {
     /// The in-place input copy of the last in-place op, kept for the next
     /// (allocating and faulting in a large buffer per op is costly).
     scratch: Mutex<Option<Vec<u8>>>,
+    /// Data bytes received per ring peer, reported in heartbeats.
+    pub(crate) rx_progress: Arc<super::liveness::RxProgress>,
 }
 
 impl P2p {
@@ -260,6 +262,7 @@ impl P2p {
             shutdown,
             conn_seq: AtomicU64::new(0),
             scratch: Mutex::new(None),
+            rx_progress: Arc::default(),
         })
     }
 
@@ -366,6 +369,8 @@ impl P2p {
                 Ok(f) => f,
                 Err(why) => return why,
             };
+            let n = DataHeader::LEN as u64 + u64::from(header.payload_len);
+            self.rx_progress.note(from, n);
             if let (Some(route), Some(frame)) = (route, frame) {
                 // A closed inbox means the op just ended; the frame is not needed.
                 let _ = route.tx.send(frame).await;

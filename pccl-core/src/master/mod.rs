@@ -2,11 +2,12 @@
 //! [`state::MasterState`]. It accepts control connections, turns bytes into
 //! events, and performs the actions the state machine returns.
 
+pub mod liveness;
 pub mod state;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -17,10 +18,13 @@ use tokio::task::AbortHandle;
 use crate::error::{Error, Result};
 use crate::transport::{self, FrameError, SocketTuning};
 use crate::wire::{ConnKind, PeerId, PeerMsg};
+pub use liveness::{Eviction, LivenessStats};
 pub use state::{Action, ConnId, Event, MasterConfig, MasterState};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-const TICK: Duration = Duration::from_millis(50);
+/// How often the driver feeds time to the state machine (see
+/// [`MasterConfig::max_tick_step_ms`] for what a late tick means).
+pub const TICK: Duration = Duration::from_millis(50);
 
 /// An embeddable master. `bind` reserves the port (so a taken port fails
 /// at once), `run` starts serving in the background, `interrupt` asks it to
@@ -32,6 +36,8 @@ pub struct MasterNode {
     cfg: MasterConfig,
     stop: Arc<Notify>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// A copy of the state machine's liveness statistics, refreshed every tick.
+    liveness: Arc<Mutex<LivenessStats>>,
 }
 
 impl MasterNode {
@@ -56,7 +62,14 @@ impl MasterNode {
             cfg,
             stop: Arc::new(Notify::new()),
             task: None,
+            liveness: Arc::new(Mutex::new(LivenessStats::default())),
         })
+    }
+
+    /// What the master saw of its peers' liveness so far (heartbeat gaps,
+    /// its own late ticks, evictions), as of the last tick.
+    pub fn liveness(&self) -> LivenessStats {
+        self.liveness.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// The address actually bound (useful with port 0).
@@ -79,7 +92,7 @@ impl MasterNode {
         let listener = TcpListener::from_std(listener)
             .map_err(|e| Error::Internal(format!("listener: {e}")))?;
         tracing::info!(addr = %self.local_addr, "master listening");
-        self.task = Some(rt.spawn(serve(listener, cfg, stop)));
+        self.task = Some(rt.spawn(serve(listener, cfg, stop, self.liveness.clone())));
         Ok(())
     }
 
@@ -141,7 +154,12 @@ struct ConnHandles {
     reader: AbortHandle,
 }
 
-async fn serve(listener: TcpListener, cfg: MasterConfig, stop: Arc<Notify>) {
+async fn serve(
+    listener: TcpListener,
+    cfg: MasterConfig,
+    stop: Arc<Notify>,
+    liveness: Arc<Mutex<LivenessStats>>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<DriverMsg>();
     let mut state = MasterState::new(cfg);
     let mut conns: HashMap<ConnId, ConnHandles> = HashMap::new();
@@ -149,9 +167,30 @@ async fn serve(listener: TcpListener, cfg: MasterConfig, stop: Arc<Notify>) {
     let start = Instant::now();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let now_ms = || start.elapsed().as_millis() as u64;
     loop {
+        // Biased: after a stall of the master, the messages that queued up
+        // (heartbeats among them) are handled before the next tick judges.
         let actions = tokio::select! {
+            biased;
             _ = stop.notified() => break,
+            Some(msg) = rx.recv() => {
+                state.observe_time(now_ms());
+                match msg {
+                    DriverMsg::NewConn { conn, remote, local, writer, reader } => {
+                        conns.insert(conn, ConnHandles { writer, reader });
+                        state.handle(Event::Connected { conn, id: PeerId::random(), remote, local })
+                    }
+                    DriverMsg::Event(ev) => state.handle(ev),
+                }
+            },
+            _ = tick.tick() => {
+                let acts = state.handle(Event::Tick { now_ms: now_ms() });
+                if let Ok(mut l) = liveness.lock() {
+                    l.clone_from(state.liveness());
+                }
+                acts
+            },
             accepted = listener.accept() => {
                 match accepted {
                     Ok((stream, remote)) => {
@@ -166,14 +205,6 @@ async fn serve(listener: TcpListener, cfg: MasterConfig, stop: Arc<Notify>) {
                 }
                 continue;
             }
-            Some(msg) = rx.recv() => match msg {
-                DriverMsg::NewConn { conn, remote, local, writer, reader } => {
-                    conns.insert(conn, ConnHandles { writer, reader });
-                    state.handle(Event::Connected { conn, id: PeerId::random(), remote, local })
-                }
-                DriverMsg::Event(ev) => state.handle(ev),
-            },
-            _ = tick.tick() => state.handle(Event::Tick { now_ms: start.elapsed().as_millis() as u64 }),
         };
         for action in actions {
             match action {
@@ -196,7 +227,10 @@ async fn serve(listener: TcpListener, cfg: MasterConfig, stop: Arc<Notify>) {
         h.reader.abort();
         let _ = h.writer.send(WriterCmd::Close);
     }
-    tracing::info!("master stopped");
+    if let Ok(mut l) = liveness.lock() {
+        l.clone_from(state.liveness());
+    }
+    tracing::info!("master stopped; {}", state.liveness().summary());
 }
 
 /// Greets a new connection, then runs its reader and writer tasks.

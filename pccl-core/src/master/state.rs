@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
+use super::liveness::{Clock, Eviction, LivenessStats};
 use crate::error::Error;
 use crate::types::{Algorithm, CollectiveKind, DataType, DIRECT_MAX_WORLD};
 use crate::wire::{
@@ -72,7 +73,11 @@ pub enum Action {
 
 #[derive(Debug, Clone)]
 pub struct MasterConfig {
-    /// A peer that sends nothing (not even heartbeats) for this long is evicted.
+    /// A peer that shows no sign of life for this long is evicted. Signs of
+    /// life: any message of its own (heartbeats come from a dedicated thread
+    /// every `peer_timeout_ms / 5`), and a ring neighbour's report of data
+    /// bytes received from it. Measured on the judged clock, which discounts
+    /// the master's own scheduling delay (see `max_tick_step_ms`).
     pub peer_timeout_ms: u64,
     /// Establish rounds that may fail in a row before update topology fails.
     pub max_establish_attempts: u32,
@@ -85,6 +90,10 @@ pub struct MasterConfig {
     pub link_latency_us: u64,
     /// Per-peer bandwidth the automatic threshold assumes.
     pub link_bandwidth_bps: u64,
+    /// The most of the gap between two ticks that counts against peers. The
+    /// driver ticks every 50 ms; a longer gap means the master itself did
+    /// not run (starved), and the excess is not held against anyone.
+    pub max_tick_step_ms: u64,
 }
 
 impl Default for MasterConfig {
@@ -95,6 +104,7 @@ impl Default for MasterConfig {
             small_op_max_bytes: None,
             link_latency_us: 1_000,
             link_bandwidth_bps: 1_000_000_000,
+            max_tick_step_ms: 100,
         }
     }
 }
@@ -207,7 +217,10 @@ struct PeerRec {
     p2p_port: u16,
     ss_port: u16,
     bench_port: u16,
+    /// Judged time of the last sign of life.
     last_seen_ms: u64,
+    /// Real time of the last heartbeat, for the gap statistics.
+    last_beat_ms: Option<u64>,
     voted_topology: bool,
     voted_pending: bool,
     voted_optimize: bool,
@@ -274,7 +287,8 @@ fn code(e: Error) -> (FailCode, String) {
 #[derive(Debug)]
 pub struct MasterState {
     cfg: MasterConfig,
-    now_ms: u64,
+    clock: Clock,
+    stats: LivenessStats,
     peers: BTreeMap<ConnId, PeerRec>,
     /// Ring order per peer group.
     rings: BTreeMap<u32, Vec<ConnId>>,
@@ -290,8 +304,9 @@ pub struct MasterState {
 impl MasterState {
     pub fn new(cfg: MasterConfig) -> Self {
         MasterState {
+            clock: Clock::new(cfg.max_tick_step_ms),
+            stats: LivenessStats::default(),
             cfg,
-            now_ms: 0,
             peers: BTreeMap::new(),
             rings: BTreeMap::new(),
             establishing: None,
@@ -306,6 +321,17 @@ impl MasterState {
 
     pub fn config(&self) -> &MasterConfig {
         &self.cfg
+    }
+
+    /// What the master saw of its peers' liveness so far.
+    pub fn liveness(&self) -> &LivenessStats {
+        &self.stats
+    }
+
+    /// Real time (same clock as [`Event::Tick`]) seen when an event arrives
+    /// between ticks; refines the heartbeat-gap statistics, judges nobody.
+    pub fn observe_time(&mut self, now_ms: u64) {
+        self.clock.observe(now_ms);
     }
 
     /// Number of accepted peers (all groups).
@@ -350,7 +376,8 @@ impl MasterState {
                         p2p_port: 0,
                         ss_port: 0,
                         bench_port: 0,
-                        last_seen_ms: self.now_ms,
+                        last_seen_ms: self.clock.judged_ms(),
+                        last_beat_ms: None,
                         voted_topology: false,
                         voted_pending: false,
                         voted_optimize: false,
@@ -360,7 +387,13 @@ impl MasterState {
             }
             Event::Message { conn, msg } => {
                 if let Some(p) = self.peers.get_mut(&conn) {
-                    p.last_seen_ms = self.now_ms;
+                    p.last_seen_ms = self.clock.judged_ms();
+                    if matches!(msg, PeerMsg::Heartbeat | PeerMsg::DataProgress { .. }) {
+                        let now = self.clock.real_ms();
+                        if let Some(prev) = p.last_beat_ms.replace(now) {
+                            self.stats.record_gap(now.saturating_sub(prev));
+                        }
+                    }
                     self.on_message(conn, msg);
                 }
             }
@@ -369,20 +402,7 @@ impl MasterState {
                     self.remove_peer(conn, "connection closed", false);
                 }
             }
-            Event::Tick { now_ms } => {
-                self.now_ms = self.now_ms.max(now_ms);
-                let timeout = self.cfg.peer_timeout_ms;
-                let stale: Vec<ConnId> = self
-                    .peers
-                    .iter()
-                    .filter(|(_, p)| self.now_ms.saturating_sub(p.last_seen_ms) > timeout)
-                    .map(|(c, _)| *c)
-                    .collect();
-                for conn in stale {
-                    let reason = format!("no sign of life for more than {timeout} ms; evicted");
-                    self.remove_peer(conn, &reason, true);
-                }
-            }
+            Event::Tick { now_ms } => self.on_tick(now_ms),
         }
         std::mem::take(&mut self.out)
     }
@@ -502,6 +522,7 @@ impl MasterState {
             (Phase::Connected, _) => self.protocol_violation(conn, "message before registration"),
             (_, PeerMsg::Register { .. }) => self.protocol_violation(conn, "registered twice"),
             (_, PeerMsg::Heartbeat) => {}
+            (_, PeerMsg::DataProgress { from }) => self.on_data_progress(conn, &from),
             (_, PeerMsg::Leave) => {
                 self.remove_peer(conn, "left gracefully", true);
             }
@@ -563,7 +584,69 @@ impl MasterState {
             PeerMsg::SyncTransferDone { sync_id, ok, .. } => {
                 self.on_sync_transfer_done(conn, sync_id, ok)
             }
-            PeerMsg::Register { .. } | PeerMsg::Heartbeat | PeerMsg::Leave => {}
+            PeerMsg::Register { .. }
+            | PeerMsg::Heartbeat
+            | PeerMsg::DataProgress { .. }
+            | PeerMsg::Leave => {}
+        }
+    }
+
+    // -- liveness -----------------------------------------------------------
+
+    /// Time passes: peers silent for longer than the timeout on the judged
+    /// clock are evicted. A late tick (the master itself starved) advances
+    /// the judged clock by at most `max_tick_step_ms`.
+    fn on_tick(&mut self, now_ms: u64) {
+        let late = self.clock.tick(now_ms);
+        self.stats.record_tick(late);
+        if late > 0 {
+            tracing::debug!(
+                late_ms = late,
+                "master tick late; that time is not held against peers"
+            );
+        }
+        let now = self.clock.judged_ms();
+        let timeout = self.cfg.peer_timeout_ms;
+        let stale: Vec<(ConnId, PeerId, u64)> = self
+            .peers
+            .iter()
+            .map(|(c, p)| (*c, p.id, now.saturating_sub(p.last_seen_ms)))
+            .filter(|(_, _, silent)| *silent > timeout)
+            .collect();
+        for (conn, peer, silent_ms) in stale {
+            self.stats.evictions.push(Eviction {
+                peer,
+                silent_ms,
+                at_ms: self.clock.real_ms(),
+            });
+            let reason = format!("no sign of life for more than {timeout} ms; evicted");
+            self.remove_peer(conn, &reason, true);
+        }
+    }
+
+    /// A peer reports data bytes received from ring peers: each listed peer
+    /// of its group with bytes > 0 is alive (it is sending).
+    fn on_data_progress(&mut self, conn: ConnId, from: &[(PeerId, u64)]) {
+        let Some(group) = self
+            .peers
+            .get(&conn)
+            .filter(|p| p.phase == Phase::Accepted)
+            .map(|p| p.group)
+        else {
+            return;
+        };
+        let now = self.clock.judged_ms();
+        for (id, bytes) in from {
+            if *bytes == 0 {
+                continue;
+            }
+            let sender = self.peers.iter_mut().find(|(c, p)| {
+                **c != conn && p.id == *id && p.group == group && p.phase == Phase::Accepted
+            });
+            if let Some((_, p)) = sender {
+                p.last_seen_ms = now;
+                self.stats.progress_credits += 1;
+            }
         }
     }
 

@@ -319,8 +319,18 @@ impl M {
         self.ev(Event::Disconnected { conn })
     }
 
+    /// Time passes until `now_ms`, in ticks no further apart than
+    /// `max_tick_step_ms` (a punctual driver); returns all their actions.
     fn tick(&mut self, now_ms: u64) -> Vec<Action> {
-        self.ev(Event::Tick { now_ms })
+        let step = self.m.cfg.max_tick_step_ms;
+        let mut t = self.m.clock.real_ms();
+        let mut out = Vec::new();
+        while t + step < now_ms {
+            t += step;
+            out.extend(self.ev(Event::Tick { now_ms: t }));
+        }
+        out.extend(self.ev(Event::Tick { now_ms }));
+        out
     }
 
     fn accepted(&self) -> BTreeSet<ConnId> {
@@ -1159,6 +1169,109 @@ fn unregistered_and_pending_connections_time_out_too() {
     assert!(m.tick(1_000).is_empty());
     assert!(m.tick(9_000).is_empty());
     assert_eq!(closed(&m.tick(9_001)), vec![1]);
+}
+
+/// A stall of the master itself (its tick comes seconds late) never evicts
+/// peers: only `max_tick_step_ms` of a late tick's gap counts.
+#[test]
+fn a_stalled_master_does_not_evict_its_peers() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    m.tick(1_000);
+    for c in [1, 2, 3] {
+        m.msg(c, PeerMsg::Heartbeat);
+    }
+    // The master's process was starved for 8 s (timeout 5 s): its next tick
+    // comes at 9 s, after the heartbeats that queued up meanwhile.
+    for c in [1, 2, 3] {
+        m.m.observe_time(9_000);
+        m.msg(c, PeerMsg::Heartbeat);
+    }
+    assert!(m.ev(Event::Tick { now_ms: 9_000 }).is_empty());
+    // Even with the queued heartbeats handled after the late tick.
+    let mut m2 = M::swarm(&[0, 0]);
+    m2.tick(1_000);
+    m2.msg(1, PeerMsg::Heartbeat);
+    m2.msg(2, PeerMsg::Heartbeat);
+    assert!(m2.ev(Event::Tick { now_ms: 20_000 }).is_empty());
+    assert_eq!(m2.accepted(), BTreeSet::from([1, 2]));
+    let l = m2.m.liveness();
+    assert_eq!(l.late_ticks, 1);
+    assert_eq!(l.max_tick_late_ms, 19_000 - 100);
+    assert!(l.evictions.is_empty());
+    // A peer that really is silent is still evicted, on punctual ticks,
+    // once the timeout has passed on the judged clock.
+    m2.msg(1, PeerMsg::Heartbeat);
+    assert!(
+        m2.tick(24_900).is_empty(),
+        "judged silence of 2 is exactly the timeout"
+    );
+    m2.msg(1, PeerMsg::Heartbeat);
+    let acts = m2.tick(25_000);
+    assert_eq!(closed(&acts), vec![2]);
+    let ev = &m2.m.liveness().evictions;
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].peer, pid(2));
+    assert_eq!((ev[0].silent_ms, ev[0].at_ms), (5_100, 25_000));
+}
+
+/// A peer whose ring neighbour reports data bytes from it is alive even
+/// when its own heartbeats do not come; zero bytes, bytes from a peer of
+/// another group, or a report from a pending peer do not count.
+#[test]
+fn data_plane_progress_is_a_sign_of_life() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    let progress = |c: ConnId, n: u64| PeerMsg::DataProgress {
+        from: vec![(pid(c), n)],
+    };
+    for t in (1_000..=12_000).step_by(1_000) {
+        m.msg(1, progress(3, 1 << 20));
+        m.msg(2, progress(1, 0)); // 2 is alive itself; reports no bytes
+        assert!(m.tick(t).is_empty(), "at {t} ms");
+    }
+    assert_eq!(m.m.liveness().progress_credits, 12);
+    assert_eq!(m.accepted(), BTreeSet::from([1, 2, 3]));
+    // The bytes stop (3 froze): 3 is evicted after the timeout.
+    for t in (13_000..=16_000).step_by(1_000) {
+        m.msg(1, PeerMsg::Heartbeat);
+        m.msg(2, PeerMsg::Heartbeat);
+        assert!(m.tick(t).is_empty(), "at {t} ms");
+    }
+    m.msg(1, PeerMsg::Heartbeat);
+    m.msg(2, PeerMsg::Heartbeat);
+    assert_eq!(closed(&m.tick(16_100)), vec![3]);
+
+    // Another group's bytes, or a pending peer's report, vouch for nobody.
+    let mut m = M::swarm(&[0, 1]);
+    m.register(3, 1); // pending
+    for t in (1_000..=5_000).step_by(1_000) {
+        m.msg(1, progress(2, 100));
+        m.msg(3, progress(2, 100));
+        m.msg(3, PeerMsg::Heartbeat);
+        assert!(m.tick(t).is_empty());
+    }
+    m.msg(1, PeerMsg::Heartbeat);
+    m.msg(3, PeerMsg::Heartbeat);
+    assert_eq!(closed(&m.tick(5_100)), vec![2]);
+    assert_eq!(m.m.liveness().progress_credits, 0);
+}
+
+/// The master records the gaps between each peer's heartbeats (real time,
+/// refined by `observe_time` between ticks).
+#[test]
+fn heartbeat_gaps_are_recorded_per_peer() {
+    let mut m = M::swarm(&[0, 0]);
+    for (t, c) in [(1_000, 1), (1_010, 2), (2_000, 1), (2_250, 2), (3_050, 1)] {
+        m.m.observe_time(t);
+        m.msg(c, PeerMsg::Heartbeat);
+    }
+    m.msg(2, PeerMsg::VoteArePeersPending); // not a heartbeat
+    let l = m.m.liveness();
+    assert_eq!(l.gap_count(), 3);
+    assert_eq!(
+        l.heartbeat_gaps,
+        std::collections::BTreeMap::from([(1_000, 1), (1_050, 1), (1_240, 1)])
+    );
+    assert_eq!(l.max_gap_ms(), 1_240);
 }
 
 // ---------------------------------------------------------------------------
@@ -2057,9 +2170,13 @@ impl Sim {
                 });
             }
             let step = left.min(1_000);
-            self.now += step;
             left -= step;
-            self.handle(Event::Tick { now_ms: self.now });
+            // A punctual driver: ticks no further apart than the master counts.
+            let end = self.now + step;
+            while self.now < end {
+                self.now = (self.now + MasterConfig::default().max_tick_step_ms).min(end);
+                self.handle(Event::Tick { now_ms: self.now });
+            }
             if left == 0 {
                 break;
             }
@@ -2950,6 +3067,9 @@ fn any_peer_msg() -> impl Strategy<Value = PeerMsg> {
             advertised_ip: adv.then_some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))),
         }),
         Just(PeerMsg::Heartbeat),
+        (1u64..7, 0u64..3).prop_map(|(c, n)| PeerMsg::DataProgress {
+            from: vec![(pid(c), n)],
+        }),
         Just(PeerMsg::Leave),
         Just(PeerMsg::VoteUpdateTopology),
         (0u64..6, any::<bool>())

@@ -100,6 +100,11 @@ struct Args {
     /// then cannot tell which call each peer waits in).
     #[arg(long)]
     no_trace: bool,
+    /// Run a `cpu-hog` process with this many busy threads beside the run
+    /// (0: none). Healthy peers must still never be evicted: an eviction of
+    /// a peer that was never SIGSTOPped fails the run (docs/reliability.md).
+    #[arg(long, default_value_t = 0)]
+    cpu_hog: usize,
 }
 
 /// A scheduled follow-up of a SIGSTOP.
@@ -150,6 +155,20 @@ fn run(args: &Args) -> Result<bool> {
         )
         .into());
     }
+    let _hog = if args.cpu_hog > 0 {
+        let exe = worker.with_file_name("cpu-hog");
+        let hog = pccl_stress::hog::CpuHog::spawn(&exe, args.cpu_hog)
+            .with_context(|| format!("starting {}", exe.display()))?;
+        println!(
+            "churn: cpu-hog (pid {}) runs {} busy threads beside the run ({} cores)",
+            hog.pid(),
+            args.cpu_hog,
+            pccl_stress::hog::cores()
+        );
+        Some(hog)
+    } else {
+        None
+    };
     let mut worker_args = vec![
         "--elems".to_string(),
         args.elems.to_string(),
@@ -393,6 +412,18 @@ fn run(args: &Args) -> Result<bool> {
         "  hangs > {} ms            {:>8}   (longest gap without a step {} ms; slow joins {}, stuck leaves {})",
         args.max_wait_ms, s.hangs, s.longest_gap_ms, s.slow_joins, s.stuck_leaves
     );
+    let live = swarm.liveness();
+    let healthy_evicted = swarm.healthy_evictions();
+    println!("  master liveness            {}", live.summary());
+    println!(
+        "  healthy peers evicted      {:>8}   (never SIGSTOPped, yet evicted for silence)",
+        healthy_evicted.len()
+    );
+    if !healthy_evicted.is_empty() {
+        failures.push(format!(
+            "the master evicted healthy (never frozen) peers: {healthy_evicted:?}"
+        ));
+    }
     if s.ops == 0 {
         failures.push("no step completed".into());
     }

@@ -80,6 +80,10 @@ pub struct PeerSlot {
     pub name: String,
     proc_id: usize,
     pub peer_id: Option<String>,
+    /// Identities of all its sessions, in order.
+    pub ids: Vec<String>,
+    /// Whether it was ever SIGSTOPped (so an eviction of it is expected).
+    pub ever_stopped: bool,
     pub state: PeerState,
     pub spawned_at: Instant,
     /// When the current state began.
@@ -405,6 +409,8 @@ impl Swarm {
             name,
             proc_id,
             peer_id: None,
+            ids: Vec::new(),
+            ever_stopped: false,
             state: PeerState::Starting,
             spawned_at: now,
             since: now,
@@ -447,11 +453,34 @@ impl Swarm {
         Ok(vec![Event::Killed { peer }])
     }
 
+    /// What the embedded master saw of liveness (heartbeat gaps, evictions).
+    pub fn liveness(&self) -> pccl_core::master::LivenessStats {
+        self.master.liveness()
+    }
+
+    /// Master evictions of peers that were never SIGSTOPped (healthy peers
+    /// the master took for dead), as their identities.
+    pub fn healthy_evictions(&self) -> Vec<String> {
+        let healthy: std::collections::BTreeSet<&str> = self
+            .peers
+            .iter()
+            .filter(|p| !p.ever_stopped)
+            .flat_map(|p| p.ids.iter().map(String::as_str))
+            .collect();
+        self.liveness()
+            .evictions
+            .iter()
+            .map(|e| e.peer.to_string())
+            .filter(|id| healthy.contains(id.as_str()))
+            .collect()
+    }
+
     /// SIGSTOP: the peer freezes, still connected.
     pub fn stop(&mut self, peer: usize) -> Result<Vec<Event>> {
         let id = self.peers.get(peer).context("no such peer")?.proc_id;
         self.procs.signal(id, libc::SIGSTOP)?;
         self.stats.stops += 1;
+        self.peers[peer].ever_stopped = true;
         self.set_state(peer, PeerState::Stopped);
         self.evict_watch.push(EvictWatch {
             peer,
@@ -588,6 +617,7 @@ impl Swarm {
             } => {
                 self.stats.joins += 1;
                 let p = &mut self.peers[peer];
+                p.ids.push(id.clone());
                 p.peer_id = Some(id);
                 p.stepped = false;
                 if p.state == PeerState::Starting {

@@ -47,7 +47,8 @@ use std::time::{Duration, Instant};
 
 use pccl_core::{
     Communicator, CommunicatorConfig, DataType, Error as PcclError, QuantizationAlgorithm,
-    QuantizationOptions, ReduceDescriptor, ReduceOp, SharedState, SharedTensor, SyncStrategy,
+    QuantizationOptions, ReduceBuffers, ReduceDescriptor, ReduceOp, SharedState, SharedTensor,
+    SyncStrategy,
 };
 
 use super::lines::{Record, RetryRec, StepRec};
@@ -123,6 +124,20 @@ pub struct WorkerArgs {
     /// Quantized data type with `--quant`: u8, i8, u16 or i16.
     #[arg(long, default_value = "u8", value_parser = parse_quant_type)]
     pub quant_type: DataType,
+    /// Split the step's all-reduce into this many in-place tensors of
+    /// `--elems / tensors` elements (the last may be shorter), reduced
+    /// together by `all_reduce_multiple_with_retry` with all of them in
+    /// flight (PCCL 1.0's training shape). Retries happen inside that call,
+    /// so no `RETRY` lines; each tensor is checked to equal
+    /// `w × contribution` exactly for one world size `w` of the step (a
+    /// tensor that completed before a peer died keeps the larger world).
+    /// 1 (default): one `all_reduce_in_place` with the worker's own retries.
+    #[arg(long, default_value_t = 1)]
+    pub tensors: usize,
+    /// Threads of CPU-saturating compute running beside the loop for the
+    /// whole life of the process (liveness under load, docs/reliability.md).
+    #[arg(long, default_value_t = 0)]
+    pub busy_threads: usize,
 }
 
 /// Parses `--quant`: none, minmax or zps.
@@ -329,6 +344,14 @@ fn run_inner(args: &WorkerArgs) -> Result<()> {
     if args.elems == 0 {
         return Err("--elems must be positive".into());
     }
+    if args.tensors == 0 || args.tensors > args.elems {
+        return Err("--tensors must be between 1 and --elems".into());
+    }
+    if args.tensors > 1 && args.quant != QuantizationAlgorithm::None {
+        return Err("--tensors > 1 supports exact (unquantized) all-reduces only".into());
+    }
+    crate::hog::spawn_busy_threads(args.busy_threads)
+        .map_err(|e| Error(format!("starting --busy-threads: {e}")))?;
     emit(&Record::Hello {
         pid: std::process::id(),
     });
@@ -531,6 +554,9 @@ fn step(
             algorithm: args.quant,
         });
     }
+    if args.tensors > 1 {
+        return multi_allreduce_step(args, comm, peer, step, world, sync_rx, sync_ms, state_hash);
+    }
     let mut retries = 0u32;
     let mut wait_ms = 0u64;
     let (info, ar_ms) = loop {
@@ -638,6 +664,121 @@ fn step(
         busbw,
         ar_hash,
         ar_err,
+    }));
+    Ok(Outcome::Stepped)
+}
+
+/// The all-reduce and update of a step with `--tensors` > 1: every tensor in
+/// flight at once through `all_reduce_multiple_with_retry`, each checked to
+/// be exact for one world size between 2 and the step's `world`.
+#[allow(clippy::too_many_arguments)]
+fn multi_allreduce_step(
+    args: &WorkerArgs,
+    comm: &Communicator,
+    peer: &mut Peer,
+    step: u64,
+    world: u32,
+    sync_rx: u64,
+    sync_ms: f64,
+    state_hash: u64,
+) -> std::result::Result<Outcome, Failure> {
+    // `peer.grad` already holds the step's contribution.
+    let per = args.elems.div_ceil(args.tensors);
+    if args.trace {
+        emit(&Record::Begin {
+            step,
+            op: "allreduce".into(),
+            attempt: 1,
+        });
+    }
+    let t0 = Instant::now();
+    let result = {
+        let mut bufs: Vec<ReduceBuffers<'_>> = peer
+            .grad
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(i, c)| ReduceBuffers::in_place(c, ReduceOp::Sum, i as u64 + 1))
+            .collect();
+        let n = bufs.len();
+        comm.all_reduce_multiple_with_retry(&mut bufs, n)
+    };
+    let info = match result {
+        Ok(info) => info,
+        Err(PcclError::TooFewPeers(_)) => {
+            emit(&Record::Skip {
+                step,
+                reason: "TooFewPeers".into(),
+            });
+            return Ok(Outcome::Skipped);
+        }
+        Err(e) => {
+            return Err(Failure {
+                op: "allreduce",
+                err: e,
+            })
+        }
+    };
+    let ar_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // Each tensor's world: the quotient at its first non-zero contribution.
+    let worlds: Vec<Option<f32>> = peer
+        .grad
+        .chunks(per)
+        .enumerate()
+        .map(|(i, c)| {
+            let base = i * per;
+            let (j, g) = (0..c.len())
+                .map(|j| (j, grad_value(step, base + j)))
+                .find(|(_, g)| *g != 0.0)?;
+            let w = (c[j] / g).round();
+            let exact = w >= 2.0
+                && w <= world.max(2) as f32
+                && c.iter()
+                    .enumerate()
+                    .all(|(j, x)| *x == w * grad_value(step, base + j));
+            exact.then_some(w)
+        })
+        .collect();
+    let exact = worlds.iter().all(|w| w.is_some());
+    let last_world = info.local_world_size.max(1);
+    let wf: Vec<f32> = worlds
+        .iter()
+        .map(|w| w.unwrap_or(last_world as f32))
+        .collect();
+    // Deterministic update, identical on every peer (each tensor's result
+    // is the same on every participant of its successful attempt).
+    let n = peer.grad.len();
+    for (k, x) in peer.w.iter_mut().enumerate() {
+        let j = k % n;
+        *x += peer.grad[j] / wf[j / per] * 1e-3;
+    }
+    for (k, x) in peer.small.iter_mut().enumerate() {
+        let j = k % n;
+        *x = 0.9 * *x + peer.grad[j] / wf[j / per];
+    }
+    peer.started = true;
+    peer.local_steps += 1;
+    let bytes = (args.elems * 4) as u64;
+    let busbw = if ar_ms > 0.0 && last_world > 1 {
+        let w = last_world as f64;
+        2.0 * (w - 1.0) / w * bytes as f64 / (ar_ms / 1e3) / 1e9
+    } else {
+        0.0
+    };
+    emit(&Record::Step(StepRec {
+        step,
+        world: last_world,
+        local: peer.local_steps,
+        retries: 0,
+        wait_ms: 0,
+        state_hash,
+        allreduce_exact: exact,
+        sync_rx,
+        sync_ms,
+        ar_ms,
+        bytes,
+        busbw,
+        ar_hash: None,
+        ar_err: None,
     }));
     Ok(Outcome::Stepped)
 }

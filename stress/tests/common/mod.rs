@@ -55,9 +55,20 @@ impl Cluster {
 
     /// Spawns a worker with extra environment variables.
     pub fn spawn_with_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
+        self.spawn_for(self.master.local_addr(), args, env)
+    }
+
+    /// Spawns a worker of the master at `master` (e.g. a master process of
+    /// the test's own instead of the in-process one).
+    pub fn spawn_for(
+        &mut self,
+        master: std::net::SocketAddr,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> usize {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pccl-worker"));
         cmd.arg("--master")
-            .arg(self.master.local_addr().to_string())
+            .arg(master.to_string())
             .arg("--exit-on-stdin-eof")
             .args(args)
             .envs(env.iter().copied());
