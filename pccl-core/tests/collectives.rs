@@ -480,3 +480,46 @@ fn bad_calls_get_clear_errors_and_touch_nothing() {
     });
     assert_eq!(results[0], results[1]);
 }
+
+#[test]
+fn misuse_is_refused_at_the_call_as_in_the_c_api() {
+    let m = master();
+    let alone = connect_peers(m.local_addr(), 1, |_| 0);
+    let c = &alone[0];
+    // A group of one: TooFewPeers at the call, not from the handle.
+    let desc = ReduceDescriptor::new(4, DataType::F32, ReduceOp::Sum);
+    let mut x = vec![1f32; 4];
+    let p = x.as_mut_ptr() as *mut u8;
+    // SAFETY: `x` is valid; the call is refused before anything starts.
+    let e = unsafe { c.all_reduce_async_raw(p, p, &desc) }.unwrap_err();
+    assert!(matches!(e, Error::TooFewPeers(_)), "{e}");
+    // Optimizing a run of one peer is invalid usage.
+    let e = c.optimize_topology().unwrap_err();
+    assert!(matches!(e, Error::InvalidUsage(_)), "{e}");
+    assert_eq!(x, vec![1f32; 4]);
+}
+
+#[test]
+fn topology_calls_wait_for_every_kind_of_in_flight_op() {
+    let m = master();
+    let peers = connect_peers(m.local_addr(), 2, |_| 0);
+    let results = on_all(&peers, |i, c| {
+        // An op started with a handle (not by tag) blocks topology calls
+        // until it has finished.
+        let n = 1 << 20;
+        let mut x = vec![i as u32; n];
+        let p = x.as_mut_ptr() as *mut u8;
+        let desc = ReduceDescriptor::new(n, DataType::U32, ReduceOp::Sum);
+        // SAFETY: `x` outlives the handle, awaited below.
+        let h = unsafe { c.all_reduce_async_raw(p, p, &desc) }.expect("start");
+        let during = if i == 0 {
+            Some(c.update_topology())
+        } else {
+            None
+        };
+        c.await_handle(h).expect("all-reduce");
+        (during.map(|r| r.map_err(|e| e.code())), x[0])
+    });
+    assert!(matches!(results[0].0, Some(Err(10))), "{:?}", results[0].0);
+    assert!(results.iter().all(|r| r.1 == 1));
+}

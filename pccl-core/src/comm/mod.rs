@@ -116,6 +116,9 @@ pub struct Communicator {
     /// (p2p, shared-state) ports actually bound, once connected.
     ports: Mutex<(u16, u16)>,
     async_ops: Mutex<HashMap<u64, tokio::task::JoinHandle<Result<CollectiveInfo>>>>,
+    /// Collectives started and not yet finished, however they were started
+    /// (blocking, async with a handle, or tagged).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Communicator {
@@ -149,6 +152,7 @@ impl Communicator {
             ports: Mutex::new((0, 0)),
             ctl: Mutex::new(None),
             async_ops: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -311,16 +315,14 @@ impl Communicator {
         }
     }
 
+    /// `PendingAsyncOps` while any collective is in flight: started with a
+    /// handle, by tag, or blocking on another thread. Finished ops that are
+    /// not awaited yet do not count.
     fn ensure_no_async_ops(&self) -> Result<()> {
-        let ops = self
-            .async_ops
-            .lock()
-            .map_err(|_| Error::Internal("async op table poisoned".into()))?;
-        // Finished but not yet awaited ops stay in the table for `await_async`.
-        let running = ops.values().filter(|h| !h.is_finished()).count();
+        let running = self.in_flight.load(std::sync::atomic::Ordering::SeqCst);
         if running > 0 {
             return Err(Error::PendingAsyncOps(format!(
-                "{running} async all-reduce(s) still in flight must be awaited first"
+                "{running} collective(s) still in flight must be awaited first"
             )));
         }
         Ok(())
@@ -367,6 +369,13 @@ impl Communicator {
     pub fn optimize_topology(&self) -> Result<()> {
         let ctl = self.control()?;
         self.ensure_no_async_ops()?;
+        let world = ctl.world().global_world;
+        if world < 2 {
+            // As PCCL 1.0 (and our C and Python faces): nothing to optimize.
+            return Err(Error::InvalidUsage(format!(
+                "optimize topology needs at least 2 peers in the run, have {world}"
+            )));
+        }
         self.block_on(async {
             let mut w = ctl.wait(WaitKey::Optimize)?;
             ctl.send(&PeerMsg::VoteOptimizeTopology)?;
@@ -500,6 +509,7 @@ impl Communicator {
                 }
             )));
         }
+        self.collective_world(kind)?;
         let waiter = ctl.wait_collective(desc.tag, kind, root)?;
         ctl.send(&PeerMsg::CollectiveInit {
             tag: desc.tag,
@@ -518,7 +528,11 @@ impl Communicator {
             desc: *desc,
             chunk_bytes: self.cfg.chunk_bytes,
         };
-        let handle = self.rt()?.spawn(run_op(job, waiter));
+        let running = InFlight::start(&self.in_flight);
+        let handle = self.rt()?.spawn(async move {
+            let _running = running;
+            run_op(job, waiter).await
+        });
         Ok(AsyncReduceHandle {
             tag: desc.tag,
             join: Some(handle),
@@ -1436,6 +1450,22 @@ async fn next_verdict(waiter: &mut control::Waiter, op_id: u64) -> Result<(bool,
     }
 }
 
+/// Counts one collective as in flight until dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn start(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 struct OpRegistration {
     p2p: Arc<P2p>,
     op_id: u64,
@@ -1460,8 +1490,6 @@ impl Communicator {
         state: &mut crate::SharedState<'_>,
         strategy: crate::SyncStrategy,
     ) -> Result<crate::SyncInfo> {
-        let ctl = self.control()?;
-        self.ensure_no_async_ops()?;
         let mut names = std::collections::HashSet::new();
         for t in &state.tensors {
             if t.name.is_empty() || t.name.len() > crate::wire::MAX_NAME_LEN {
@@ -1494,6 +1522,9 @@ impl Communicator {
                 "too many tensors in one shared state".into(),
             ));
         }
+        // Entries are checked first, as the C and Python faces do.
+        let ctl = self.control()?;
+        self.ensure_no_async_ops()?;
         let slices: Vec<&[u8]> = state.tensors.iter().map(|t| t.bytes()).collect();
         let hashes = crate::hash::tensor_hashes(&slices);
         drop(slices);
