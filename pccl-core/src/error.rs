@@ -49,6 +49,26 @@ impl Error {
         }
     }
 
+    /// The variant of a `pcclResult_t` value (as [`Error::code`] gives it),
+    /// carrying `reason`; any code without a variant (0 included: success is
+    /// not an error) becomes `Internal`.
+    pub fn from_code(code: i32, reason: String) -> Error {
+        match code {
+            1 => Error::NotInitialized(reason),
+            3 => Error::InvalidArgument(reason),
+            4 => Error::InvalidUsage(reason),
+            5 => Error::TooFewPeers(reason),
+            6 => Error::MasterConnectionFailed(reason),
+            7 => Error::RankConnectionFailed(reason),
+            8 => Error::RankConnectionLost(reason),
+            9 => Error::NoSharedStateAvailable(reason),
+            10 => Error::PendingAsyncOps(reason),
+            11 => Error::UpdateTopologyFailed(reason),
+            12 => Error::TopologyOptimizationFailed(reason),
+            _ => Error::Internal(reason),
+        }
+    }
+
     /// The cause without the category prefix.
     pub fn message(&self) -> &str {
         match self {
@@ -69,3 +89,23 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for code in 1..=12 {
+            let e = Error::from_code(code, format!("cause {code}"));
+            assert_eq!(e.code(), code);
+            assert_eq!(e.message(), format!("cause {code}"));
+        }
+        for code in [0, 13, 255, -1] {
+            assert!(matches!(
+                Error::from_code(code, String::new()),
+                Error::Internal(_)
+            ));
+        }
+    }
+}

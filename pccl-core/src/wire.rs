@@ -10,6 +10,9 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
 /// First four bytes of every connection.
 pub const MAGIC: [u8; 4] = *b"PCRS";
 /// Protocol version; both sides must match exactly.
@@ -117,38 +120,47 @@ impl Hello {
     pub const LEN: usize = 40;
 
     pub fn encode(&self) -> [u8; Self::LEN] {
-        let mut out = [0u8; Self::LEN];
-        out[..4].copy_from_slice(&MAGIC);
-        out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        out[6] = self.kind as u8;
-        out[8..24].copy_from_slice(&self.from.0);
-        out[24..40].copy_from_slice(&self.to.0);
-        out
+        let layout = HelloLayout {
+            magic: MAGIC,
+            version: U16::new(PROTOCOL_VERSION),
+            kind: self.kind as u8,
+            _pad: 0,
+            from: self.from.0,
+            to: self.to.0,
+        };
+        zerocopy::transmute!(layout)
     }
 
     pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, WireError> {
-        let magic = [b[0], b[1], b[2], b[3]];
-        if magic != MAGIC {
-            return Err(WireError::BadMagic(magic));
+        let h: HelloLayout = zerocopy::transmute!(*b);
+        if h.magic != MAGIC {
+            return Err(WireError::BadMagic(h.magic));
         }
-        let version = u16::from_le_bytes([b[4], b[5]]);
+        let version = h.version.get();
         if version != PROTOCOL_VERSION {
             return Err(WireError::VersionMismatch {
                 theirs: version,
                 ours: PROTOCOL_VERSION,
             });
         }
-        let kind = ConnKind::from_u8(b[6])?;
-        let mut from = [0u8; 16];
-        from.copy_from_slice(&b[8..24]);
-        let mut to = [0u8; 16];
-        to.copy_from_slice(&b[24..40]);
         Ok(Hello {
-            kind,
-            from: PeerId(from),
-            to: PeerId(to),
+            kind: ConnKind::from_u8(h.kind)?,
+            from: PeerId(h.from),
+            to: PeerId(h.to),
         })
     }
+}
+
+/// The greeting's bytes, little-endian, no padding: what [`Hello`] encodes.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct HelloLayout {
+    magic: [u8; 4],
+    version: U16,
+    kind: u8,
+    _pad: u8,
+    from: [u8; 16],
+    to: [u8; 16],
 }
 
 // ---------------------------------------------------------------------------
@@ -959,34 +971,30 @@ impl DataHeader {
     const MARK: u16 = 0xD47A;
 
     pub fn encode(&self) -> [u8; Self::LEN] {
-        let mut o = [0u8; Self::LEN];
-        o[0..2].copy_from_slice(&Self::MARK.to_le_bytes());
-        o[2..4].copy_from_slice(&self.step.to_le_bytes());
-        o[4] = self.encoding as u8;
-        o[8..16].copy_from_slice(&self.op_id.to_le_bytes());
-        o[16..20].copy_from_slice(&self.segment.to_le_bytes());
-        o[20..24].copy_from_slice(&self.chunk.to_le_bytes());
-        o[24..32].copy_from_slice(&self.elem_offset.to_le_bytes());
-        o[32..36].copy_from_slice(&self.elems.to_le_bytes());
-        o[36..40].copy_from_slice(&self.payload_len.to_le_bytes());
-        o
+        let layout = DataHeaderLayout {
+            mark: U16::new(Self::MARK),
+            step: U16::new(self.step),
+            encoding: self.encoding as u8,
+            _pad: [0; 3],
+            op_id: U64::new(self.op_id),
+            segment: U32::new(self.segment),
+            chunk: U32::new(self.chunk),
+            elem_offset: U64::new(self.elem_offset),
+            elems: U32::new(self.elems),
+            payload_len: U32::new(self.payload_len),
+        };
+        zerocopy::transmute!(layout)
     }
 
     pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, WireError> {
-        let rd16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        let rd32 = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let rd64 = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(a)
-        };
-        if rd16(0) != Self::MARK {
+        let h: DataHeaderLayout = zerocopy::transmute!(*b);
+        if h.mark.get() != Self::MARK {
             return Err(WireError::Unknown {
                 what: "data frame mark",
-                value: rd16(0) as u64,
+                value: h.mark.get() as u64,
             });
         }
-        let encoding = match b[4] {
+        let encoding = match h.encoding {
             0 => Encoding::Raw,
             1 => Encoding::Quantized,
             v => {
@@ -996,7 +1004,7 @@ impl DataHeader {
                 })
             }
         };
-        let payload_len = rd32(36);
+        let payload_len = h.payload_len.get();
         if payload_len as usize > MAX_DATA_PAYLOAD {
             return Err(WireError::TooLong {
                 what: "data payload",
@@ -1005,16 +1013,33 @@ impl DataHeader {
             });
         }
         Ok(DataHeader {
-            op_id: rd64(8),
-            step: rd16(2),
+            op_id: h.op_id.get(),
+            step: h.step.get(),
             encoding,
-            segment: rd32(16),
-            chunk: rd32(20),
-            elem_offset: rd64(24),
-            elems: rd32(32),
+            segment: h.segment.get(),
+            chunk: h.chunk.get(),
+            elem_offset: h.elem_offset.get(),
+            elems: h.elems.get(),
             payload_len,
         })
     }
+}
+
+/// A data frame header's bytes, little-endian, no padding: what
+/// [`DataHeader`] encodes.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct DataHeaderLayout {
+    mark: U16,
+    step: U16,
+    encoding: u8,
+    _pad: [u8; 3],
+    op_id: U64,
+    segment: U32,
+    chunk: U32,
+    elem_offset: U64,
+    elems: U32,
+    payload_len: U32,
 }
 
 #[cfg(test)]

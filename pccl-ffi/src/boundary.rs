@@ -180,6 +180,34 @@ mod tests {
     }
 
     #[test]
+    fn the_c_result_codes_are_the_error_enums_codes() {
+        use crate::types::*;
+        let table = [
+            (pcclNotInitialized, "not initialized"),
+            (pcclInternalError, "internal error"),
+            (pcclInvalidArgument, "invalid argument"),
+            (pcclInvalidUsage, "invalid usage"),
+            (pcclTooFewPeers, "too few peers"),
+            (pcclMasterConnectionFailed, "master connection failed"),
+            (pcclRankConnectionFailed, "rank connection failed"),
+            (pcclRankConnectionLost, "rank connection lost"),
+            (pcclNoSharedStateAvailable, "no shared state available"),
+            (pcclPendingAsyncOps, "pending async ops"),
+            (pcclUpdateTopologyFailed, "update topology failed"),
+            (
+                pcclTopologyOptimizationFailed,
+                "topology optimization failed",
+            ),
+        ];
+        for (code, what) in table {
+            let e = Error::from_code(code, "cause".into());
+            assert_eq!(e.code(), code, "{what}");
+            assert_eq!(e.to_string(), format!("{what}: cause"));
+        }
+        assert_eq!(pcclSuccess, 0);
+    }
+
+    #[test]
     fn last_error_is_thread_local() {
         let _ = call("pcclMain", || Err(Error::Internal("main".into())));
         let other = std::thread::spawn(last_error).join().expect("thread");

@@ -18,6 +18,18 @@ struct Args {
     /// Evict a peer that shows no sign of life for this many milliseconds.
     #[arg(long, default_value_t = 5000)]
     peer_timeout_ms: u64,
+    /// Largest all-reduce (bytes on the wire per peer's contribution) the
+    /// master runs with the one-hop direct algorithm when peers leave the
+    /// choice to it; default: derived per world size from the link figures
+    /// below (docs/concepts.md, "Collectives and algorithms").
+    #[arg(long)]
+    small_op_max_bytes: Option<u64>,
+    /// One-way peer-to-peer latency the automatic threshold assumes.
+    #[arg(long, default_value_t = MasterConfig::default().link_latency_us)]
+    link_latency_us: u64,
+    /// Per-peer bandwidth (bits/s) the automatic threshold assumes.
+    #[arg(long, default_value_t = MasterConfig::default().link_bandwidth_bps)]
+    link_bandwidth_bps: u64,
     /// Log filter (error, warn, info, debug, trace); also PCCL_LOG / RUST_LOG.
     #[arg(long)]
     log_level: Option<String>,
@@ -28,6 +40,9 @@ fn main() {
     pccl_core::logging::init(Some(args.log_level.as_deref().unwrap_or("info")));
     let cfg = MasterConfig {
         peer_timeout_ms: args.peer_timeout_ms,
+        small_op_max_bytes: args.small_op_max_bytes,
+        link_latency_us: args.link_latency_us,
+        link_bandwidth_bps: args.link_bandwidth_bps,
         ..MasterConfig::default()
     };
     let mut master = match MasterNode::bind(args.listen, cfg) {

@@ -1150,20 +1150,7 @@ struct OpJob {
 
 /// Maps a master failure code back onto the error enum.
 pub(crate) fn error_from_code(code: u8, reason: String) -> Error {
-    match code {
-        1 => Error::NotInitialized(reason),
-        3 => Error::InvalidArgument(reason),
-        4 => Error::InvalidUsage(reason),
-        5 => Error::TooFewPeers(reason),
-        6 => Error::MasterConnectionFailed(reason),
-        7 => Error::RankConnectionFailed(reason),
-        8 => Error::RankConnectionLost(reason),
-        9 => Error::NoSharedStateAvailable(reason),
-        10 => Error::PendingAsyncOps(reason),
-        11 => Error::UpdateTopologyFailed(reason),
-        12 => Error::TopologyOptimizationFailed(reason),
-        _ => Error::Internal(reason),
-    }
+    Error::from_code(code as i32, reason)
 }
 
 /// One collective from "init sent" to the master's verdict.
