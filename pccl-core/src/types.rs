@@ -328,8 +328,9 @@ impl CollectiveKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(u8)]
 pub enum Algorithm {
-    /// Let the master choose: the one-hop [`Algorithm::Direct`] for
-    /// all-reduces up to its small-op threshold, the ring otherwise.
+    /// Let the master choose: [`Algorithm::Relay`] for tiny all-reduces,
+    /// the one-hop [`Algorithm::Direct`] up to its small-op threshold, the
+    /// ring otherwise.
     #[default]
     Auto = 0,
     /// Reduce-scatter then all-gather around the ring (pipelined, striped
@@ -339,6 +340,11 @@ pub enum Algorithm {
     /// all contributions in rank order: one hop of latency, (w-1) times
     /// the bytes. All-reduce only.
     Direct = 2,
+    /// Every peer's buffer rides in its init to the master, which hands
+    /// all of them back in the commence; every peer reduces them in rank
+    /// order. One round trip to the master and nothing else: for tiny
+    /// all-reduces (at most [`RELAY_MAX_BYTES`] per peer), unquantized.
+    Relay = 3,
 }
 
 impl Algorithm {
@@ -347,6 +353,7 @@ impl Algorithm {
             0 => Ok(Algorithm::Auto),
             1 => Ok(Algorithm::Ring),
             2 => Ok(Algorithm::Direct),
+            3 => Ok(Algorithm::Relay),
             _ => Err(Error::InvalidArgument(format!("unknown algorithm {raw}"))),
         }
     }
@@ -356,6 +363,7 @@ impl Algorithm {
             Algorithm::Auto => "auto",
             Algorithm::Ring => "ring",
             Algorithm::Direct => "direct",
+            Algorithm::Relay => "relay",
         }
     }
 }
@@ -367,8 +375,9 @@ impl std::str::FromStr for Algorithm {
             "auto" => Ok(Algorithm::Auto),
             "ring" => Ok(Algorithm::Ring),
             "direct" => Ok(Algorithm::Direct),
+            "relay" => Ok(Algorithm::Relay),
             _ => Err(Error::InvalidArgument(format!(
-                "unknown algorithm '{s}' (auto, ring or direct)"
+                "unknown algorithm '{s}' (auto, ring, direct or relay)"
             ))),
         }
     }
@@ -377,6 +386,12 @@ impl std::str::FromStr for Algorithm {
 /// Largest world in which the direct algorithm runs: each peer holds a
 /// connection to, and sends its buffer to, every other peer.
 pub const DIRECT_MAX_WORLD: usize = 16;
+
+/// Largest all-reduce (bytes per peer) whose buffer rides in its init to
+/// the master for [`Algorithm::Relay`].
+pub const RELAY_MAX_BYTES: usize = 4096;
+/// Largest relayed answer: the master sends world × bytes to every peer.
+pub const RELAY_MAX_TOTAL: usize = 64 << 10;
 
 /// Outcome of one broadcast, all-gather or reduce-scatter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

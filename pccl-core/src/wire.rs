@@ -413,6 +413,8 @@ pub enum PeerMsg {
     CollectiveInit {
         tag: u64,
         spec: CollectiveSpec,
+        /// This peer's whole buffer, for a relayed all-reduce (empty otherwise).
+        payload: Vec<u8>,
     },
     CollectiveDone {
         tag: u64,
@@ -474,6 +476,9 @@ pub enum MasterMsg {
         ring: Vec<PeerId>,
         /// The algorithm every participant runs ([`crate::Algorithm`], never auto).
         algorithm: u8,
+        /// Every participant's buffer in ring order, for a relayed
+        /// all-reduce (empty otherwise).
+        contributions: Vec<Vec<u8>>,
     },
     CollectiveResult {
         tag: u64,
@@ -605,7 +610,7 @@ impl PeerMsg {
             PeerMsg::ConnectionsEstablished { round, ok } => {
                 e.u64(*round).bool(*ok);
             }
-            PeerMsg::CollectiveInit { tag, spec } => {
+            PeerMsg::CollectiveInit { tag, spec, payload } => {
                 e.u64(*tag)
                     .u8(spec.kind)
                     .u8(spec.algorithm)
@@ -614,7 +619,8 @@ impl PeerMsg {
                     .u8(spec.datatype)
                     .u8(spec.op)
                     .u8(spec.quant_datatype)
-                    .u8(spec.quant_algorithm);
+                    .u8(spec.quant_algorithm)
+                    .bytes(payload);
             }
             PeerMsg::CollectiveDone { tag, op_id, ok } => {
                 e.u64(*tag).u64(*op_id).bool(*ok);
@@ -687,6 +693,9 @@ impl PeerMsg {
                     quant_datatype: d.u8()?,
                     quant_algorithm: d.u8()?,
                 },
+                payload: d
+                    .bytes("relayed payload", crate::types::RELAY_MAX_BYTES)?
+                    .to_vec(),
             },
             9 => PeerMsg::CollectiveDone {
                 tag: d.u64()?,
@@ -797,10 +806,14 @@ impl MasterMsg {
                 op_id,
                 ring,
                 algorithm,
+                contributions,
             } => {
                 e.u64(*tag).u64(*op_id);
                 enc_peers(&mut e, ring);
-                e.u8(*algorithm);
+                e.u8(*algorithm).len_prefix(contributions.len());
+                for c in contributions {
+                    e.bytes(c);
+                }
             }
             MasterMsg::CollectiveResult {
                 tag,
@@ -864,6 +877,17 @@ impl MasterMsg {
                 op_id: d.u64()?,
                 ring: dec_peers(&mut d)?,
                 algorithm: d.u8()?,
+                contributions: {
+                    let n = d.list_len("relayed contributions")?;
+                    let mut out = Vec::with_capacity(n.min(64));
+                    for _ in 0..n {
+                        out.push(
+                            d.bytes("relayed contribution", crate::types::RELAY_MAX_BYTES)?
+                                .to_vec(),
+                        );
+                    }
+                    out
+                },
             },
             109 => MasterMsg::CollectiveResult {
                 tag: d.u64()?,
@@ -1083,6 +1107,7 @@ mod tests {
                     quant_datatype: 0,
                     quant_algorithm: 1,
                 },
+                payload: vec![1, 2, 3],
             },
             PeerMsg::CollectiveDone {
                 tag: 5,
@@ -1155,6 +1180,7 @@ mod tests {
                 op_id: 2,
                 ring: vec![PeerId([7; 16])],
                 algorithm: 1,
+                contributions: vec![vec![9; 4], vec![]],
             },
             MasterMsg::CollectiveResult {
                 tag: 1,

@@ -137,9 +137,9 @@ fn direct_sends_each_buffer_once_to_every_peer() {
 }
 
 #[test]
-fn auto_runs_direct_below_the_threshold_and_the_ring_above() {
+fn auto_runs_relay_then_direct_then_the_ring_as_ops_grow() {
     let m = master_with(pccl_core::MasterConfig {
-        small_op_max_bytes: Some(4096),
+        small_op_max_bytes: Some(16384),
         ..Default::default()
     });
     let world = 3;
@@ -156,15 +156,63 @@ fn auto_runs_direct_below_the_threshold_and_the_ring_above() {
                 )
                 .expect("all-reduce");
             assert!(recv.iter().all(|&x| x == 6));
-            info.tx_bytes
+            (info.tx_bytes, info.rx_bytes)
         })
     };
-    // 1024 u32 = 4096 bytes: direct, one frame to each of 2 peers.
-    assert!(traffic(1024).iter().all(|&tx| tx == 2 * (4096 + 40)));
-    // 1025 u32: the ring. Each peer sends 2(w-1) = 4 frames of a third.
-    for tx in traffic(1025) {
-        assert!(tx < 2 * (4100 + 40), "ring traffic {tx}");
-        assert!(tx >= 4 * (341 * 4 + 40), "ring traffic {tx}");
+    // 1024 u32 = 4096 bytes: relayed through the master, no data frames.
+    assert!(traffic(1024).iter().all(|&t| t == (4096, 2 * 4096)));
+    // 4096 u32 = 16384 bytes: direct, one frame to each of 2 peers.
+    assert!(traffic(4096)
+        .iter()
+        .all(|&t| t == (2 * (16384 + 40), 2 * (16384 + 40))));
+    // 4097 u32: the ring. Each peer sends 2(w-1) = 4 frames of about a third.
+    for (tx, _) in traffic(4097) {
+        assert!(tx < 2 * (16388 + 40), "ring traffic {tx}");
+        assert!(tx >= 4 * (1365 * 4 + 40), "ring traffic {tx}");
+    }
+}
+
+#[test]
+fn relay_equals_the_reference_for_exact_ops_and_refuses_big_ops() {
+    for world in [2usize, 3, 4] {
+        let m = master();
+        let peers = connect_peers_with(m.local_addr(), world, |_| 0, Algorithm::Relay);
+        for dtype in DataType::ALL {
+            for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
+                for n in [1usize, 3, 4096 / dtype.size()] {
+                    let results = on_all(&peers, move |i, c| {
+                        let desc = ReduceDescriptor::new(n, dtype, op);
+                        let send = input(dtype, i, n);
+                        let mut recv = send.clone();
+                        // In place, as the MoE trainer's expert counts are.
+                        let p = recv.as_mut_ptr();
+                        // SAFETY: `recv` is valid for the whole call.
+                        let info = unsafe { c.all_reduce_raw(p, p, &desc) }.expect("all-reduce");
+                        (info, recv)
+                    });
+                    let want = encode(dtype, (0..n).map(|k| reduced(dtype, op, world, k)));
+                    for (info, r) in &results {
+                        assert_eq!(r, &want, "world {world} {dtype:?} {op:?} n {n}");
+                        let bytes = (n * dtype.size()) as u64;
+                        assert_eq!(
+                            (info.tx_bytes, info.rx_bytes),
+                            (bytes, bytes * (world as u64 - 1))
+                        );
+                    }
+                }
+            }
+        }
+        // Past the relay's bound every peer gets the same clear error.
+        let results = on_all(&peers, |_, c| {
+            all_reduce(
+                c,
+                &[0u8; 4097],
+                &ReduceDescriptor::new(4097, DataType::U8, ReduceOp::Sum),
+            )
+        });
+        for r in results {
+            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        }
     }
 }
 

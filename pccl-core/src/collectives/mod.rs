@@ -1,7 +1,8 @@
 //! Collective algorithms over the p2p data plane, one file per algorithm:
 //! [`ring`] (all-reduce, and its two halves as reduce-scatter and
-//! all-gather), [`direct`] (the one-hop small all-reduce) and
-//! [`broadcast`] (a pipelined chain from the root). This module holds what
+//! all-gather), [`direct`] (the one-hop small all-reduce), [`relay`] (the
+//! tiny all-reduce whose buffers ride through the master) and [`broadcast`]
+//! (a pipelined chain from the root). This module holds what
 //! they share: the raw view of caller buffers, the send queue and its
 //! per-connection sender tasks, and task joining.
 //!
@@ -10,6 +11,7 @@
 
 pub(crate) mod broadcast;
 pub(crate) mod direct;
+pub(crate) mod relay;
 pub(crate) mod ring;
 
 use std::sync::Arc;
@@ -49,6 +51,10 @@ impl RawBuf {
     /// as any copy of the returned value is used.
     pub(crate) unsafe fn new(ptr: *mut u8, len: usize) -> Self {
         RawBuf { ptr, len }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
     /// # Safety
@@ -174,6 +180,8 @@ pub(crate) fn route_peers(
     let right_rank = (rank + 1) % n;
     let right = ring[right_rank];
     match (kind, algorithm) {
+        // Relayed ops move their data through the master only.
+        (_, Algorithm::Relay) => (Vec::new(), Vec::new()),
         (CollectiveKind::Broadcast, _) => {
             let sources = if rank == root { vec![] } else { vec![left] };
             let sinks = if right_rank == root {

@@ -39,6 +39,8 @@ pub(crate) enum Routed {
         op_id: u64,
         ring: Vec<PeerId>,
         algorithm: Algorithm,
+        /// Every participant's buffer, for a relayed all-reduce.
+        contributions: Vec<Vec<u8>>,
         route: Arc<OpRoute>,
         inbox: mpsc::Receiver<Frame>,
     },
@@ -242,7 +244,13 @@ impl Control {
     fn dispatch(self: &Arc<Self>, msg: MasterMsg) {
         let me = self.me();
         match msg {
-            MasterMsg::RegisterAck { .. } => {
+            MasterMsg::RegisterAck { id, .. } => {
+                // Before anything else is dispatched: an establish round can
+                // follow at once, and its dials greet with this identity.
+                if let Ok(mut me) = self.me.lock() {
+                    *me = id;
+                }
+                self.p2p.set_me(id);
                 self.route(WaitKey::Register, Routed::Msg(msg));
             }
             MasterMsg::Establish { round, ring, peers } => self.on_establish(round, ring, peers),
@@ -265,6 +273,7 @@ impl Control {
                 op_id,
                 ring,
                 algorithm,
+                contributions,
             } => {
                 let n = ring.len();
                 let pos = ring.iter().position(|p| *p == me);
@@ -296,6 +305,7 @@ impl Control {
                         op_id,
                         ring,
                         algorithm,
+                        contributions,
                         route,
                         inbox,
                     },

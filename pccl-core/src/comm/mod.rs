@@ -510,10 +510,23 @@ impl Communicator {
             )));
         }
         self.collective_world(kind)?;
+        // A tiny all-reduce offers its buffer for the relay (the master
+        // decides whether every peer's can ride through it).
+        let relay_offer = kind == CollectiveKind::AllReduce
+            && desc.quantization.algorithm == QuantizationAlgorithm::None
+            && matches!(self.cfg.algorithm, Algorithm::Auto | Algorithm::Relay)
+            && send_bytes <= crate::types::RELAY_MAX_BYTES;
+        let payload = if relay_offer {
+            // SAFETY: the caller guarantees `send` is readable for `send_bytes`.
+            unsafe { std::slice::from_raw_parts(send, send_bytes) }.to_vec()
+        } else {
+            Vec::new()
+        };
         let waiter = ctl.wait_collective(desc.tag, kind, root)?;
         ctl.send(&PeerMsg::CollectiveInit {
             tag: desc.tag,
             spec: spec_of(kind, root, self.cfg.algorithm, desc),
+            payload,
         })?;
         let job = OpJob {
             ctl,
@@ -1157,15 +1170,16 @@ pub(crate) fn error_from_code(code: u8, reason: String) -> Error {
 async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<CollectiveInfo> {
     let me = job.ctl.me();
     let tag = job.desc.tag;
-    let (op_id, ring, algorithm, route, mut inbox) = loop {
+    let (op_id, ring, algorithm, contributions, route, mut inbox) = loop {
         match waiter.recv().await? {
             Routed::Commence {
                 op_id,
                 ring,
                 algorithm,
+                contributions,
                 route,
                 inbox,
-            } => break (op_id, ring, algorithm, route, inbox),
+            } => break (op_id, ring, algorithm, contributions, route, inbox),
             // Before "commence" only a refusal (op id 0) can concern this call;
             // a verdict with an op id is a late one for an earlier attempt.
             Routed::Msg(MasterMsg::CollectiveResult {
@@ -1186,6 +1200,24 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<CollectiveInf
     };
     let world = ring.len();
     let rank = ring.iter().position(|p| *p == me).unwrap_or(0);
+    if algorithm == Algorithm::Relay {
+        // The master decided the op when it handed out every buffer: the
+        // result follows from the commence alone, with no verdict to wait for.
+        let (tx, rx) = collectives::relay::reduce_relayed(
+            &contributions,
+            rank,
+            job.desc.datatype,
+            job.desc.op,
+            job.recv,
+        )?;
+        return Ok(CollectiveInfo {
+            world_size: world as u32,
+            rank: rank as u32,
+            algorithm,
+            tx_bytes: tx,
+            rx_bytes: rx,
+        });
+    }
 
     // An all-reduce reads its input from `send` and writes only `recv`. In
     // place, it reads a copy instead, which is also what a failure restores.

@@ -21,7 +21,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::liveness::{Clock, Eviction, LivenessStats};
 use crate::error::Error;
-use crate::types::{Algorithm, CollectiveKind, DataType, DIRECT_MAX_WORLD};
+use crate::types::{
+    Algorithm, CollectiveKind, DataType, DIRECT_MAX_WORLD, RELAY_MAX_BYTES, RELAY_MAX_TOTAL,
+};
 use crate::wire::{
     CollectiveSpec, FailCode, FetchItem, MasterMsg, PeerEntry, PeerId, PeerMsg, TensorMeta,
     WorldInfo,
@@ -135,12 +137,30 @@ pub fn small_op_threshold(world: usize, latency_us: u64, bandwidth_bps: u64) -> 
     n.min(DIRECT_MAX_BYTES as u128) as u64
 }
 
+/// Whether every member sent its buffer with its init, each of the op's
+/// size, within the relay's bounds ([`Algorithm::Relay`]).
+fn relayable(
+    spec: &CollectiveSpec,
+    payloads: &BTreeMap<ConnId, Vec<u8>>,
+    members: &BTreeSet<ConnId>,
+) -> bool {
+    let bytes = wire_bytes(spec) as usize;
+    spec.quant_algorithm == 0
+        && bytes <= RELAY_MAX_BYTES
+        && bytes.saturating_mul(members.len()) <= RELAY_MAX_TOTAL
+        && members
+            .iter()
+            .all(|c| payloads.get(c).is_some_and(|p| p.len() == bytes))
+}
+
 /// The algorithm an op of `spec` over `world` peers runs: the peers'
 /// common request, or the master's choice when they leave it open.
+/// `relayable`: every peer sent its buffer along (see [`relayable`]).
 /// `Err` when the request cannot be honoured.
 pub fn choose_algorithm(
     spec: &CollectiveSpec,
     world: usize,
+    relayable: bool,
     cfg: &MasterConfig,
 ) -> Result<Algorithm, Error> {
     let kind = CollectiveKind::from_raw(spec.kind)?;
@@ -148,13 +168,18 @@ pub fn choose_algorithm(
     if kind != CollectiveKind::AllReduce {
         return match asked {
             Algorithm::Auto | Algorithm::Ring => Ok(Algorithm::Ring),
-            Algorithm::Direct => Err(Error::InvalidArgument(format!(
-                "the direct algorithm is for all-reduce only, not {}",
+            Algorithm::Direct | Algorithm::Relay => Err(Error::InvalidArgument(format!(
+                "the {} algorithm is for all-reduce only, not {}",
+                asked.name(),
                 kind.name()
             ))),
         };
     }
     match asked {
+        Algorithm::Auto | Algorithm::Relay if relayable => Ok(Algorithm::Relay),
+        Algorithm::Relay => Err(Error::InvalidArgument(format!(
+            "the relay algorithm takes unquantized all-reduces of at most {RELAY_MAX_BYTES} bytes per peer and {RELAY_MAX_TOTAL} in all"
+        ))),
         Algorithm::Ring => Ok(Algorithm::Ring),
         Algorithm::Direct if world <= DIRECT_MAX_WORLD => Ok(Algorithm::Direct),
         Algorithm::Direct => Err(Error::InvalidArgument(format!(
@@ -247,6 +272,8 @@ struct Running {
 struct Collective {
     spec: CollectiveSpec,
     voters: BTreeSet<ConnId>,
+    /// Voters' buffers for a relayed all-reduce (see [`Algorithm::Relay`]).
+    payloads: BTreeMap<ConnId, Vec<u8>>,
     running: Option<Running>,
 }
 
@@ -565,7 +592,9 @@ impl MasterState {
                 }
                 self.check_optimize_votes();
             }
-            PeerMsg::CollectiveInit { tag, spec } => self.on_collective_init(conn, tag, spec),
+            PeerMsg::CollectiveInit { tag, spec, payload } => {
+                self.on_collective_init(conn, tag, spec, payload)
+            }
             PeerMsg::CollectiveDone { tag, op_id, ok } => {
                 self.on_collective_done(conn, tag, op_id, ok)
             }
@@ -833,6 +862,7 @@ impl MasterState {
                 continue;
             };
             coll.voters.remove(&conn);
+            coll.payloads.remove(&conn);
             let was_participant = coll
                 .running
                 .as_mut()
@@ -884,7 +914,13 @@ impl MasterState {
         );
     }
 
-    fn on_collective_init(&mut self, conn: ConnId, tag: u64, spec: CollectiveSpec) {
+    fn on_collective_init(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        spec: CollectiveSpec,
+        payload: Vec<u8>,
+    ) {
         let group = self.peers[&conn].group;
         let key = (group, tag);
         match self.collectives.get_mut(&key) {
@@ -902,14 +938,23 @@ impl MasterState {
             }
             Some(coll) => {
                 coll.voters.insert(conn);
+                if !payload.is_empty() {
+                    coll.payloads.insert(conn, payload);
+                }
                 self.check_collective_ready(key);
             }
             None => {
+                let payloads = if payload.is_empty() {
+                    BTreeMap::new()
+                } else {
+                    BTreeMap::from([(conn, payload)])
+                };
                 self.collectives.insert(
                     key,
                     Collective {
                         spec,
                         voters: BTreeSet::from([conn]),
+                        payloads,
                         running: None,
                     },
                 );
@@ -944,7 +989,8 @@ impl MasterState {
             );
             return;
         }
-        let algorithm = match choose_algorithm(&coll.spec, members.len(), &self.cfg) {
+        let relayable = relayable(&coll.spec, &coll.payloads, &members);
+        let algorithm = match choose_algorithm(&coll.spec, members.len(), relayable, &self.cfg) {
             Ok(a) => a,
             Err(e) => {
                 self.fail_collective(key, e);
@@ -967,16 +1013,25 @@ impl MasterState {
         }
         let op_id = self.next_op_id;
         self.next_op_id += 1;
-        let ring: Vec<PeerId> = self
+        let ring_conns: Vec<ConnId> = self
             .rings
             .get(&key.0)
-            .map(|r| {
-                r.iter()
-                    .filter(|c| members.contains(c))
-                    .map(|c| self.peers[c].id)
-                    .collect()
-            })
+            .map(|r| r.iter().filter(|c| members.contains(c)).copied().collect())
             .unwrap_or_default();
+        let ring: Vec<PeerId> = ring_conns
+            .iter()
+            .filter_map(|c| self.peers.get(c).map(|p| p.id))
+            .collect();
+        // A relayed op is complete once the master hands out every buffer:
+        // every peer computes its result from the commence alone.
+        let relayed = algorithm == Algorithm::Relay;
+        let contributions: Vec<Vec<u8>> = match relayed.then(|| self.collectives.remove(&key)) {
+            Some(Some(mut coll)) => ring_conns
+                .iter()
+                .map(|c| coll.payloads.remove(c).unwrap_or_default())
+                .collect(),
+            _ => Vec::new(),
+        };
         for c in &members {
             self.send(
                 *c,
@@ -985,8 +1040,12 @@ impl MasterState {
                     op_id,
                     ring: ring.clone(),
                     algorithm: algorithm as u8,
+                    contributions: contributions.clone(),
                 },
             );
+        }
+        if relayed {
+            return;
         }
         if let Some(coll) = self.collectives.get_mut(&key) {
             coll.running = Some(Running {

@@ -99,6 +99,7 @@ fn init(tag: u64) -> PeerMsg {
     PeerMsg::CollectiveInit {
         tag,
         spec: spec(1024),
+        payload: Vec::new(),
     }
 }
 
@@ -889,6 +890,7 @@ fn commence_waits_for_every_group_member() {
                 op_id: 1,
                 ring: ids(&[1, 2, 3]),
                 algorithm: Algorithm::Direct as u8,
+                contributions: Vec::new(),
             }
         );
     }
@@ -977,6 +979,7 @@ fn spec_mismatch_fails_every_voter_with_invalid_usage() {
         PeerMsg::CollectiveInit {
             tag: 3,
             spec: spec(99),
+            payload: Vec::new(),
         },
     );
     assert_eq!(recipients(&acts), BTreeSet::from([1, 2]));
@@ -1296,6 +1299,7 @@ fn leave_before_an_op_starts_is_not_an_error_for_the_others() {
                     op_id: 1,
                     ring: ids(&[1, 2]),
                     algorithm: Algorithm::Direct as u8,
+                    contributions: Vec::new(),
                 },
                 MasterMsg::World {
                     world: world(3, 2, 2, 2)
@@ -2771,6 +2775,7 @@ impl Sim {
                     p.outbox.push_back(PeerMsg::CollectiveInit {
                         tag,
                         spec: spec(1_000 + tag),
+                        payload: Vec::new(),
                     });
                     call.tags.insert(tag, TagState::WaitCommence);
                     if with_pending && k == (roll as usize / 3) % n {
@@ -3076,10 +3081,16 @@ fn any_peer_msg() -> impl Strategy<Value = PeerMsg> {
             .prop_map(|(round, ok)| PeerMsg::ConnectionsEstablished { round, ok }),
         Just(PeerMsg::VoteArePeersPending),
         Just(PeerMsg::VoteOptimizeTopology),
-        (0u64..3, 0u64..3).prop_map(|(tag, count)| PeerMsg::CollectiveInit {
-            tag,
-            spec: spec(count),
-        }),
+        (
+            0u64..3,
+            0u64..3,
+            proptest::collection::vec(any::<u8>(), 0..12)
+        )
+            .prop_map(|(tag, count, payload)| PeerMsg::CollectiveInit {
+                tag,
+                spec: spec(count),
+                payload,
+            }),
         (0u64..3, 0u64..6, any::<bool>()).prop_map(|(tag, op_id, ok)| PeerMsg::CollectiveDone {
             tag,
             op_id,
@@ -3218,11 +3229,11 @@ fn the_master_chooses_direct_only_for_small_all_reduces() {
     let ar = |count, algo| spec_of_kind(CollectiveKind::AllReduce, algo, count);
     // f32: 256 elements are 1024 bytes.
     assert_eq!(
-        choose_algorithm(&ar(256, Algorithm::Auto), 4, &cfg),
+        choose_algorithm(&ar(256, Algorithm::Auto), 4, false, &cfg),
         Ok(Algorithm::Direct)
     );
     assert_eq!(
-        choose_algorithm(&ar(257, Algorithm::Auto), 4, &cfg),
+        choose_algorithm(&ar(257, Algorithm::Auto), 4, false, &cfg),
         Ok(Algorithm::Ring)
     );
     // Quantized to u8: 1024 elements are 1024 bytes on the wire.
@@ -3231,23 +3242,23 @@ fn the_master_chooses_direct_only_for_small_all_reduces() {
         quant_algorithm: 1,
         ..ar(1024, Algorithm::Auto)
     };
-    assert_eq!(choose_algorithm(&q, 4, &cfg), Ok(Algorithm::Direct));
+    assert_eq!(choose_algorithm(&q, 4, false, &cfg), Ok(Algorithm::Direct));
     // A request is honoured either way.
     assert_eq!(
-        choose_algorithm(&ar(1 << 30, Algorithm::Direct), 4, &cfg),
+        choose_algorithm(&ar(1 << 30, Algorithm::Direct), 4, false, &cfg),
         Ok(Algorithm::Direct)
     );
     assert_eq!(
-        choose_algorithm(&ar(1, Algorithm::Ring), 4, &cfg),
+        choose_algorithm(&ar(1, Algorithm::Ring), 4, false, &cfg),
         Ok(Algorithm::Ring)
     );
     // Too many peers for a full mesh.
     assert_eq!(
-        choose_algorithm(&ar(1, Algorithm::Auto), DIRECT_MAX_WORLD + 1, &cfg),
+        choose_algorithm(&ar(1, Algorithm::Auto), DIRECT_MAX_WORLD + 1, false, &cfg),
         Ok(Algorithm::Ring)
     );
     assert!(matches!(
-        choose_algorithm(&ar(1, Algorithm::Direct), DIRECT_MAX_WORLD + 1, &cfg),
+        choose_algorithm(&ar(1, Algorithm::Direct), DIRECT_MAX_WORLD + 1, false, &cfg),
         Err(Error::InvalidArgument(_))
     ));
     // The other collectives run on the ring; direct is refused.
@@ -3257,18 +3268,18 @@ fn the_master_chooses_direct_only_for_small_all_reduces() {
         CollectiveKind::ReduceScatter,
     ] {
         assert_eq!(
-            choose_algorithm(&spec_of_kind(kind, Algorithm::Auto, 1), 4, &cfg),
+            choose_algorithm(&spec_of_kind(kind, Algorithm::Auto, 1), 4, false, &cfg),
             Ok(Algorithm::Ring)
         );
         assert!(matches!(
-            choose_algorithm(&spec_of_kind(kind, Algorithm::Direct, 1), 4, &cfg),
+            choose_algorithm(&spec_of_kind(kind, Algorithm::Direct, 1), 4, false, &cfg),
             Err(Error::InvalidArgument(_))
         ));
     }
     // Unknown kinds or algorithms are invalid arguments, never a panic.
     let bad = CollectiveSpec { kind: 9, ..spec(1) };
     assert!(matches!(
-        choose_algorithm(&bad, 4, &cfg),
+        choose_algorithm(&bad, 4, false, &cfg),
         Err(Error::InvalidArgument(_))
     ));
     let bad = CollectiveSpec {
@@ -3276,7 +3287,7 @@ fn the_master_chooses_direct_only_for_small_all_reduces() {
         ..spec(1)
     };
     assert!(matches!(
-        choose_algorithm(&bad, 4, &cfg),
+        choose_algorithm(&bad, 4, false, &cfg),
         Err(Error::InvalidArgument(_))
     ));
 }
@@ -3297,6 +3308,7 @@ fn commence_carries_the_chosen_algorithm_and_bad_roots_fail() {
     let big = PeerMsg::CollectiveInit {
         tag: 6,
         spec: spec(1 << 18),
+        payload: Vec::new(),
     };
     for c in [1, 2] {
         assert!(m.msg(c, big.clone()).is_empty());
@@ -3314,6 +3326,7 @@ fn commence_carries_the_chosen_algorithm_and_bad_roots_fail() {
             root,
             ..spec(10)
         },
+        payload: Vec::new(),
     };
     assert!(m.msg(1, bcast(3)).is_empty());
     assert!(m.msg(2, bcast(3)).is_empty());
@@ -3322,4 +3335,68 @@ fn commence_carries_the_chosen_algorithm_and_bad_roots_fail() {
         let (tag, op_id, ok, code) = verdict(&only(&acts, c));
         assert_eq!((tag, op_id, ok, code), (9, 0, false, INVALID_ARGUMENT));
     }
+}
+
+#[test]
+fn tiny_all_reduces_are_relayed_and_decided_at_commence() {
+    let mut m = M::swarm(&[0, 0, 0]);
+    let relay_init = |conn: ConnId| PeerMsg::CollectiveInit {
+        tag: 4,
+        spec: spec(2),
+        payload: vec![conn as u8; 8],
+    };
+    assert!(m.msg(1, relay_init(1)).is_empty());
+    assert!(m.msg(2, relay_init(2)).is_empty());
+    let acts = m.msg(3, relay_init(3));
+    for c in [1, 2, 3] {
+        let MasterMsg::CollectiveCommence {
+            tag,
+            ring,
+            algorithm,
+            contributions,
+            ..
+        } = only(&acts, c)
+        else {
+            panic!("expected a commence");
+        };
+        assert_eq!((tag, algorithm), (4, Algorithm::Relay as u8));
+        // Every buffer, in ring order.
+        let want: Vec<Vec<u8>> = ring.iter().map(|p| vec![conn_of(p) as u8; 8]).collect();
+        assert_eq!(contributions, want);
+    }
+    // Decided: the tag is free again at once, and late reports are ignored.
+    assert!(m.msg(1, done(4, 1, true)).is_empty());
+    assert!(m.msg(1, relay_init(1)).is_empty());
+    // A missing payload means no relay.
+    let plain = PeerMsg::CollectiveInit {
+        tag: 4,
+        spec: spec(2),
+        payload: Vec::new(),
+    };
+    assert!(m.msg(2, plain).is_empty());
+    let acts = m.msg(3, relay_init(3));
+    let MasterMsg::CollectiveCommence { algorithm, .. } = only(&acts, 3) else {
+        panic!("expected a commence");
+    };
+    assert_ne!(algorithm, Algorithm::Relay as u8);
+}
+
+#[test]
+fn relay_requests_past_the_bound_are_invalid() {
+    let cfg = MasterConfig::default();
+    let ask = CollectiveSpec {
+        algorithm: Algorithm::Relay as u8,
+        ..spec(2)
+    };
+    assert_eq!(choose_algorithm(&ask, 3, true, &cfg), Ok(Algorithm::Relay));
+    assert!(matches!(
+        choose_algorithm(&ask, 3, false, &cfg),
+        Err(Error::InvalidArgument(_))
+    ));
+    let auto = spec(2);
+    assert_eq!(choose_algorithm(&auto, 3, true, &cfg), Ok(Algorithm::Relay));
+    assert_eq!(
+        choose_algorithm(&auto, 3, false, &cfg),
+        Ok(Algorithm::Direct)
+    );
 }
