@@ -1,6 +1,7 @@
 //! Smoke tests of `pccl-bench`: the launcher with an embedded master and peer
-//! processes, the probes, quantized and concurrent runs, and a failing
-//! configuration. Small sizes only; each test takes a second or two.
+//! processes, the probes, quantized and concurrent runs, broadcast,
+//! all-gather and reduce-scatter, the all-reduce algorithm choice, and
+//! failing configurations. Small sizes only; each test takes a second or two.
 
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -218,38 +219,40 @@ fn each_collective_verifies_with_its_bus_factor() {
 fn all_reduce_algorithm_is_passed_to_the_peers() {
     // 3000 B among 3 peers: direct sends the whole buffer, in one 40-byte
     // framed sub-chunk, to each of the 2 others; the ring sends 2(N-1) = 4
-    // frames of a third.
-    for (algo, direct) in [("direct", true), ("ring", false)] {
-        let o = bench(&[
-            "-n",
-            "3",
-            "--algorithm",
-            algo,
-            "--sizes",
-            "3000",
-            "--iters",
-            "2",
-            "--warmup",
-            "1",
-            "--no-probe",
-            "--latency-samples",
-            "3",
-        ]);
-        let text = stdout(&o);
-        assert!(
-            o.status.success(),
-            "{algo}: {text}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(
-            text.contains(&format!("all-reduce (algorithm {algo})")),
-            "{text}"
-        );
-        let rows = rows(&text);
-        assert_eq!(rows.len(), 1, "{text}");
-        let tx = col(&rows[0], 10) as u64;
-        assert_eq!(tx == 2 * (3000 + 40), direct, "{algo}: tx {tx} B per peer");
-    }
+    // frames of a third. A list runs one sweep per algorithm, in order.
+    let o = bench(&[
+        "-n",
+        "3",
+        "--algorithm",
+        "direct,ring",
+        "--sizes",
+        "3000",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--no-probe",
+        "--latency-samples",
+        "3",
+    ]);
+    let text = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains("all-reduce (algorithm direct, ring)"),
+        "{text}"
+    );
+    assert!(text.contains("# algorithm direct, pool size 1"), "{text}");
+    assert!(text.contains("# algorithm ring, pool size 1"), "{text}");
+    let rows = rows(&text);
+    assert_eq!(rows.len(), 2, "{text}");
+    let tx: Vec<u64> = rows.iter().map(|r| col(r, 10) as u64).collect();
+    assert_eq!(tx[0], 2 * (3000 + 40), "direct: {text}");
+    assert!(tx[1] < tx[0], "ring: {text}");
+    assert!(last_line(&o).contains("all 2 results verified"), "{text}");
 }
 
 #[test]

@@ -167,9 +167,12 @@ pub fn run(args: &Args) -> Result<bool> {
         "# pccl-bench {}: {}{}, N={n} peers ({local} local), {} sizes {}..{}, dtype {}{}, op {}, iters {}, warmup {}, verify every {}, pool {:?}, concurrency {:?}, chunk {}, {} CPUs",
         env!("CARGO_PKG_VERSION"),
         args.collective.name(),
-        args.algorithm
-            .map(|a| format!(" (algorithm {})", a.name()))
-            .unwrap_or_default(),
+        if args.algorithm.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = args.algorithm.iter().map(|a| a.name()).collect();
+            format!(" (algorithm {})", names.join(", "))
+        },
         sizes.len(),
         human_bytes(*sizes.iter().min().unwrap_or(&0)),
         human_bytes(*sizes.iter().max().unwrap_or(&0)),
@@ -247,7 +250,18 @@ pub fn run(args: &Args) -> Result<bool> {
 
     let mut all_rows = Vec::new();
     let mut failures = Vec::new();
-    for &pool in &args.pool_size {
+    let algos: Vec<Option<pccl_core::Algorithm>> = if args.algorithm.is_empty() {
+        vec![None]
+    } else {
+        args.algorithm.iter().copied().map(Some).collect()
+    };
+    for (algo, &pool) in algos
+        .iter()
+        .flat_map(|a| args.pool_size.iter().map(move |p| (*a, p)))
+    {
+        let mut one = args.clone();
+        one.algorithm = algo.into_iter().collect();
+        let args = &one;
         let mut master = None;
         let addr = match args.master {
             Some(a) => a,
@@ -262,7 +276,9 @@ pub fn run(args: &Args) -> Result<bool> {
         };
         println!("#");
         println!(
-            "# pool size {pool}: master {addr}{}",
+            "# {}pool size {pool}: master {addr}{}",
+            algo.map(|a| format!("algorithm {}, ", a.name()))
+                .unwrap_or_default(),
             if master.is_some() { " (embedded)" } else { "" }
         );
         let (rows, fails) = run_peers(args, addr, pool, local, &sizes)?;
@@ -341,7 +357,7 @@ fn peer_args(
         v.extend(["--rank-hint".into(), r.to_string()]);
     }
     v.extend(["--collective".into(), args.collective.name().into()]);
-    if let Some(a) = args.algorithm {
+    if let [a] = args.algorithm[..] {
         v.extend(["--algorithm".into(), a.name().into()]);
     }
     if let Some(c) = args.chunk_bytes {

@@ -233,9 +233,11 @@ pub struct Args {
     pub collective: Collective,
     /// The all-reduce algorithm the peers ask the master for: auto (the
     /// master chooses by size: direct for small ops, the ring above), ring
-    /// or direct. Default: `$PCCL_ALGORITHM`, else auto.
-    #[arg(long, value_parser = parse_algorithm)]
-    pub algorithm: Option<Algorithm>,
+    /// or direct. Default: `$PCCL_ALGORITHM`, else auto. A list (e.g.
+    /// `ring,direct`) runs the whole sweep once per value, one after the
+    /// other (fresh master and peers), so they compare within one run.
+    #[arg(long, value_delimiter = ',', value_parser = parse_algorithm)]
+    pub algorithm: Vec<Algorithm>,
     /// Skip the ring-bandwidth probe.
     #[arg(long)]
     pub no_probe: bool,
@@ -383,7 +385,7 @@ impl Args {
                 )
                 .into());
             }
-            if self.algorithm == Some(Algorithm::Direct) {
+            if self.algorithm.contains(&Algorithm::Direct) {
                 return Err(format!(
                     "--algorithm direct is for all-reduce only, not {}",
                     self.collective.name()

@@ -89,8 +89,15 @@ fn run_inner(args: &Args) -> Result<()> {
     if let Some(t) = args.worker_threads {
         cfg.worker_threads = t;
     }
-    if let Some(a) = args.algorithm {
-        cfg.algorithm = a;
+    match args.algorithm[..] {
+        [] => {}
+        [a] => cfg.algorithm = a,
+        _ => {
+            return Err(
+                "a peer runs one --algorithm; start one set of peers per value (the launcher does)"
+                    .into(),
+            )
+        }
     }
     let chunk_bytes = cfg.chunk_bytes;
     let comm = Communicator::new(cfg).context("creating the communicator")?;
