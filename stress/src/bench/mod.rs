@@ -19,7 +19,9 @@
 //!   probe, driven by the launcher over stdin/stdout.
 //!
 //! Bandwidths follow nccl-tests and `DESIGN.md`: `algbw = bytes / time` and
-//! `busbw = algbw · 2(N−1)/N`, in GB/s (10^9 bytes per second).
+//! `busbw = algbw · 2(N−1)/N`, in GB/s (10^9 bytes per second); with
+//! `--collective` the factor is nccl-tests' for that collective (broadcast
+//! 1, all-gather and reduce-scatter (N−1)/N, [`Collective::bus_factor`]).
 
 pub mod data;
 pub mod launcher;
