@@ -15,8 +15,8 @@
 //! - the direct all-reduce: exact, the master really chose `direct`, equal
 //!   hashes everywhere;
 //!
-//! and that a peer SIGKILLed in the middle of the op (aimed at half the
-//! victim's shortest op after every peer printed the op's BEGIN line; a
+//! and that a peer SIGKILLed in the middle of the op (aimed at a third of
+//! the victim's shortest op after every peer printed the op's BEGIN line; a
 //! survivor stepping on without a RETRY fails the test as a missed aim)
 //! fails the op on every survivor with `RankConnectionLost`, and the retry
 //! with the survivors (buffers re-sized for the smaller world) succeeds.
@@ -228,8 +228,8 @@ fn sigkill_mid(kind: &str, op: &str, algo: &str, n: usize, elems: usize, extra: 
 
 #[test]
 fn sigkill_mid_broadcast() {
-    // 32 MiB along the pipelined chain.
-    sigkill_mid("broadcast", "broadcast", "ring", 3, 8 << 20, &[]);
+    // 64 MiB along the pipelined chain (its ops are the shortest per byte).
+    sigkill_mid("broadcast", "broadcast", "ring", 3, 16 << 20, &[]);
 }
 
 #[test]
