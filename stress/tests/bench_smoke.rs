@@ -1,6 +1,7 @@
 //! Smoke tests of `pccl-bench`: the launcher with an embedded master and peer
-//! processes, the probes, quantized and concurrent runs, and a failing
-//! configuration. Small sizes only; each test takes a second or two.
+//! processes, the probes, quantized and concurrent runs, broadcast,
+//! all-gather and reduce-scatter, the all-reduce algorithm choice, and
+//! failing configurations. Small sizes only; each test takes a second or two.
 
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -150,4 +151,122 @@ fn invalid_options_fail_cleanly() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// The table rows of a run: the lines that start with a size.
+fn rows(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+fn col(row: &[String], i: usize) -> f64 {
+    row.get(i)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("column {i} of {row:?}"))
+}
+
+#[test]
+fn each_collective_verifies_with_its_bus_factor() {
+    // N = 3: busbw = algbw · 1 (broadcast) or · 2/3 (all-gather, reduce-scatter).
+    for (coll, factor) in [
+        ("broadcast", 1.0),
+        ("all-gather", 2.0 / 3.0),
+        ("reduce-scatter", 2.0 / 3.0),
+    ] {
+        let o = bench(&[
+            "-n",
+            "3",
+            "--collective",
+            coll,
+            "--sizes",
+            "12,3000,1M",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--no-probe",
+            "--latency-samples",
+            "0",
+        ]);
+        let text = stdout(&o);
+        assert!(
+            o.status.success(),
+            "{coll}: {text}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            text.contains(&format!("pccl-bench 0.1.0: {coll}")),
+            "{text}"
+        );
+        assert!(last_line(&o).contains("all 3 results verified"), "{text}");
+        let rows = rows(&text);
+        assert_eq!(rows.len(), 3, "{text}");
+        for r in &rows {
+            assert_eq!(r[12], "0", "{coll}: wrong elements in {r:?}");
+            // Both printed with 3 decimals.
+            let (alg, bus) = (col(r, 8), col(r, 9));
+            assert!(
+                (bus - alg * factor).abs() <= 0.0015 + 0.0005 * factor,
+                "{coll}: busbw {bus} vs algbw {alg} x {factor:.3}"
+            );
+        }
+    }
+}
+
+#[test]
+fn all_reduce_algorithm_is_passed_to_the_peers() {
+    // 3000 B among 3 peers: direct sends the whole buffer, in one 40-byte
+    // framed sub-chunk, to each of the 2 others; the ring sends 2(N-1) = 4
+    // frames of a third. A list runs one sweep per algorithm, in order.
+    let o = bench(&[
+        "-n",
+        "3",
+        "--algorithm",
+        "direct,ring",
+        "--sizes",
+        "3000",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--no-probe",
+        "--latency-samples",
+        "3",
+    ]);
+    let text = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains("all-reduce (algorithm direct, ring)"),
+        "{text}"
+    );
+    assert!(text.contains("# algorithm direct, pool size 1"), "{text}");
+    assert!(text.contains("# algorithm ring, pool size 1"), "{text}");
+    let rows = rows(&text);
+    assert_eq!(rows.len(), 2, "{text}");
+    let tx: Vec<u64> = rows.iter().map(|r| col(r, 10) as u64).collect();
+    assert_eq!(tx[0], 2 * (3000 + 40), "direct: {text}");
+    assert!(tx[1] < tx[0], "ring: {text}");
+    assert!(last_line(&o).contains("all 2 results verified"), "{text}");
+}
+
+#[test]
+fn direct_is_refused_for_other_collectives() {
+    let o = bench(&[
+        "-n",
+        "2",
+        "--collective",
+        "all-gather",
+        "--algorithm",
+        "direct",
+        "--no-probe",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("direct is for all-reduce only"), "{err}");
 }

@@ -164,8 +164,15 @@ pub fn run(args: &Args) -> Result<bool> {
     let local = args.local_peers.unwrap_or(n).min(n);
     let nproc = std::thread::available_parallelism().map_or(0, |p| p.get());
     println!(
-        "# pccl-bench {}: N={n} peers ({local} local), {} sizes {}..{}, dtype {}{}, op {}, iters {}, warmup {}, verify every {}, pool {:?}, concurrency {:?}, chunk {}, {} CPUs",
+        "# pccl-bench {}: {}{}, N={n} peers ({local} local), {} sizes {}..{}, dtype {}{}, op {}, iters {}, warmup {}, verify every {}, pool {:?}, concurrency {:?}, chunk {}, {} CPUs",
         env!("CARGO_PKG_VERSION"),
+        args.collective.name(),
+        if args.algorithm.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = args.algorithm.iter().map(|a| a.name()).collect();
+            format!(" (algorithm {})", names.join(", "))
+        },
         sizes.len(),
         human_bytes(*sizes.iter().min().unwrap_or(&0)),
         human_bytes(*sizes.iter().max().unwrap_or(&0)),
@@ -243,7 +250,18 @@ pub fn run(args: &Args) -> Result<bool> {
 
     let mut all_rows = Vec::new();
     let mut failures = Vec::new();
-    for &pool in &args.pool_size {
+    let algos: Vec<Option<pccl_core::Algorithm>> = if args.algorithm.is_empty() {
+        vec![None]
+    } else {
+        args.algorithm.iter().copied().map(Some).collect()
+    };
+    for (algo, &pool) in algos
+        .iter()
+        .flat_map(|a| args.pool_size.iter().map(move |p| (*a, p)))
+    {
+        let mut one = args.clone();
+        one.algorithm = algo.into_iter().collect();
+        let args = &one;
         let mut master = None;
         let addr = match args.master {
             Some(a) => a,
@@ -258,7 +276,9 @@ pub fn run(args: &Args) -> Result<bool> {
         };
         println!("#");
         println!(
-            "# pool size {pool}: master {addr}{}",
+            "# {}pool size {pool}: master {addr}{}",
+            algo.map(|a| format!("algorithm {}, ", a.name()))
+                .unwrap_or_default(),
             if master.is_some() { " (embedded)" } else { "" }
         );
         let (rows, fails) = run_peers(args, addr, pool, local, &sizes)?;
@@ -335,6 +355,10 @@ fn peer_args(
     ];
     if let Some(r) = rank {
         v.extend(["--rank-hint".into(), r.to_string()]);
+    }
+    v.extend(["--collective".into(), args.collective.name().into()]);
+    if let [a] = args.algorithm[..] {
+        v.extend(["--algorithm".into(), a.name().into()]);
     }
     if let Some(c) = args.chunk_bytes {
         v.extend(["--chunk-bytes".into(), c.to_string()]);
@@ -463,7 +487,11 @@ fn run_peers(
                         .remove(&key)
                         .map(|p| p.reports.into_iter().flatten().collect())
                         .unwrap_or_default();
-                    let row = combine(&reports, pool, &dtype_label, op_name(args.op), quant)?;
+                    let row = combine(&reports, pool, &dtype_label, &op_label(args), quant)?;
+                    let row = Row {
+                        coll: args.collective,
+                        ..row
+                    };
                     if latencies.len() < nk && rows.is_empty() {
                         println!("{}", report::header(quant));
                     }
@@ -545,5 +573,15 @@ fn combine(reports: &[Msg], pool: u32, dtype: &str, op: &str, quant: bool) -> Re
         max_err: quant.then_some(max_err),
         parity_errors,
         cpu_us: cpu / n as f64,
+        coll: super::Collective::AllReduce,
     })
+}
+
+/// The table's `redop` column: the reduce op, or `-` for collectives that
+/// do not reduce.
+pub fn op_label(args: &Args) -> String {
+    match args.collective {
+        super::Collective::Broadcast | super::Collective::AllGather => "-".into(),
+        _ => op_name(args.op).into(),
+    }
 }

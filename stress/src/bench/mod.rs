@@ -19,7 +19,9 @@
 //!   probe, driven by the launcher over stdin/stdout.
 //!
 //! Bandwidths follow nccl-tests and `DESIGN.md`: `algbw = bytes / time` and
-//! `busbw = algbw · 2(N−1)/N`, in GB/s (10^9 bytes per second).
+//! `busbw = algbw · 2(N−1)/N`, in GB/s (10^9 bytes per second); with
+//! `--collective` the factor is nccl-tests' for that collective (broadcast
+//! 1, all-gather and reduce-scatter (N−1)/N, [`Collective::bus_factor`]).
 
 pub mod data;
 pub mod launcher;
@@ -32,7 +34,7 @@ use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
 
 use clap::{Parser, ValueEnum};
-use pccl_core::{DataType, QuantizationAlgorithm, ReduceOp};
+use pccl_core::{Algorithm, DataType, QuantizationAlgorithm, ReduceOp};
 
 /// Errors of the benchmark: any error, with context added on the way up.
 pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -98,6 +100,44 @@ impl QuantArg {
     }
 }
 
+/// The collective a run measures (`--collective`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Collective {
+    #[default]
+    AllReduce,
+    Broadcast,
+    AllGather,
+    ReduceScatter,
+}
+
+impl Collective {
+    pub fn name(self) -> &'static str {
+        match self {
+            Collective::AllReduce => "all-reduce",
+            Collective::Broadcast => "broadcast",
+            Collective::AllGather => "all-gather",
+            Collective::ReduceScatter => "reduce-scatter",
+        }
+    }
+
+    /// nccl-tests' bus-bandwidth factor for `world` peers (`busbw = algbw ·
+    /// factor`, algbw from the whole buffer): all-reduce 2(N−1)/N,
+    /// broadcast 1, all-gather and reduce-scatter (N−1)/N.
+    pub fn bus_factor(self, world: u32) -> f64 {
+        let w = world.max(1) as f64;
+        match self {
+            Collective::AllReduce => 2.0 * (w - 1.0) / w,
+            Collective::Broadcast => 1.0,
+            Collective::AllGather | Collective::ReduceScatter => (w - 1.0) / w,
+        }
+    }
+}
+
+/// Parses `--algorithm`: auto, ring or direct.
+pub fn parse_algorithm(s: &str) -> std::result::Result<Algorithm, String> {
+    s.parse().map_err(|e: pccl_core::Error| e.to_string())
+}
+
 /// Command line of every role (the launcher forwards what the peers need).
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -107,6 +147,10 @@ impl QuantArg {
 By default it starts an embedded master on 127.0.0.1, measures the loopback TCP ring \
 bandwidth with N probe processes, spawns N peer processes, sweeps sizes, verifies every \
 result and prints median time, algbw and busbw per size; the last line summarizes.\n\n\
+--collective broadcast|all-gather|reduce-scatter measures those instead; a size is then \
+the whole buffer (a broadcast's buffer, an all-gather's receive buffer, a reduce-scatter's \
+send buffer: N shares) and busbw = algbw times nccl-tests' factor: all-reduce 2(N-1)/N, \
+broadcast 1, all-gather and reduce-scatter (N-1)/N.\n\n\
 WAN mode: start a master elsewhere (pccl-master), then one `pccl-bench --peer-only \
 --master ADDR -n N` per host or network namespace (e.g. with `ip netns exec`)."
 )]
@@ -182,6 +226,20 @@ pub struct Args {
     /// Quantized element type: u8 i8 u16 i16.
     #[arg(long, default_value = "u8", value_parser = parse_dtype)]
     pub quant_dtype: DataType,
+    /// The collective to measure: all-reduce, broadcast (from rank 0),
+    /// all-gather or reduce-scatter. A size is the whole buffer (an
+    /// all-gather's result, a reduce-scatter's input: N shares of size/N);
+    /// busbw = algbw × 2(N−1)/N for all-reduce, × 1 for broadcast,
+    /// × (N−1)/N for all-gather and reduce-scatter (nccl-tests' factors).
+    #[arg(long, value_enum, default_value_t = Collective::AllReduce)]
+    pub collective: Collective,
+    /// The all-reduce algorithm the peers ask the master for: auto (the
+    /// master chooses by size: direct for small ops, the ring above), ring
+    /// or direct. Default: `$PCCL_ALGORITHM`, else auto. A list (e.g.
+    /// `ring,direct`) runs the whole sweep once per value, one after the
+    /// other (fresh master and peers), so they compare within one run.
+    #[arg(long, value_delimiter = ',', value_parser = parse_algorithm)]
+    pub algorithm: Vec<Algorithm>,
     /// Skip the ring-bandwidth probe.
     #[arg(long)]
     pub no_probe: bool,
@@ -320,6 +378,22 @@ impl Args {
         }
         if self.concurrency.is_empty() || self.concurrency.contains(&0) {
             return Err("--concurrency values must be at least 1".into());
+        }
+        if self.collective != Collective::AllReduce {
+            if self.quant.is_some() || self.concurrency.iter().any(|&c| c != 1) {
+                return Err(format!(
+                    "--collective {} runs without --quant and with --concurrency 1",
+                    self.collective.name()
+                )
+                .into());
+            }
+            if self.algorithm.contains(&Algorithm::Direct) {
+                return Err(format!(
+                    "--algorithm direct is for all-reduce only, not {}",
+                    self.collective.name()
+                )
+                .into());
+            }
         }
         if let Some(q) = self.quant {
             pccl_core::quant::validate(self.dtype, self.quant_dtype, q.algorithm(), self.op)

@@ -14,19 +14,21 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use pccl_core::{
-    Communicator, CommunicatorConfig, DataType, Error as PcclError, QuantizationOptions,
-    ReduceDescriptor, ReduceInfo, ReduceOp,
+    CollectiveInfo, Communicator, CommunicatorConfig, DataType, Error as PcclError,
+    QuantizationOptions, ReduceDescriptor, ReduceInfo, ReduceOp,
 };
 
 use super::data::{check, Workload};
+use super::launcher::op_label;
 use super::report::{self, median, Row};
-use super::{op_name, process_cpu_us, proto, Args, Context, Result};
+use super::{process_cpu_us, proto, Args, Collective, Context, Result};
 
 /// Tags: the timed ops use `0..conc`; these are for the helpers.
 const BARRIER_TAG: u64 = 1 << 40;
 const LATENCY_TAG: u64 = (1 << 40) + 1;
 const RANK_CHECK_TAG: u64 = (1 << 40) + 2;
 const RANK_AGREE_TAG: u64 = 1 << 41;
+const RING_MAP_TAG: u64 = (1 << 40) + 3;
 
 /// Runs the peer role; in `--machine` mode errors are also reported to the launcher.
 pub fn run(args: &Args) -> Result<()> {
@@ -87,6 +89,16 @@ fn run_inner(args: &Args) -> Result<()> {
     if let Some(t) = args.worker_threads {
         cfg.worker_threads = t;
     }
+    match args.algorithm[..] {
+        [] => {}
+        [a] => cfg.algorithm = a,
+        _ => {
+            return Err(
+                "a peer runs one --algorithm; start one set of peers per value (the launcher does)"
+                    .into(),
+            )
+        }
+    }
     let chunk_bytes = cfg.chunk_bytes;
     let comm = Communicator::new(cfg).context("creating the communicator")?;
 
@@ -109,6 +121,13 @@ fn run_inner(args: &Args) -> Result<()> {
         None => agree_rank(&comm, world)?,
     };
     check_ranks(&comm, rank, world)?;
+    // Which bench rank sits at each ring position (the ranks of broadcast,
+    // all-gather and reduce-scatter).
+    let ring = if args.collective == Collective::AllReduce {
+        Vec::new()
+    } else {
+        ring_map(&comm, rank, world)?
+    };
 
     let lat = if args.latency_samples > 0 {
         Some(latency(&comm, args.latency_samples)?)
@@ -155,7 +174,11 @@ fn run_inner(args: &Args) -> Result<()> {
     let mut rows = Vec::new();
     for &conc in &args.concurrency {
         for &size in &sizes {
-            let r = run_size(&comm, args, &wl, rank, conc, size)?;
+            let r = if args.collective == Collective::AllReduce {
+                run_size(&comm, args, &wl, rank, conc, size)?
+            } else {
+                run_size_coll(&comm, args, &wl, rank, &ring, size)?
+            };
             if args.machine {
                 proto::emit(
                     "result",
@@ -189,7 +212,7 @@ fn run_inner(args: &Args) -> Result<()> {
                     bytes: r.bytes,
                     count: r.count,
                     dtype: dtype_label.clone(),
-                    op: op_name(args.op).into(),
+                    op: op_label(args),
                     times_us: r.times_us.clone(),
                     tx: r.tx,
                     rx: r.rx,
@@ -198,6 +221,7 @@ fn run_inner(args: &Args) -> Result<()> {
                     max_err: quant.map(|_| r.max_err),
                     parity_errors: 0,
                     cpu_us: r.cpu_us,
+                    coll: args.collective,
                 };
                 println!("{}", report::format_row(&row, quant.is_some()));
                 rows.push(row);
@@ -290,6 +314,20 @@ fn check_ranks(comm: &Communicator, rank: u32, world: u32) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// The bench rank at each ring position: an all-gather of the ranks.
+fn ring_map(comm: &Communicator, rank: u32, world: u32) -> Result<Vec<u32>> {
+    let mut map = vec![0u32; world as usize];
+    let info = comm
+        .all_gather(&[rank], &mut map, RING_MAP_TAG)
+        .context("ring map all-gather")?;
+    let mut sorted = map.clone();
+    sorted.sort_unstable();
+    if sorted != (0..world).collect::<Vec<_>>() || map.get(info.rank as usize) != Some(&rank) {
+        return Err(format!("the ring map {map:?} does not hold ranks 0..{world} once each, with rank {rank} at position {}", info.rank).into());
+    }
+    Ok(map)
 }
 
 /// Untimed 4-byte all-reduce that also checks the world size.
@@ -442,6 +480,163 @@ fn run_size(
                 eprintln!(
                     "pccl-bench peer {rank}: {} wrong elements at {bytes} B (iteration {j})",
                     res.wrong
+                );
+            }
+        }
+    }
+    Ok(res)
+}
+
+/// A broadcast (from ring position 0), all-gather or reduce-scatter of a
+/// whole buffer of about `size` bytes (all-gather and reduce-scatter: N
+/// shares of `size / N`), timed and verified like the all-reduce: every
+/// peer's data is [`Workload::fill`] of its bench rank, and the expected
+/// result follows from which rank holds each ring position (`ring`).
+fn run_size_coll(
+    comm: &Communicator,
+    args: &Args,
+    wl: &Workload,
+    rank: u32,
+    ring: &[u32],
+    size: u64,
+) -> Result<SizeResult> {
+    let ds = args.dtype.size();
+    let world = wl.world as usize;
+    let total = (usize::try_from(size).context("size")? / ds).max(1);
+    let coll = args.collective;
+    let share = match coll {
+        Collective::Broadcast => total,
+        _ => (total / world).max(1),
+    };
+    let whole = if coll == Collective::Broadcast {
+        total
+    } else {
+        share * world
+    };
+    let bytes = whole * ds;
+    let seed = bytes as u64;
+    let pos = ring
+        .iter()
+        .position(|&r| r == rank)
+        .context("this rank is not in the ring map")?;
+    // Send and receive buffers, and the expected result.
+    let mut send = vec![
+        0u8;
+        if coll == Collective::AllGather {
+            share * ds
+        } else {
+            bytes
+        }
+    ];
+    wl.fill(&mut send, rank, seed);
+    let mut recv = vec![
+        0u8;
+        if coll == Collective::ReduceScatter {
+            share * ds
+        } else {
+            bytes
+        }
+    ];
+    let mut expected = vec![0u8; recv.len()];
+    match coll {
+        Collective::Broadcast => wl.fill(&mut expected, ring[0], seed),
+        Collective::AllGather => {
+            for (j, seg) in expected.chunks_mut(share * ds).enumerate() {
+                wl.fill(seg, ring[j], seed);
+            }
+        }
+        _ => {
+            let mut all = vec![0u8; bytes];
+            wl.expected(&mut all, seed);
+            expected.copy_from_slice(&all[pos * share * ds..(pos + 1) * share * ds]);
+        }
+    }
+    let desc = ReduceDescriptor::new(share, args.dtype, args.op).with_tag(0);
+    let run = |send: &[u8], recv: &mut [u8]| -> std::result::Result<CollectiveInfo, PcclError> {
+        // SAFETY: `send` and `recv` are distinct allocations sized for the
+        // op (the broadcast uses `recv` alone, in place) and stay borrowed
+        // until the handle is awaited just below.
+        let h = unsafe {
+            match coll {
+                Collective::Broadcast => comm.broadcast_async_raw(recv.as_mut_ptr(), &desc, 0),
+                Collective::AllGather => {
+                    comm.all_gather_async_raw(send.as_ptr(), recv.as_mut_ptr(), &desc)
+                }
+                _ => comm.reduce_scatter_async_raw(send.as_ptr(), recv.as_mut_ptr(), &desc),
+            }
+        }?;
+        comm.await_collective(h)
+    };
+    let total_iters = args.warmup + args.iters;
+    let mut res = SizeResult {
+        world: wl.world,
+        bytes: bytes as u64,
+        count: whole as u64,
+        times_us: Vec::with_capacity(args.iters as usize),
+        tx: 0,
+        rx: 0,
+        wrong: 0,
+        checked: 0,
+        max_err: 0.0,
+        hash: 0,
+        cpu_us: 0.0,
+    };
+    let mut need_sync = true;
+    for j in 0..total_iters {
+        let timed = j >= args.warmup;
+        let verify = args.verify_every > 0 && (j % args.verify_every == 0 || j + 1 == total_iters);
+        if verify {
+            if coll == Collective::Broadcast {
+                // Its own data: only the root's may be left after the op.
+                wl.fill(&mut recv, rank, seed);
+            } else {
+                recv.fill(0xA5);
+            }
+            need_sync = true;
+        }
+        if timed && need_sync && !args.no_barrier {
+            barrier(comm, wl.world)?;
+        }
+        need_sync = false;
+        let cpu0 = process_cpu_us();
+        let t = Instant::now();
+        let info = run(&send, &mut recv)
+            .with_context(|| format!("{} of {bytes} B (iteration {j})", coll.name()))?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        let cpu = process_cpu_us() - cpu0;
+        if info.world_size != wl.world || info.rank as usize != pos {
+            return Err(format!(
+                "{} ran with {} peers at rank {} instead of {} at {pos}",
+                coll.name(),
+                info.world_size,
+                info.rank,
+                wl.world
+            )
+            .into());
+        }
+        if timed {
+            res.cpu_us += cpu / args.iters.max(1) as f64;
+            if res.times_us.is_empty() {
+                res.tx = info.tx_bytes;
+                res.rx = info.rx_bytes;
+            }
+            res.times_us.push(us);
+        }
+        if verify {
+            res.checked += 1;
+            let c = check(args.dtype, false, 0.0, &recv, &expected);
+            res.wrong += c.wrong;
+            // Broadcast and all-gather results are the same on every peer:
+            // the launcher compares these hashes (a reduce-scatter's
+            // segments differ, so it reports none).
+            if coll != Collective::ReduceScatter {
+                res.hash = res.hash.rotate_left(7) ^ pccl_core::hash::tensor_hash(&recv);
+            }
+            if res.wrong > 0 {
+                eprintln!(
+                    "pccl-bench peer {rank}: {} wrong elements in the {} of {bytes} B (iteration {j})",
+                    res.wrong,
+                    coll.name()
                 );
             }
         }

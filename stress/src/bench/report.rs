@@ -44,6 +44,8 @@ pub struct Row {
     pub parity_errors: u32,
     /// CPU time (all threads) of one peer process per iteration, µs (mean over peers).
     pub cpu_us: f64,
+    /// The collective measured (its bus-bandwidth factor).
+    pub coll: super::Collective,
 }
 
 impl Row {
@@ -57,10 +59,10 @@ impl Row {
     pub fn algbw(&self) -> f64 {
         (self.conc as u64 * self.bytes) as f64 / (self.median_us() * 1e-6) / 1e9
     }
-    /// `algbw · 2(N−1)/N`, GB/s.
+    /// `algbw ·` the collective's factor (all-reduce `2(N−1)/N`, broadcast
+    /// 1, all-gather and reduce-scatter `(N−1)/N`), GB/s.
     pub fn busbw(&self) -> f64 {
-        let w = self.world.max(1) as f64;
-        self.algbw() * 2.0 * (w - 1.0) / w
+        self.algbw() * self.coll.bus_factor(self.world)
     }
     /// Bytes this peer wrote per second, GB/s.
     pub fn wirebw(&self) -> f64 {
@@ -69,10 +71,10 @@ impl Row {
     pub fn errors(&self) -> u64 {
         self.wrong + self.parity_errors as u64
     }
-    /// Bytes one peer sends per iteration by the algorithm, `conc · 2(N−1)/N · bytes`.
+    /// Bytes one peer sends per iteration by the ring algorithm, `conc ·
+    /// factor · bytes` (all-reduce: `2(N−1)/N`).
     pub fn algo_bytes_sent(&self) -> f64 {
-        let w = self.world.max(1) as f64;
-        self.conc as f64 * self.bytes as f64 * 2.0 * (w - 1.0) / w
+        self.conc as f64 * self.bytes as f64 * self.coll.bus_factor(self.world)
     }
     /// CPU nanoseconds a peer spends per byte it sends (load-independent cost).
     pub fn cpu_ns_per_byte(&self) -> f64 {
@@ -308,15 +310,26 @@ mod tests {
             max_err: None,
             parity_errors: 0,
             cpu_us: 0.0,
+            coll: super::super::Collective::AllReduce,
         }
     }
 
     #[test]
     fn bandwidths() {
+        use super::super::Collective;
         let r = row(1_000_000, 1000.0);
         assert_eq!(r.median_us(), 1000.0);
         assert!((r.algbw() - 1.0).abs() < 1e-9);
         assert!((r.busbw() - 1.0).abs() < 1e-9); // 2(N-1)/N = 1 for N = 2
+        let mut r4 = row(1_000_000, 1000.0);
+        r4.world = 4;
+        assert!((r4.busbw() - 1.5).abs() < 1e-9);
+        r4.coll = Collective::Broadcast;
+        assert!((r4.busbw() - 1.0).abs() < 1e-9);
+        r4.coll = Collective::AllGather;
+        assert!((r4.busbw() - 0.75).abs() < 1e-9);
+        r4.coll = Collective::ReduceScatter;
+        assert!((r4.busbw() - 0.75).abs() < 1e-9);
         assert_eq!(median(&[1.0, 2.0, 3.0, 4.0]), 2.5);
     }
 

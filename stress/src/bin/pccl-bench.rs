@@ -1,4 +1,5 @@
-//! `pccl-bench`: all-reduce benchmark for PCCL-rs in the style of nccl-tests.
+//! `pccl-bench`: all-reduce (and broadcast, all-gather, reduce-scatter)
+//! benchmark for PCCL-rs in the style of nccl-tests.
 //!
 //! ```text
 //! # embedded master + ring probe + 2 peer processes on loopback, 4 B .. 256 MiB:
@@ -7,6 +8,9 @@
 //! pccl-bench -n 3 --sizes 4,1M,16M,128M --pool-size 1,4
 //! # quantized:
 //! pccl-bench -n 2 --quant minmax --quant-dtype u8
+//! # the ring and the direct all-reduce back to back; the other collectives:
+//! pccl-bench -n 4 --algorithm ring,direct --sizes 4,1K,64K
+//! pccl-bench -n 4 --collective all-gather --sizes 16M
 //! # WAN mode: one peer per host/namespace joining an existing master:
 //! ip netns exec ns1 pccl-bench --peer-only --master 10.0.0.1:48148 -n 4
 //! ```

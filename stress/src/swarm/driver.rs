@@ -963,6 +963,7 @@ mod tests {
             bytes: 4,
             busbw: 0.0,
             ar_hash: ar.map(|a| a.0),
+            coll: None,
             ar_err: ar.map(|a| a.1),
         }
     }

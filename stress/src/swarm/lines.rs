@@ -9,6 +9,7 @@
 //! JOINED peer=1a2b3c4d session=1 world=3 connect_ms=812
 //! STEP step=12 rev=12 world=3 local=9 ok=1 retries=0 wait_ms=0 state_hash=0123abcd0123abcd allreduce_exact=1 sync_rx=0 sync_ms=3.1 ar_ms=40.2 bytes=16777216 busbw=0.555
 //! STEP ... busbw=0.555 ar_hash=89abcdef01234567 ar_err=1.1764705882352941e-2   (with --quant)
+//! STEP ... busbw=0.555 ar_hash=89abcdef01234567 coll=all-gather algo=ring rank=1 mark=4242 marks=4242,4243,4250   (with --collective)
 //! RETRY step=12 op=allreduce err=RankConnectionLost wait_ms=310 attempt=1 restored=1
 //! SKIP step=13 reason=TooFewPeers
 //! REJOIN reason=MasterConnectionFailed msg=the master closed the connection
@@ -61,6 +62,54 @@ pub struct StepRec {
     pub ar_hash: Option<u64>,
     /// Quantized all-reduce only: largest |result − world × contribution|.
     pub ar_err: Option<f64>,
+    /// What the step's collective was and who took part (`--collective`).
+    pub coll: Option<CollRec>,
+}
+
+/// The collective of a step (`coll=...` and the fields after it): which
+/// one, the algorithm the master chose, this peer's rank in the op and the
+/// peer marks its result carries. A mark is a small positive integer a
+/// worker adds to every element of its contribution, so a result says
+/// whose data it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollRec {
+    /// `all-reduce`, `broadcast`, `all-gather` or `reduce-scatter`.
+    pub kind: String,
+    /// The algorithm the master chose (`ring` or `direct`).
+    pub algo: String,
+    /// This peer's rank (ring position) in the successful op.
+    pub rank: u32,
+    /// This peer's own mark.
+    pub mark: u32,
+    /// Broadcast only: the root rank.
+    pub root: Option<u32>,
+    /// Broadcast: the mark of the peer whose bytes every peer received;
+    /// all-gather: every rank's mark, in rank order; empty otherwise.
+    pub marks: Vec<u32>,
+    /// Reduce-scatter only: the sum of the marks of the contributions the
+    /// segment holds (equal to the participants' marks' sum when exact).
+    pub mark_sum: Option<u64>,
+}
+
+impl fmt::Display for CollRec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "coll={} algo={} rank={} mark={}",
+            self.kind, self.algo, self.rank, self.mark
+        )?;
+        if let Some(r) = self.root {
+            write!(f, " root={r}")?;
+        }
+        if !self.marks.is_empty() {
+            let m: Vec<String> = self.marks.iter().map(u32::to_string).collect();
+            write!(f, " marks={}", m.join(","))?;
+        }
+        if let Some(m) = self.mark_sum {
+            write!(f, " mark_sum={m}")?;
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for StepRec {
@@ -88,6 +137,9 @@ impl fmt::Display for StepRec {
         }
         if let Some(e) = self.ar_err {
             write!(f, " ar_err={e:e}")?;
+        }
+        if let Some(c) = &self.coll {
+            write!(f, " {c}")?;
         }
         Ok(())
     }
@@ -292,6 +344,38 @@ impl<'a> Fields<'a> {
     }
 }
 
+impl Fields<'_> {
+    fn coll(&self) -> Result<CollRec> {
+        let marks = if self.has("marks") {
+            self.str("marks")?
+                .split(',')
+                .map(|m| {
+                    m.parse().map_err(|e| {
+                        Error(format!(
+                            "mark '{m}' is not a number ({e}) in line '{}'",
+                            self.line
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<u32>>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(CollRec {
+            kind: self.str("coll")?.to_owned(),
+            algo: self.str("algo")?.to_owned(),
+            rank: self.num("rank")?,
+            mark: self.num("mark")?,
+            root: self.has("root").then(|| self.num("root")).transpose()?,
+            marks,
+            mark_sum: self
+                .has("mark_sum")
+                .then(|| self.num("mark_sum"))
+                .transpose()?,
+        })
+    }
+}
+
 impl Record {
     /// Parses one stdout line of a worker. `Ok(None)` for lines that are not
     /// part of the protocol (a harness may log them); `Err` for a protocol
@@ -334,6 +418,7 @@ impl Record {
                 busbw: f.num("busbw")?,
                 ar_hash: f.has("ar_hash").then(|| f.hex("ar_hash")).transpose()?,
                 ar_err: f.has("ar_err").then(|| f.num("ar_err")).transpose()?,
+                coll: f.has("coll").then(|| f.coll()).transpose()?,
             }),
             "RETRY" => Record::Retry(RetryRec {
                 step: f.num("step")?,
@@ -410,6 +495,7 @@ mod tests {
             busbw: 0.5,
             ar_hash: None,
             ar_err: None,
+            coll: None,
         }));
         round_trip(Record::Step(StepRec {
             step: 13,
@@ -426,7 +512,55 @@ mod tests {
             busbw: 0.25,
             ar_hash: Some(0xfedc_ba98_7654_3210),
             ar_err: Some(0.011764705882352941),
+            coll: None,
         }));
+        for coll in [
+            CollRec {
+                kind: "broadcast".into(),
+                algo: "ring".into(),
+                rank: 2,
+                mark: 77,
+                root: Some(1),
+                marks: vec![78],
+                mark_sum: None,
+            },
+            CollRec {
+                kind: "all-gather".into(),
+                algo: "ring".into(),
+                rank: 0,
+                mark: 5,
+                root: None,
+                marks: vec![5, 9, 12],
+                mark_sum: None,
+            },
+            CollRec {
+                kind: "reduce-scatter".into(),
+                algo: "ring".into(),
+                rank: 1,
+                mark: 5,
+                root: None,
+                marks: vec![],
+                mark_sum: Some(26),
+            },
+        ] {
+            round_trip(Record::Step(StepRec {
+                step: 14,
+                world: 3,
+                local: 11,
+                retries: 1,
+                wait_ms: 20,
+                state_hash: 8,
+                allreduce_exact: true,
+                sync_rx: 0,
+                sync_ms: 1.5,
+                ar_ms: 2.5,
+                bytes: 1 << 20,
+                busbw: 0.25,
+                ar_hash: Some(3),
+                ar_err: None,
+                coll: Some(coll),
+            }));
+        }
         round_trip(Record::Retry(RetryRec {
             step: 12,
             op: "allreduce".into(),

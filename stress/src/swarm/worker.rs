@@ -21,6 +21,19 @@
 //! 5. a deterministic state update from the reduced buffer
 //!    (`w[k] += sum[k mod n] / world · 1e-3`), identical on every peer.
 //!
+//! With `--collective broadcast|all-gather|reduce-scatter` step 4 runs that
+//! collective instead (see [`CollectiveArg`]): every peer contributes
+//! `mark + grad_value(step, k)`, where `mark` is a small positive integer of
+//! its own (from its pid), so the result says whose bytes it holds, and the
+//! worker checks it exactly (`allreduce_exact`), prints its hash (`ar_hash`)
+//! and the marks it found (`coll=... rank=... marks=...`, see
+//! [`lines`](super::lines)). Buffers are sized for the group's world at each
+//! attempt; a failed attempt (`RankConnectionLost`/`RankConnectionFailed`,
+//! which is also how the core reports a group that changed size between the
+//! call and the op) is retried with the survivors, like the all-reduce.
+//! The state update of those steps uses `grad_value` alone (a
+//! reduce-scatter's segments differ between peers).
+//!
 //! One [`lines`](super::lines) record per event goes to stdout, flushed at
 //! once. Recovery rules:
 //!
@@ -46,12 +59,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pccl_core::{
-    Communicator, CommunicatorConfig, DataType, Error as PcclError, QuantizationAlgorithm,
-    QuantizationOptions, ReduceBuffers, ReduceDescriptor, ReduceOp, SharedState, SharedTensor,
-    SyncStrategy,
+    Algorithm, CollectiveInfo, Communicator, CommunicatorConfig, DataType, Error as PcclError,
+    QuantizationAlgorithm, QuantizationOptions, ReduceBuffers, ReduceDescriptor, ReduceOp,
+    SharedState, SharedTensor, SyncStrategy,
 };
 
-use super::lines::{Record, RetryRec, StepRec};
+use super::lines::{CollRec, Record, RetryRec, StepRec};
 use super::{Error, Result};
 
 /// Options of one worker (flattened into `pccl-worker` and the demo's peer role).
@@ -138,6 +151,73 @@ pub struct WorkerArgs {
     /// whole life of the process (liveness under load, docs/reliability.md).
     #[arg(long, default_value_t = 0)]
     pub busy_threads: usize,
+    /// The collective of each step: `all-reduce` (default), `broadcast`
+    /// (`--elems` f32 from root `step mod 2`), `all-gather` (`--elems` f32
+    /// per rank) or `reduce-scatter` (`--elems` f32 per rank's share, sum).
+    /// STEP lines then carry `coll=... algo=... rank=... mark=...`.
+    #[arg(long, value_enum)]
+    pub collective: Option<CollectiveArg>,
+    /// The all-reduce algorithm this peer asks the master for: auto (the
+    /// master chooses by size), ring or direct. Default: `$PCCL_ALGORITHM`,
+    /// else auto. Every peer of the group must ask for the same.
+    #[arg(long, value_parser = parse_algorithm)]
+    pub algorithm: Option<Algorithm>,
+}
+
+/// The collectives a worker step can run (`--collective`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollectiveArg {
+    AllReduce,
+    Broadcast,
+    AllGather,
+    ReduceScatter,
+}
+
+impl CollectiveArg {
+    /// The name on the command line and in `coll=` fields.
+    pub fn name(self) -> &'static str {
+        match self {
+            CollectiveArg::AllReduce => "all-reduce",
+            CollectiveArg::Broadcast => "broadcast",
+            CollectiveArg::AllGather => "all-gather",
+            CollectiveArg::ReduceScatter => "reduce-scatter",
+        }
+    }
+
+    /// The `op=` of its BEGIN and RETRY lines.
+    pub fn op(self) -> &'static str {
+        match self {
+            CollectiveArg::AllReduce => "allreduce",
+            CollectiveArg::Broadcast => "broadcast",
+            CollectiveArg::AllGather => "allgather",
+            CollectiveArg::ReduceScatter => "reducescatter",
+        }
+    }
+}
+
+/// Parses `--algorithm`: auto, ring or direct.
+pub fn parse_algorithm(s: &str) -> std::result::Result<Algorithm, String> {
+    s.parse().map_err(|e: PcclError| e.to_string())
+}
+
+/// The broadcast root of `step`: alternates between ranks 0 and 1, which
+/// every group of two or more has. (A root taken modulo the world could
+/// differ between survivors right after a failure, while one of them has
+/// not yet seen the master's new world size, and peers must agree on it.)
+pub fn broadcast_root(step: u64) -> u32 {
+    (step % 2) as u32
+}
+
+/// The mark of this process: a positive integer below 2^19 from its pid,
+/// distinct between the workers a test runs side by side, and small enough
+/// that sums of a few marks and gradients stay exact in f32.
+pub fn own_mark() -> u32 {
+    1 + std::process::id() % (1 << 19)
+}
+
+/// Element `k` of the contribution of the peer with `mark` at `step`.
+pub fn marked_value(mark: u32, step: u64, k: usize) -> f32 {
+    mark as f32 + grad_value(step, k)
 }
 
 /// Parses `--quant`: none, minmax or zps.
@@ -310,6 +390,10 @@ struct Peer {
     w: Vec<f32>,
     small: Vec<f32>,
     grad: Vec<f32>,
+    /// The second buffer of an all-gather (receive) or reduce-scatter (send).
+    other: Vec<f32>,
+    /// This process's mark ([`own_mark`]).
+    mark: u32,
     /// Revision of the last successful sync of this session (`None`: the
     /// next sync is this session's first).
     synced: Option<u64>,
@@ -350,6 +434,22 @@ fn run_inner(args: &WorkerArgs) -> Result<()> {
     if args.tensors > 1 && args.quant != QuantizationAlgorithm::None {
         return Err("--tensors > 1 supports exact (unquantized) all-reduces only".into());
     }
+    if let Some(c) = args.collective.filter(|c| *c != CollectiveArg::AllReduce) {
+        if args.quant != QuantizationAlgorithm::None || args.tensors > 1 {
+            return Err(format!(
+                "--collective {} takes neither --quant nor --tensors",
+                c.name()
+            )
+            .into());
+        }
+        if args.algorithm == Some(Algorithm::Direct) {
+            return Err(format!(
+                "--algorithm direct is for all-reduce only, not {}",
+                c.name()
+            )
+            .into());
+        }
+    }
     crate::hog::spawn_busy_threads(args.busy_threads)
         .map_err(|e| Error(format!("starting --busy-threads: {e}")))?;
     emit(&Record::Hello {
@@ -360,6 +460,8 @@ fn run_inner(args: &WorkerArgs) -> Result<()> {
         w: (0..n).map(initial_weight).collect(),
         small: vec![0.0; SMALL_ELEMS],
         grad: vec![0.0; args.elems],
+        other: Vec::new(),
+        mark: own_mark(),
         synced: None,
         started: false,
         just_admitted: false,
@@ -421,7 +523,7 @@ fn run_inner(args: &WorkerArgs) -> Result<()> {
                             PcclError::RankConnectionLost(_)
                             | PcclError::RankConnectionFailed(_)
                             | PcclError::NoSharedStateAvailable(_),
-                            "sync" | "allreduce",
+                            "sync" | "allreduce" | "broadcast" | "allgather" | "reducescatter",
                         ) => true,
                         _ => false,
                     };
@@ -450,6 +552,9 @@ fn connect(args: &WorkerArgs) -> Result<Communicator> {
         cfg.peer_group = args.group;
         cfg.p2p_connection_pool_size = args.pool.max(1);
         cfg.connect_timeout = Duration::from_secs(5);
+        if let Some(a) = args.algorithm {
+            cfg.algorithm = a;
+        }
         let comm =
             Communicator::new(cfg).map_err(|e| Error(format!("creating a communicator: {e}")))?;
         match comm.connect() {
@@ -557,6 +662,9 @@ fn step(
     if args.tensors > 1 {
         return multi_allreduce_step(args, comm, peer, step, world, sync_rx, sync_ms, state_hash);
     }
+    if let Some(c) = args.collective.filter(|c| *c != CollectiveArg::AllReduce) {
+        return collective_step(args, c, comm, peer, step, sync_rx, sync_ms, state_hash);
+    }
     let mut retries = 0u32;
     let mut wait_ms = 0u64;
     let (info, ar_ms) = loop {
@@ -568,7 +676,7 @@ fn step(
             });
         }
         let t0 = Instant::now();
-        match comm.all_reduce_in_place(&mut peer.grad, &desc) {
+        match all_reduce_in_place(comm, &mut peer.grad, &desc) {
             Ok(info) => break (info, t0.elapsed().as_secs_f64() * 1e3),
             Err(e @ (PcclError::RankConnectionLost(_) | PcclError::RankConnectionFailed(_))) => {
                 let ms = t0.elapsed().as_millis() as u64;
@@ -613,7 +721,7 @@ fn step(
             }
         }
     };
-    let world = info.local_world_size.max(1);
+    let world = info.world_size.max(1);
     let wf = world as f32;
     let exact = peer
         .grad
@@ -627,10 +735,9 @@ fn step(
             .enumerate()
             .map(|(k, x)| (*x as f64 - wf as f64 * grad_value(step, k) as f64).abs())
             .fold(0.0, f64::max);
-        let bytes: Vec<u8> = peer.grad.iter().flat_map(|x| x.to_le_bytes()).collect();
-        (Some(pccl_core::hash::tensor_hash(&bytes)), Some(err))
+        (Some(hash_f32(&peer.grad)), Some(err))
     } else {
-        (None, None)
+        (Some(hash_f32(&peer.grad)), None)
     };
 
     // Deterministic update, identical on every peer.
@@ -664,6 +771,250 @@ fn step(
         busbw,
         ar_hash,
         ar_err,
+        coll: args.collective.map(|c| CollRec {
+            kind: c.name().into(),
+            algo: info.algorithm.name().into(),
+            rank: info.rank,
+            mark: peer.mark,
+            root: None,
+            marks: Vec::new(),
+            mark_sum: None,
+        }),
+    }));
+    Ok(Outcome::Stepped)
+}
+
+/// In-place all-reduce of `data` (restored on failure), returning the
+/// collective's info (rank, the algorithm the master chose).
+fn all_reduce_in_place(
+    comm: &Communicator,
+    data: &mut [f32],
+    desc: &ReduceDescriptor,
+) -> std::result::Result<CollectiveInfo, PcclError> {
+    if desc.count != data.len() || desc.datatype != DataType::F32 {
+        return Err(PcclError::InvalidArgument(format!(
+            "descriptor of {} {} for a buffer of {} f32",
+            desc.count,
+            desc.datatype.name(),
+            data.len()
+        )));
+    }
+    let p = data.as_mut_ptr() as *mut u8;
+    // SAFETY: `data` is valid for `count` f32 and exclusively ours until the
+    // handle is awaited just below; send == recv is the in-place form.
+    let h = unsafe { comm.all_reduce_async_raw(p, p, desc) }?;
+    comm.await_collective(h)
+}
+
+/// The hash of an f32 buffer's bytes.
+fn hash_f32(v: &[f32]) -> u64 {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    pccl_core::hash::tensor_hash(&bytes)
+}
+
+/// The mark a segment of `share` elements carries when element `j` must be
+/// `mark + scale · grad_value(step, base + j)`; `None` unless every element
+/// agrees and the mark is a positive integer.
+fn segment_mark(seg: &[f32], step: u64, base: usize, scale: f32) -> Option<u64> {
+    let first = *seg.first()?;
+    let m = first - scale * grad_value(step, base);
+    let ok = m >= 1.0
+        && m.fract() == 0.0
+        && seg
+            .iter()
+            .enumerate()
+            .all(|(j, x)| *x == m + scale * grad_value(step, base + j));
+    ok.then_some(m as u64)
+}
+
+/// Step 4 with a broadcast, all-gather or reduce-scatter: sized for the
+/// group's world at each attempt, retried with the survivors, the result
+/// checked exactly from the marks it carries.
+#[allow(clippy::too_many_arguments)]
+fn collective_step(
+    args: &WorkerArgs,
+    kind: CollectiveArg,
+    comm: &Communicator,
+    peer: &mut Peer,
+    step: u64,
+    sync_rx: u64,
+    sync_ms: f64,
+    state_hash: u64,
+) -> std::result::Result<Outcome, Failure> {
+    let op = kind.op();
+    let share = args.elems;
+    let mark = peer.mark;
+    let root = broadcast_root(step);
+    let mut retries = 0u32;
+    let mut wait_ms = 0u64;
+    let (info, ms) = loop {
+        let world = comm.world().map_err(at("world"))?.group_world as usize;
+        if world < 2 {
+            emit(&Record::Skip {
+                step,
+                reason: "TooFewPeers".into(),
+            });
+            return Ok(Outcome::Skipped);
+        }
+        match kind {
+            CollectiveArg::Broadcast | CollectiveArg::AllGather => {
+                for (k, x) in peer.grad.iter_mut().enumerate() {
+                    *x = marked_value(mark, step, k);
+                }
+                if kind == CollectiveArg::AllGather {
+                    peer.other.clear();
+                    peer.other.resize(world * share, -1.0);
+                }
+            }
+            _ => {
+                peer.other.clear();
+                peer.other
+                    .extend((0..world * share).map(|k| marked_value(mark, step, k)));
+                peer.grad.iter_mut().for_each(|x| *x = -1.0);
+            }
+        }
+        if args.trace {
+            emit(&Record::Begin {
+                step,
+                op: op.into(),
+                attempt: retries + 1,
+            });
+        }
+        let t0 = Instant::now();
+        let tag = step;
+        let r = match kind {
+            CollectiveArg::Broadcast => comm.broadcast(&mut peer.grad, root, tag),
+            CollectiveArg::AllGather => comm.all_gather(&peer.grad, &mut peer.other, tag),
+            _ => comm.reduce_scatter(
+                &peer.other,
+                &mut peer.grad,
+                &ReduceDescriptor::new(share, DataType::F32, ReduceOp::Sum).with_tag(tag),
+            ),
+        };
+        match r {
+            Ok(info) => break (info, t0.elapsed().as_secs_f64() * 1e3),
+            Err(e @ (PcclError::RankConnectionLost(_) | PcclError::RankConnectionFailed(_))) => {
+                let ms = t0.elapsed().as_millis() as u64;
+                wait_ms += ms;
+                retries += 1;
+                // Whether the input is intact: the send buffer of an
+                // all-gather or reduce-scatter must be; a broadcast's
+                // non-root buffers may be partly overwritten.
+                let restored = match kind {
+                    CollectiveArg::ReduceScatter => peer
+                        .other
+                        .iter()
+                        .enumerate()
+                        .all(|(k, x)| x.to_bits() == marked_value(mark, step, k).to_bits()),
+                    _ => peer
+                        .grad
+                        .iter()
+                        .enumerate()
+                        .all(|(k, x)| x.to_bits() == marked_value(mark, step, k).to_bits()),
+                };
+                emit(&Record::Retry(RetryRec {
+                    step,
+                    op: op.into(),
+                    err: err_name(&e).into(),
+                    wait_ms: ms,
+                    attempt: retries,
+                    restored,
+                }));
+                if retries >= args.max_retries {
+                    return Err(Failure { op, err: e });
+                }
+            }
+            Err(PcclError::TooFewPeers(_)) => {
+                emit(&Record::Skip {
+                    step,
+                    reason: "TooFewPeers".into(),
+                });
+                return Ok(Outcome::Skipped);
+            }
+            Err(e) => return Err(Failure { op, err: e }),
+        }
+    };
+    let world = info.world_size.max(1);
+    let w = world as usize;
+    let rank = info.rank as usize;
+    let mut coll = CollRec {
+        kind: kind.name().into(),
+        algo: info.algorithm.name().into(),
+        rank: info.rank,
+        mark,
+        root: None,
+        marks: Vec::new(),
+        mark_sum: None,
+    };
+    let (exact, hash, bytes, factor) = match kind {
+        CollectiveArg::Broadcast => {
+            coll.root = Some(root);
+            let src = segment_mark(&peer.grad, step, 0, 1.0);
+            coll.marks = src.map(|m| m as u32).into_iter().collect();
+            // The root's buffer is its own input; everyone holds the root's.
+            // (Marks differ between peers: only the root may find its own.)
+            let exact = src.is_some() && (rank == root as usize) == (src == Some(mark as u64));
+            (exact, hash_f32(&peer.grad), share * 4, 1.0)
+        }
+        CollectiveArg::AllGather => {
+            let marks: Vec<Option<u64>> = if peer.other.len() == w * share {
+                peer.other
+                    .chunks(share)
+                    .map(|seg| segment_mark(seg, step, 0, 1.0))
+                    .collect()
+            } else {
+                vec![None]
+            };
+            let distinct = marks
+                .iter()
+                .enumerate()
+                .all(|(i, m)| !marks[..i].contains(m));
+            let exact = distinct
+                && marks.iter().all(Option::is_some)
+                && marks.get(rank).copied().flatten() == Some(mark as u64);
+            coll.marks = marks.iter().map(|m| m.unwrap_or(0) as u32).collect();
+            let f = (world as f64 - 1.0) / world as f64;
+            (exact, hash_f32(&peer.other), w * share * 4, f)
+        }
+        _ => {
+            let sum = segment_mark(&peer.grad, step, rank * share, world as f32);
+            coll.mark_sum = sum;
+            let exact = sum.is_some_and(|m| m >= mark as u64);
+            let f = (world as f64 - 1.0) / world as f64;
+            (exact, hash_f32(&peer.grad), w * share * 4, f)
+        }
+    };
+    // Deterministic update, identical on every peer.
+    let n = share.max(1);
+    for (k, x) in peer.w.iter_mut().enumerate() {
+        *x += grad_value(step, k % n) * 1e-3;
+    }
+    for (k, x) in peer.small.iter_mut().enumerate() {
+        *x = 0.9 * *x + grad_value(step, k % n);
+    }
+    peer.started = true;
+    peer.local_steps += 1;
+    let busbw = if ms > 0.0 && world > 1 {
+        factor * bytes as f64 / (ms / 1e3) / 1e9
+    } else {
+        0.0
+    };
+    emit(&Record::Step(StepRec {
+        step,
+        world,
+        local: peer.local_steps,
+        retries,
+        wait_ms,
+        state_hash,
+        allreduce_exact: exact,
+        sync_rx,
+        sync_ms,
+        ar_ms: ms,
+        bytes: bytes as u64,
+        busbw,
+        ar_hash: Some(hash),
+        ar_err: None,
+        coll: Some(coll),
     }));
     Ok(Outcome::Stepped)
 }
@@ -779,6 +1130,7 @@ fn multi_allreduce_step(
         busbw,
         ar_hash: None,
         ar_err: None,
+        coll: None,
     }));
     Ok(Outcome::Stepped)
 }

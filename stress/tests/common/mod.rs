@@ -1,4 +1,5 @@
-//! The process-test harness shared by `faults.rs` and `quant_faults.rs`:
+//! The process-test harness shared by `faults.rs`, `quant_faults.rs` and
+//! `collective_faults.rs`:
 //! an in-process master on 127.0.0.1:0, real `pccl-worker` processes, and
 //! what they printed. Every child is SIGKILLed and reaped when a test ends,
 //! panics included ([`Procs`]'s drop); workers also exit when their stdin (a
@@ -223,13 +224,33 @@ impl Cluster {
     /// all-reduce, it waits half of the victim's shortest all-reduce so far.
     /// Returns the aim and the moment of the kill.
     pub fn kill_mid_allreduce(&mut self, ids: &[usize], victim: usize) -> (Duration, Instant) {
+        self.kill_mid_op_at(ids, victim, "allreduce", 0.5)
+    }
+
+    /// [`kill_mid_allreduce`](Self::kill_mid_allreduce) for the collective
+    /// whose BEGIN lines say `op=op` (`allreduce`, `broadcast`, `allgather`,
+    /// `reducescatter`), aimed at a third of the victim's shortest op so far:
+    /// the op cannot have commenced later than the last BEGIN line, so an
+    /// early aim leaves the most room for this process being scheduled late
+    /// on a loaded machine.
+    pub fn kill_mid_op(&mut self, ids: &[usize], victim: usize, op: &str) -> (Duration, Instant) {
+        self.kill_mid_op_at(ids, victim, op, 1.0 / 3.0)
+    }
+
+    fn kill_mid_op_at(
+        &mut self,
+        ids: &[usize],
+        victim: usize,
+        op: &str,
+        fraction: f64,
+    ) -> (Duration, Instant) {
         let typical_ms = self
             .steps(victim)
             .values()
             .map(|s| s.ar_ms)
             .fold(f64::INFINITY, f64::min);
-        let aim = Duration::from_secs_f64((typical_ms / 2.0).max(5.0) / 1e3);
-        self.wait_all_begin(ids, "allreduce");
+        let aim = Duration::from_secs_f64((typical_ms * fraction).max(5.0) / 1e3);
+        self.wait_all_begin(ids, op);
         std::thread::sleep(aim);
         let killed_at = Instant::now();
         self.procs.kill(victim).expect("SIGKILL the victim");
