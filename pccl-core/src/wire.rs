@@ -1066,6 +1066,165 @@ struct DataHeaderLayout {
     payload_len: U32,
 }
 
+// ---------------------------------------------------------------------------
+// Shared-state requests
+//
+// On a [`ConnKind::SharedState`] connection the fetching peer sends
+// [`TensorRequest`]s (pipelined) and the holder answers each, in order, with a
+// [`TensorResponseHead`] followed by `body_len` bytes of the tensor.
+
+/// A fetching peer's request for one range of a shared-state tensor: the
+/// fixed [`TensorRequestHead::LEN`]-byte head (`sync_id`, `offset`, `len`,
+/// name length, each little-endian) followed by the name's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorRequest {
+    /// The sync the request belongs to (from the master's plan).
+    pub sync_id: u64,
+    /// First byte of the range in the tensor.
+    pub offset: u64,
+    /// Bytes in the range.
+    pub len: u64,
+    pub name: String,
+}
+
+impl TensorRequest {
+    /// The request's bytes: head, then the name.
+    pub fn encode(&self) -> Vec<u8> {
+        let layout = TensorRequestLayout {
+            sync_id: U64::new(self.sync_id),
+            offset: U64::new(self.offset),
+            len: U64::new(self.len),
+            name_len: U32::new(self.name.len() as u32),
+        };
+        let head: [u8; TensorRequestHead::LEN] = zerocopy::transmute!(layout);
+        let mut out = Vec::with_capacity(TensorRequestHead::LEN + self.name.len());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(self.name.as_bytes());
+        out
+    }
+
+    /// Decodes a whole request (head and name, nothing after), as a holder
+    /// reads it off the socket in two steps ([`TensorRequestHead::decode`],
+    /// [`TensorRequestHead::with_name`]).
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut d = Dec::new(b);
+        let head = TensorRequestHead::decode(&d.arr()?)?;
+        let name = d.take(head.name_len)?;
+        d.finish()?;
+        Ok(head.with_name(name))
+    }
+}
+
+/// The fixed part of a [`TensorRequest`], decoded before the name is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorRequestHead {
+    pub sync_id: u64,
+    pub offset: u64,
+    pub len: u64,
+    /// Bytes of the name that follow; at most [`MAX_NAME_LEN`].
+    pub name_len: usize,
+}
+
+impl TensorRequestHead {
+    pub const LEN: usize = 28;
+
+    /// Decodes the head; refuses a name longer than [`MAX_NAME_LEN`]
+    /// (`TooLong`) before the caller allocates for it.
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        let h: TensorRequestLayout = zerocopy::transmute!(*b);
+        let name_len = h.name_len.get() as usize;
+        if name_len > MAX_NAME_LEN {
+            return Err(WireError::TooLong {
+                what: "tensor name",
+                len: name_len,
+                max: MAX_NAME_LEN,
+            });
+        }
+        Ok(TensorRequestHead {
+            sync_id: h.sync_id.get(),
+            offset: h.offset.get(),
+            len: h.len.get(),
+            name_len,
+        })
+    }
+
+    /// The request, given the `name_len` bytes that followed the head. A
+    /// name that is not UTF-8 is taken lossily (it then names no tensor, and
+    /// the holder answers [`TensorResponseHead::UNKNOWN_TENSOR`]).
+    pub fn with_name(self, name: &[u8]) -> TensorRequest {
+        TensorRequest {
+            sync_id: self.sync_id,
+            offset: self.offset,
+            len: self.len,
+            name: String::from_utf8_lossy(name).into_owned(),
+        }
+    }
+}
+
+/// A request head's bytes, little-endian, no padding: what
+/// [`TensorRequest`] encodes in front of the name.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct TensorRequestLayout {
+    sync_id: U64,
+    offset: U64,
+    len: U64,
+    name_len: U32,
+}
+
+/// The head of a holder's answer to a [`TensorRequest`]: a status, the
+/// holder's hash of the whole tensor and the length of the body that follows
+/// (the range's bytes; zero unless the status is [`Self::OK`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorResponseHead {
+    pub status: u8,
+    pub hash: u64,
+    pub body_len: u64,
+}
+
+impl TensorResponseHead {
+    pub const LEN: usize = 17;
+    /// The range follows.
+    pub const OK: u8 = 0;
+    /// The holder is not serving the request's sync.
+    pub const NOT_SERVING: u8 = 1;
+    /// The holder serves no tensor of that name.
+    pub const UNKNOWN_TENSOR: u8 = 2;
+    /// The range is not inside the tensor.
+    pub const BAD_RANGE: u8 = 3;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let layout = TensorResponseLayout {
+            status: self.status,
+            hash: U64::new(self.hash),
+            body_len: U64::new(self.body_len),
+        };
+        zerocopy::transmute!(layout)
+    }
+
+    /// Every head decodes: statuses other than [`Self::OK`] (known or not)
+    /// are refusals, and `body_len` is checked against the requested range by
+    /// the caller, never allocated by.
+    pub fn decode(b: &[u8; Self::LEN]) -> Self {
+        let h: TensorResponseLayout = zerocopy::transmute!(*b);
+        TensorResponseHead {
+            status: h.status,
+            hash: h.hash.get(),
+            body_len: h.body_len.get(),
+        }
+    }
+}
+
+/// A response head's bytes, little-endian, no padding: what
+/// [`TensorResponseHead`] encodes.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct TensorResponseLayout {
+    status: u8,
+    hash: U64,
+    body_len: U64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1263,6 +1422,45 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn shared_state_request_and_response_bytes() {
+        // The layout fetchers and holders of earlier builds exchange.
+        let req = TensorRequest {
+            sync_id: 0x0102_0304_0506_0708,
+            offset: 0x10,
+            len: 0x2000,
+            name: "w.b".into(),
+        };
+        let mut want = Vec::new();
+        want.extend_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
+        want.extend_from_slice(&0x10u64.to_le_bytes());
+        want.extend_from_slice(&0x2000u64.to_le_bytes());
+        want.extend_from_slice(&3u32.to_le_bytes());
+        want.extend_from_slice(b"w.b");
+        assert_eq!(req.encode(), want);
+        let head = TensorResponseHead {
+            status: TensorResponseHead::BAD_RANGE,
+            hash: 0xfeed_beef,
+            body_len: 7,
+        };
+        let mut want = vec![3u8];
+        want.extend_from_slice(&0xfeed_beefu64.to_le_bytes());
+        want.extend_from_slice(&7u64.to_le_bytes());
+        assert_eq!(head.encode().to_vec(), want);
+        // Oversized names are refused from the head alone.
+        let mut big = [0u8; TensorRequestHead::LEN];
+        big[24..].copy_from_slice(&(MAX_NAME_LEN as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            TensorRequestHead::decode(&big),
+            Err(WireError::TooLong { .. })
+        ));
+        big[24..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            TensorRequest::decode(&big),
+            Err(WireError::TooLong { .. })
+        ));
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -1276,6 +1474,50 @@ mod tests {
                 d.copy_from_slice(&bytes[..DataHeader::LEN]);
                 let _ = DataHeader::decode(&d);
             }
+            let _ = TensorRequest::decode(&bytes);
+            if bytes.len() >= TensorRequestHead::LEN {
+                let mut h = [0u8; TensorRequestHead::LEN];
+                h.copy_from_slice(&bytes[..TensorRequestHead::LEN]);
+                if let Ok(head) = TensorRequestHead::decode(&h) {
+                    prop_assert!(head.name_len <= MAX_NAME_LEN);
+                    let _ = head.with_name(&bytes[TensorRequestHead::LEN..]);
+                }
+            }
+            if bytes.len() >= TensorResponseHead::LEN {
+                let mut r = [0u8; TensorResponseHead::LEN];
+                r.copy_from_slice(&bytes[..TensorResponseHead::LEN]);
+                let head = TensorResponseHead::decode(&r);
+                prop_assert_eq!(head.encode(), r);
+            }
+        }
+
+        #[test]
+        fn tensor_requests_round_trip(
+            sync_id in any::<u64>(),
+            offset in any::<u64>(),
+            len in any::<u64>(),
+            name in "\\PC{0,64}",
+        ) {
+            let req = TensorRequest { sync_id, offset, len, name };
+            let bytes = req.encode();
+            prop_assert_eq!(bytes.len(), TensorRequestHead::LEN + req.name.len());
+            prop_assert_eq!(TensorRequest::decode(&bytes), Ok(req.clone()));
+            let mut h = [0u8; TensorRequestHead::LEN];
+            h.copy_from_slice(&bytes[..TensorRequestHead::LEN]);
+            let head = TensorRequestHead::decode(&h).unwrap();
+            prop_assert_eq!(head.name_len, req.name.len());
+            prop_assert_eq!(head.with_name(&bytes[TensorRequestHead::LEN..]), req.clone());
+            // A cut or extended request is refused, never misread.
+            prop_assert!(TensorRequest::decode(&bytes[..bytes.len() - 1]).is_err());
+            let mut longer = bytes.clone();
+            longer.push(0);
+            prop_assert_eq!(TensorRequest::decode(&longer), Err(WireError::Trailing(1)));
+        }
+
+        #[test]
+        fn tensor_response_heads_round_trip(status in any::<u8>(), hash in any::<u64>(), body_len in any::<u64>()) {
+            let head = TensorResponseHead { status, hash, body_len };
+            prop_assert_eq!(TensorResponseHead::decode(&head.encode()), head);
         }
 
         #[test]
