@@ -916,7 +916,7 @@ PCCL_EXPORT pcclResult_t pcclGetMasterListenAddress(const pcclMasterInstance_t *
  * quantization) with pcclInvalidUsage on all of them.
  *
  * Without this call the algorithm comes from the environment variable
- * PCCL_ALGORITHM, read when pcclConnect creates the connection: "auto",
+ * PCCL_ALGORITHM, read by pcclCreateCommunicator: "auto",
  * "ring" or "direct"; unset or any other value means auto (another value is
  * logged as a warning). This function overrides the variable.
  *
