@@ -318,7 +318,7 @@ def test_imports_without_numpy_or_torch():
     assert out.stdout.startswith("ok")
 
 
-@pytest.mark.parametrize("where", ["connect", "all_reduce", "wait"])
+@pytest.mark.parametrize("where", ["connect", "all_reduce", "wait", "broadcast", "broadcast_wait"])
 def test_ctrl_c_interrupts_blocking_calls(launcher, where):
     numpy_or_skip()
     if where == "connect":
@@ -337,7 +337,7 @@ def test_ctrl_c_interrupts_blocking_calls(launcher, where):
     res = p.result(timeout=10)
     # KeyboardInterrupt within a second of the signal (generous for a loaded CI box).
     assert res["interrupted_at"] - sent_at < 1.0, res
-    if where == "wait":
+    if where in ("wait", "broadcast_wait"):
         # An interrupted wait() leaves the handle and the communicator usable.
         assert res["closed"] is False and res["after"] == "still in flight", res
     else:
