@@ -1182,5 +1182,42 @@ mod tests {
         }
         .into();
         assert_eq!((s.tx_bytes, s.rx_bytes), (1, 2));
+        let c: pcclCollectiveInfo_t = CollectiveInfo {
+            world_size: 4,
+            rank: 3,
+            algorithm: Algorithm::Direct,
+            tx_bytes: 5,
+            rx_bytes: 6,
+        }
+        .into();
+        assert_eq!(
+            c,
+            pcclCollectiveInfo_t {
+                world_size: 4,
+                rank: 3,
+                tx_bytes: 5,
+                rx_bytes: 6,
+                algorithm: pcclAlgorithmDirect,
+            }
+        );
+    }
+
+    #[test]
+    fn algorithms() {
+        for (raw, a) in [
+            (pcclAlgorithmAuto, Algorithm::Auto),
+            (pcclAlgorithmRing, Algorithm::Ring),
+            (pcclAlgorithmDirect, Algorithm::Direct),
+        ] {
+            assert_eq!(algorithm_from_raw(raw).expect("known"), a);
+            assert_eq!(algorithm_to_raw(a), raw);
+            assert_eq!(a as u32, raw, "the enumerators are the core's wire values");
+        }
+        for bad in [3, 255, 256, u32::MAX] {
+            assert!(matches!(
+                algorithm_from_raw(bad),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
     }
 }

@@ -18,12 +18,14 @@
 //! the handle and the communicator usable.
 //!
 //! Argument and state errors are raised at the call, with the C API's
-//! result codes (`pccl-ffi/src/comm.rs`): an all-reduce in a group of one is
+//! result codes (`pccl-ffi/src/comm.rs`): a collective (all-reduce,
+//! broadcast, all-gather, reduce-scatter) in a group of one is
 //! `TOO_FEW_PEERS` when it is started (not at `wait()`), a tag still used by
-//! an async all-reduce that was not awaited is `INVALID_ARGUMENT`, topology
-//! and shared-state calls while async all-reduces are not awaited are
-//! `PENDING_ASYNC_OPS`, and `optimize_topology` with fewer than two peers in
-//! the run is `INVALID_USAGE`.
+//! an async collective that was not awaited is `INVALID_ARGUMENT`, as are a
+//! broadcast root outside the group and buffer sizes that do not fit the
+//! group's size; topology and shared-state calls while async collectives
+//! are not awaited are `PENDING_ASYNC_OPS`, and `optimize_topology` with
+//! fewer than two peers in the run is `INVALID_USAGE`.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -267,7 +269,7 @@ fn kind_func(kind: CollectiveKind, is_async: bool) -> &'static str {
 /// Reports whether an operation is over.
 type DoneFn = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Tags of async all-reduces started on one communicator and not awaited
+/// Tags of async collectives started on one communicator and not awaited
 /// yet, as the C API tracks them: `None` while a handle is alive and not
 /// awaited, `Some(done)` once the handle was dropped without `wait()` (the
 /// tag stays taken until the operation is over).
@@ -338,7 +340,7 @@ impl NativeCommunicator {
     }
 
     /// `INVALID_USAGE` if closed (or not connected), then `PENDING_ASYNC_OPS`
-    /// while async all-reduces are not awaited (the C API's order).
+    /// while async collectives are not awaited (the C API's order).
     fn ensure_no_async_ops(&self, py: Python<'_>, func: &str) -> PyResult<()> {
         let comm = self.get(py, func)?;
         comm.world()
@@ -522,9 +524,7 @@ impl NativeCommunicator {
         // buffers are rejected by the core.
         let handle = unsafe {
             match kind {
-                CollectiveKind::Broadcast => {
-                    comm.broadcast_async_raw(recv as *mut u8, &desc, root)
-                }
+                CollectiveKind::Broadcast => comm.broadcast_async_raw(recv as *mut u8, &desc, root),
                 CollectiveKind::AllGather => {
                     comm.all_gather_async_raw(send as *const u8, recv as *mut u8, &desc)
                 }

@@ -175,6 +175,20 @@ def test_core_errors_carry_result_codes(solo):
     with pytest.raises(PCCLError) as ei:
         solo.all_reduce_async(a, a, op=ReduceOp.SUM, tag=4)
     assert ei.value.result is Result.TOO_FEW_PEERS
+    # broadcast, all-gather and reduce-scatter too, blocking and async
+    out = np.zeros(16, dtype=np.float32)
+    for call in (
+        lambda: solo.broadcast(a, root=0),
+        lambda: solo.broadcast_async(a, root=0),
+        lambda: solo.all_gather(a, out),
+        lambda: solo.all_gather_async(a, out),
+        lambda: solo.reduce_scatter(a, out, op=ReduceOp.SUM),
+        lambda: solo.reduce_scatter_async(a, out, op=ReduceOp.SUM),
+    ):
+        with pytest.raises(PCCLError) as ei:
+            call()
+        assert ei.value.result is Result.TOO_FEW_PEERS
+    assert np.array_equal(a, np.arange(16, dtype=np.float32)) and not out.any()  # untouched
     assert solo.get_attribute(Attribute.GLOBAL_WORLD_SIZE) == 1
     assert solo.get_attribute(Attribute.NUM_DISTINCT_PEER_GROUPS) == 1
     assert solo.are_peers_pending() is False

@@ -733,7 +733,7 @@ class Communicator:
         Every error the start can detect is raised here, as by
         ``pcclAllReduceAsync``: bad buffers or descriptors, ``PCCLError``
         with ``INVALID_USAGE`` (not connected or closed), ``INVALID_ARGUMENT``
-        (overlapping buffers, or ``tag`` still used by an async all-reduce not
+        (overlapping buffers, or ``tag`` still used by an async operation not
         awaited) and ``TOO_FEW_PEERS`` (alone in the peer group). Failures
         during the operation are reported by ``wait()``."""
         sp, rp, desc, keep = self._prepare(send, recv, op, tag, operand_descriptor, quantization_options)
