@@ -1032,6 +1032,28 @@ def scenario_collectives_torch(args) -> None:
     comm.close()
 
 
+def scenario_collectives_direct(args) -> None:
+    """Run with PCCL_ALGORITHM=direct on every peer: all-reduces run direct,
+    while broadcast, all-gather and reduce-scatter are refused by the master
+    (INVALID_ARGUMENT on every peer; the communicator stays usable)."""
+    import numpy as np
+
+    world, me = args["world"], args["rank"]
+    comm = join(args)
+    grow(comm, world)
+    x = np.full(8, me + 1, dtype=np.int32)
+    codes = {}
+    codes["broadcast"] = _code(lambda: comm.broadcast(x, root=0, tag=1))
+    out = np.zeros(8 * world, dtype=np.int32)
+    codes["all_gather"] = _code(lambda: comm.all_gather(x, out, tag=2))
+    ok, status, _ = comm.reduce_scatter_async(out, x, op=ReduceOp.SUM, tag=3).wait()
+    codes["reduce_scatter_async"] = status.name
+    y = np.full(8, me + 1, dtype=np.int32)
+    comm.all_reduce(y, y, op=ReduceOp.SUM, tag=4)
+    emit("result", rank=me, codes=codes, sum=int(y[0]), untouched=bool((out == 0).all()))
+    comm.close()
+
+
 def scenario_idle(args) -> None:
     """Connects, optionally grows the group, then idles until stdin closes."""
     comm = join(args)

@@ -44,3 +44,22 @@ def test_torch_collectives_exact(launcher):
     assert len({r["digest"] for r in results}) == 1, results
     for p in peers:
         assert p.proc.wait(timeout=30) == 0, p.stderr_text()
+
+
+def test_direct_algorithm_refuses_the_new_collectives(launcher):
+    """PCCL_ALGORITHM=direct is sent with every collective; the master runs
+    broadcast, all-gather and reduce-scatter on the ring only and refuses a
+    direct request with INVALID_ARGUMENT on every peer (documented in the
+    README). All-reduce still works."""
+    numpy_or_skip()
+    world = 2
+    env = {"PCCL_ALGORITHM": "direct"}
+    peers = [launcher.spawn("collectives_direct", r, world=world, env=env) for r in range(world)]
+    results = [p.result(timeout=90) for p in peers]
+    for r in results:
+        assert r["codes"] == {
+            "broadcast": "INVALID_ARGUMENT",
+            "all_gather": "INVALID_ARGUMENT",
+            "reduce_scatter_async": "INVALID_ARGUMENT",
+        }, r
+        assert r["sum"] == 3 and r["untouched"], r
