@@ -212,6 +212,20 @@ typedef enum pcclLogLevel_t {
     pcclLogTrace = 5
 } pcclLogLevel_t;
 
+/** Extension: how an all-reduce moves its data (see pcclSetAllReduceAlgorithm). */
+typedef enum pcclAlgorithm_t {
+    /** The master chooses: the one-hop direct algorithm for small
+     *  all-reduces (groups of at most 16 peers), the ring otherwise. */
+    pcclAlgorithmAuto = 0,
+    /** Reduce-scatter then all-gather around the ring: bandwidth-optimal,
+     *  2(w-1) hops of latency. */
+    pcclAlgorithmRing = 1,
+    /** Every peer sends its whole buffer to every other peer and reduces all
+     *  contributions in rank order: one hop, (w-1) times the bytes.
+     *  All-reduce only. */
+    pcclAlgorithmDirect = 2
+} pcclAlgorithm_t;
+
 /* ------------------------------------------------------------------------- */
 /* Structures                                                                */
 /* ------------------------------------------------------------------------- */
@@ -282,6 +296,26 @@ typedef struct pcclAsyncReduceOp_t {
     pcclComm_t *comm;
     uint64_t tag;
 } pcclAsyncReduceOp_t;
+
+/** Extension: outcome of a broadcast, all-gather or reduce-scatter (see
+ *  pcclBroadcast, pcclAllGather, pcclReduceScatter, pcclAwaitAsyncCollective). */
+typedef struct pcclCollectiveInfo_t {
+    /** Number of peers that took part in the operation. */
+    uint32_t world_size;
+    /** This peer's rank in the operation, 0 .. world_size-1: its position in
+     *  the master's ring, which orders all-gather output and reduce-scatter
+     *  segments and names broadcast roots. Ranks stay the same until the next
+     *  pcclUpdateTopology or pcclOptimizeTopology, or a peer loss. */
+    uint32_t rank;
+    /** Bytes this peer wrote to the network for the operation (headers included). */
+    uint64_t tx_bytes;
+    /** Bytes this peer read from the network for the operation (headers included). */
+    uint64_t rx_bytes;
+    /** The algorithm the master chose (pcclAlgorithmRing for every broadcast,
+     *  all-gather and reduce-scatter; for an all-reduce awaited with
+     *  pcclAwaitAsyncCollective, Ring or Direct). */
+    pcclAlgorithm_t algorithm;
+} pcclCollectiveInfo_t;
 
 /** Unique identity of a peer (never reused, unlike ring positions). */
 typedef struct pcclRankUuid_t {
@@ -599,7 +633,10 @@ PCCL_EXPORT pcclResult_t pcclAllReduceMultipleWithRetry(const pcclReduceOpDescri
 /**
  * Waits for an async all-reduce started by pcclAllReduceAsync. Blocks until
  * the operation has completed or failed; afterwards the library no longer
- * touches its buffers. Each handle is awaited once.
+ * touches its buffers. Each handle is awaited once. (Extension: it also
+ * accepts the handles of pcclBroadcastAsync, pcclAllGatherAsync and
+ * pcclReduceScatterAsync, reporting world size and bytes; the rank is
+ * reported only by pcclAwaitAsyncCollective.)
  *
  * @param reduce_handle The handle; must not be NULL, and its comm must not be NULL.
  * @param reduce_info_out May be NULL; written only on success.
@@ -870,6 +907,203 @@ PCCL_EXPORT pcclResult_t pcclSetCommunicatorPorts(pcclComm_t *comm, uint16_t sha
  */
 PCCL_EXPORT pcclResult_t pcclGetMasterListenAddress(const pcclMasterInstance_t *master_instance,
                                                     ccoip_socket_address_t *address_out);
+
+/**
+ * Extension. Sets the all-reduce algorithm this peer asks the master for.
+ * Must be called before pcclConnect. Does not block. Every peer of a peer
+ * group must ask for the same algorithm: the master fails a collective
+ * whose peers' calls disagree (in algorithm, count, type, op, root or
+ * quantization) with pcclInvalidUsage on all of them.
+ *
+ * Without this call the algorithm comes from the environment variable
+ * PCCL_ALGORITHM, read by pcclCreateCommunicator: "auto",
+ * "ring" or "direct"; unset or any other value means auto (another value is
+ * logged as a warning). This function overrides the variable.
+ *
+ * The request is sent with every collective of the communicator, not only
+ * all-reduces: broadcast, all-gather and reduce-scatter run the ring's
+ * schedule under auto and ring, but a peer asking for direct gets
+ * pcclInvalidArgument from them (the master refuses direct for anything but
+ * an all-reduce, and direct in groups of more than 16 peers). Use auto or
+ * ring on a communicator that also broadcasts, gathers or scatters.
+ *
+ * @param comm The communicator; must not be NULL.
+ * @param algorithm pcclAlgorithmAuto, pcclAlgorithmRing or pcclAlgorithmDirect.
+ *
+ * @return pcclSuccess on success.
+ * @return pcclNotInitialized if pcclInit has not been called.
+ * @return pcclInvalidArgument if comm is not a live communicator or
+ *         algorithm is unknown.
+ * @return pcclInvalidUsage if the communicator is already connected.
+ */
+PCCL_EXPORT pcclResult_t pcclSetAllReduceAlgorithm(pcclComm_t *comm, pcclAlgorithm_t algorithm);
+
+/*
+ * Broadcast, all-gather and reduce-scatter (extensions)
+ * -----------------------------------------------------
+ * These follow the rules of pcclAllReduce: collective over the accepted
+ * peers of this peer group, which must all make the same call with the same
+ * tag, count, datatype (and root, op, quantization); host memory only; the
+ * set of peers is fixed when the operation starts. Ranks are positions in
+ * the master's ring (pcclCollectiveInfo_t.rank); they are the same on every
+ * peer and stay fixed until the next pcclUpdateTopology or
+ * pcclOptimizeTopology, or a peer loss. Tags share one space with async
+ * all-reduces: a tag used by an async operation that has not been awaited
+ * yields pcclInvalidArgument.
+ *
+ * Common results:
+ * @return pcclSuccess on success.
+ * @return pcclNotInitialized if pcclInit has not been called.
+ * @return pcclInvalidArgument if a required pointer is NULL, a count is 0,
+ *         the byte size overflows, an enumerator is unknown, the buffers
+ *         overlap (broadcast has one buffer), the tag is in use by an
+ *         async operation not yet awaited, or as stated per function.
+ *         Nothing is started and no buffer is touched in that case.
+ * @return pcclInvalidUsage if the communicator is not connected, or another
+ *         call on it is in progress.
+ * @return pcclTooFewPeers if the peer group has fewer than two accepted peers.
+ * @return pcclRankConnectionLost if a participating peer died or
+ *         disconnected during the operation, or the group's size changed
+ *         between the call and the operation; every survivor gets it, and
+ *         retrying with the remaining peers succeeds. The output buffer's
+ *         contents are then unspecified (a failed broadcast leaves non-root
+ *         buffers partly written; the root's buffer is never written).
+ * @return pcclMasterConnectionFailed if the master connection was lost.
+ */
+
+/**
+ * Extension. Collective. Broadcast: every peer's buf ends with the bytes of
+ * the buf of the peer whose rank is root. Blocks until done or failed. The
+ * root's buf is only read.
+ *
+ * @param buf count elements of datatype; input on the root, output elsewhere;
+ *        must not be NULL.
+ * @param count Number of elements; > 0.
+ * @param datatype Element type (no conversion is done; bytes are copied).
+ * @param root Rank of the sending peer; < the peer group's world size
+ *        (PCCL_ATTRIBUTE_PEER_GROUP_WORLD_SIZE), else pcclInvalidArgument.
+ * @param tag Operation tag (as pcclReduceDescriptor_t.tag).
+ * @param communicator The communicator; must not be NULL.
+ * @param info_out May be NULL; written only on success.
+ *
+ * @return See "Common results" above.
+ */
+PCCL_EXPORT pcclResult_t pcclBroadcast(void *buf, size_t count, pcclDataType_t datatype, uint32_t root,
+                                       uint64_t tag, const pcclComm_t *communicator,
+                                       pcclCollectiveInfo_t *PCCL_NULLABLE info_out);
+
+/**
+ * Extension. Collective. Starts a broadcast (as pcclBroadcast) and returns
+ * without waiting; complete it with pcclAwaitAsyncCollective (or
+ * pcclAwaitAsyncReduce). buf must stay valid, and unread and unwritten by
+ * the caller, until then. In-flight rules are those of pcclAllReduceAsync.
+ *
+ * @param handle_out Receives the handle; must not be NULL.
+ * @return See "Common results" above (pcclRankConnectionLost is reported by
+ *         the await).
+ */
+PCCL_EXPORT pcclResult_t pcclBroadcastAsync(void *buf, size_t count, pcclDataType_t datatype, uint32_t root,
+                                            uint64_t tag, const pcclComm_t *communicator,
+                                            pcclAsyncReduceOp_t *handle_out);
+
+/**
+ * Extension. Collective. All-gather: recvbuff ends with every peer's
+ * sendbuff concatenated in rank order (rank r's sendcount elements at
+ * element r * sendcount); the same bytes on every peer. Blocks until done or
+ * failed. sendbuff is only read.
+ *
+ * @param sendbuff sendcount elements; must not be NULL.
+ * @param recvbuff world × sendcount elements, world being the peer group's
+ *        size (PCCL_ATTRIBUTE_PEER_GROUP_WORLD_SIZE) at the call; must not be
+ *        NULL and must not overlap sendbuff (no in-place form).
+ * @param sendcount Elements per peer; > 0.
+ * @param datatype Element type (bytes are copied unchanged).
+ * @param tag Operation tag.
+ * @param communicator The communicator; must not be NULL.
+ * @param info_out May be NULL; written only on success.
+ *
+ * @return See "Common results" above.
+ */
+PCCL_EXPORT pcclResult_t pcclAllGather(const void *sendbuff, void *recvbuff, size_t sendcount,
+                                       pcclDataType_t datatype, uint64_t tag, const pcclComm_t *communicator,
+                                       pcclCollectiveInfo_t *PCCL_NULLABLE info_out);
+
+/**
+ * Extension. Collective. Starts an all-gather (as pcclAllGather) and returns
+ * without waiting; complete it with pcclAwaitAsyncCollective (or
+ * pcclAwaitAsyncReduce). Both buffers must stay valid, sendbuff unmodified
+ * and recvbuff unread, until then.
+ *
+ * @param handle_out Receives the handle; must not be NULL.
+ * @return See "Common results" above.
+ */
+PCCL_EXPORT pcclResult_t pcclAllGatherAsync(const void *sendbuff, void *recvbuff, size_t sendcount,
+                                            pcclDataType_t datatype, uint64_t tag, const pcclComm_t *communicator,
+                                            pcclAsyncReduceOp_t *handle_out);
+
+/**
+ * Extension. Collective. Reduce-scatter: the peers' sendbuffs are reduced
+ * element-wise with descriptor->op, and recvbuff ends with this peer's
+ * rank's segment of the result: elements rank * count ... (rank + 1) * count
+ * - 1, count being descriptor->count. Every element is reduced in one
+ * order for all peers, so the segments of all peers together are one
+ * consistent result. Quantization options work as for pcclAllReduce.
+ * Blocks until done or failed. sendbuff is only read.
+ *
+ * @param sendbuff world × count elements, world being the peer group's size
+ *        at the call; must not be NULL.
+ * @param recvbuff count elements; must not be NULL and must not overlap
+ *        sendbuff.
+ * @param descriptor count (each rank's share, > 0), op, tag, datatype,
+ *        quantization, exactly as for pcclAllReduce; must not be NULL.
+ * @param communicator The communicator; must not be NULL.
+ * @param info_out May be NULL; written only on success.
+ *
+ * @return See "Common results" above; also pcclInvalidArgument for an
+ *         unsupported quantization combination.
+ */
+PCCL_EXPORT pcclResult_t pcclReduceScatter(const void *sendbuff, void *recvbuff,
+                                           const pcclReduceDescriptor_t *descriptor,
+                                           const pcclComm_t *communicator,
+                                           pcclCollectiveInfo_t *PCCL_NULLABLE info_out);
+
+/**
+ * Extension. Collective. Starts a reduce-scatter (as pcclReduceScatter) and
+ * returns without waiting; complete it with pcclAwaitAsyncCollective (or
+ * pcclAwaitAsyncReduce). Both buffers must stay valid, sendbuff unmodified
+ * and recvbuff unread, until then.
+ *
+ * @param handle_out Receives the handle; must not be NULL.
+ * @return See "Common results" above.
+ */
+PCCL_EXPORT pcclResult_t pcclReduceScatterAsync(const void *sendbuff, void *recvbuff,
+                                                const pcclReduceDescriptor_t *descriptor,
+                                                const pcclComm_t *communicator,
+                                                pcclAsyncReduceOp_t *handle_out);
+
+/**
+ * Extension. Waits for any async operation: one started by
+ * pcclBroadcastAsync, pcclAllGatherAsync, pcclReduceScatterAsync or
+ * pcclAllReduceAsync. Blocks until it has completed or failed; afterwards
+ * the library no longer touches its buffers. Each handle is awaited once,
+ * with this function or pcclAwaitAsyncReduce (which accepts the same
+ * handles and reports world size and bytes as a pcclReduceInfo_t).
+ *
+ * @param handle The handle; must not be NULL, and its comm must not be NULL.
+ * @param info_out May be NULL; written only on success.
+ *
+ * @return pcclSuccess if the operation succeeded.
+ * @return pcclNotInitialized if pcclInit has not been called.
+ * @return pcclInvalidArgument if a pointer is NULL or the handle's tag names
+ *         no in-flight operation of that communicator (e.g. already awaited).
+ * @return pcclInvalidUsage if the communicator is not connected.
+ * @return pcclRankConnectionLost, pcclInvalidUsage (the peers' calls
+ *         disagreed), pcclInvalidArgument (the master refused the operation,
+ *         e.g. the direct algorithm for a broadcast), or
+ *         pcclMasterConnectionFailed: the operation failed.
+ */
+PCCL_EXPORT pcclResult_t pcclAwaitAsyncCollective(const pcclAsyncReduceOp_t *handle,
+                                                  pcclCollectiveInfo_t *PCCL_NULLABLE info_out);
 
 #ifdef __cplusplus
 } /* extern "C" */

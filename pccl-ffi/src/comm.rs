@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use pccl_core::comm::validate_descriptor;
 use pccl_core::{
-    AsyncReduceHandle, Attribute, Communicator, CommunicatorConfig, Error, RawReduceOp,
-    ReduceDescriptor, ReduceInfo, Result, SharedState, SharedTensor,
+    AsyncReduceHandle, Attribute, CollectiveKind, Communicator, CommunicatorConfig, DataType,
+    Error, RawReduceOp, ReduceDescriptor, ReduceInfo, ReduceOp, Result, SharedState, SharedTensor,
 };
 
 use crate::boundary::{call, ensure_initialized, OutPtr};
@@ -47,7 +47,8 @@ pub(crate) struct CommHandle {
 struct CommInner {
     cfg: CommunicatorConfig,
     comm: Option<Communicator>,
-    /// Tags of async all-reduces started and not yet awaited.
+    /// Tags of async collectives (all-reduce, broadcast, all-gather,
+    /// reduce-scatter) started and not yet awaited.
     async_tags: HashSet<u64>,
     destroyed: bool,
 }
@@ -64,7 +65,7 @@ impl CommInner {
             Ok(())
         } else {
             Err(Error::PendingAsyncOps(format!(
-                "{} async all-reduce(s) must be awaited first",
+                "{} async collective(s) must be awaited first",
                 self.async_tags.len()
             )))
         }
@@ -379,7 +380,7 @@ fn ensure_two_peers(c: &Communicator) -> Result<u32> {
     let world = c.attribute(Attribute::PeerGroupWorldSize)?;
     if world < 2 {
         return Err(Error::TooFewPeers(format!(
-            "the peer group has {world} accepted peer(s); an all-reduce needs two"
+            "the peer group has {world} accepted peer(s); a collective needs two"
         )));
     }
     Ok(world)
@@ -388,7 +389,7 @@ fn ensure_two_peers(c: &Communicator) -> Result<u32> {
 fn ensure_tag_free(g: &CommInner, tag: u64) -> Result<()> {
     if g.async_tags.contains(&tag) {
         return Err(Error::InvalidArgument(format!(
-            "tag {tag} is used by an async all-reduce that has not been awaited"
+            "tag {tag} is used by an async collective that has not been awaited"
         )));
     }
     Ok(())
@@ -489,11 +490,376 @@ pub unsafe extern "C" fn pcclAwaitAsyncReduce(
         g.connected()?;
         if !g.async_tags.remove(&handle.tag) {
             return Err(Error::InvalidArgument(format!(
-                "no async all-reduce with tag {} is in flight (never started, or already awaited)",
+                "no async collective with tag {} is in flight (never started, or already awaited)",
                 handle.tag
             )));
         }
         let info = g.connected()?.await_async(handle.tag)?;
+        if let Some(o) = out {
+            // SAFETY: non-NULL and aligned; valid for writes per the contract.
+            unsafe { o.write(info.into()) };
+        }
+        Ok(())
+    })
+}
+
+/// Extension: the all-reduce algorithm this peer asks for, before `pcclConnect`.
+///
+/// # Safety
+/// Any pointer value is accepted (handles are looked up, never dereferenced).
+#[no_mangle]
+pub unsafe extern "C" fn pcclSetAllReduceAlgorithm(
+    comm: *mut pcclComm_t,
+    algorithm: pcclAlgorithm_t,
+) -> pcclResult_t {
+    call("pcclSetAllReduceAlgorithm", || {
+        ensure_initialized()?;
+        let algorithm = algorithm_from_raw(algorithm)?;
+        let h = comm_of(comm)?;
+        let mut g = h.enter()?;
+        g.ensure_not_connected("the all-reduce algorithm")?;
+        g.cfg.algorithm = algorithm;
+        Ok(())
+    })
+}
+
+/// A validated broadcast, all-gather or reduce-scatter request (nothing
+/// started, nothing read).
+struct CollectiveArgs {
+    kind: CollectiveKind,
+    send: *const u8,
+    recv: *mut u8,
+    desc: ReduceDescriptor,
+    root: u32,
+}
+
+/// A descriptor for an unreduced collective: `count` elements of `datatype`
+/// (checked: known datatype, count > 0, byte size fits in `isize`).
+fn plain_descriptor(count: usize, datatype: pcclDataType_t, tag: u64) -> Result<ReduceDescriptor> {
+    let datatype: DataType = datatype_from_raw(datatype)?;
+    if count == 0 {
+        return Err(Error::InvalidArgument("count is 0".into()));
+    }
+    checked_byte_len(count, datatype)?;
+    Ok(ReduceDescriptor::new(count, datatype, ReduceOp::Sum).with_tag(tag))
+}
+
+fn broadcast_args(
+    buf: *mut c_void,
+    count: usize,
+    datatype: pcclDataType_t,
+    root: u32,
+    tag: u64,
+) -> Result<CollectiveArgs> {
+    let desc = plain_descriptor(count, datatype, tag)?;
+    if buf.is_null() {
+        return Err(Error::InvalidArgument("buf is NULL".into()));
+    }
+    Ok(CollectiveArgs {
+        kind: CollectiveKind::Broadcast,
+        send: buf.cast_const().cast(),
+        recv: buf.cast(),
+        desc,
+        root,
+    })
+}
+
+fn all_gather_args(
+    send: *const c_void,
+    recv: *mut c_void,
+    sendcount: usize,
+    datatype: pcclDataType_t,
+    tag: u64,
+) -> Result<CollectiveArgs> {
+    let desc = plain_descriptor(sendcount, datatype, tag)?;
+    non_null_pair(send, recv)?;
+    Ok(CollectiveArgs {
+        kind: CollectiveKind::AllGather,
+        send: send.cast(),
+        recv: recv.cast(),
+        desc,
+        root: 0,
+    })
+}
+
+/// # Safety
+/// `descriptor` must be NULL or point to a valid `pcclReduceDescriptor_t`.
+unsafe fn reduce_scatter_args(
+    send: *const c_void,
+    recv: *mut c_void,
+    descriptor: *const pcclReduceDescriptor_t,
+) -> Result<CollectiveArgs> {
+    // SAFETY: NULL/alignment checked by ref_arg; validity is the caller's contract.
+    let raw = unsafe { ref_arg(descriptor, "descriptor") }?;
+    let desc = reduce_descriptor_from_raw(raw)?;
+    validate_descriptor(&desc)?;
+    non_null_pair(send, recv)?;
+    Ok(CollectiveArgs {
+        kind: CollectiveKind::ReduceScatter,
+        send: send.cast(),
+        recv: recv.cast(),
+        desc,
+        root: 0,
+    })
+}
+
+fn non_null_pair(send: *const c_void, recv: *mut c_void) -> Result<()> {
+    if send.is_null() {
+        return Err(Error::InvalidArgument("send buffer is NULL".into()));
+    }
+    if recv.is_null() {
+        return Err(Error::InvalidArgument("receive buffer is NULL".into()));
+    }
+    Ok(())
+}
+
+/// Checks what can be checked against the communicator before starting:
+/// a free tag, at least two peers, and a broadcast root inside the group.
+fn ensure_startable(g: &CommInner, a: &CollectiveArgs) -> Result<()> {
+    let c = g.connected()?;
+    ensure_tag_free(g, a.desc.tag)?;
+    let world = ensure_two_peers(c)?;
+    if a.kind == CollectiveKind::Broadcast && a.root >= world {
+        return Err(Error::InvalidArgument(format!(
+            "root {} is not a rank of the peer group (world size {world})",
+            a.root
+        )));
+    }
+    Ok(())
+}
+
+/// Starts `a` on `c` and returns its handle (the blocking calls' path).
+///
+/// # Safety
+/// The buffers must be valid as the matching pccl.h function documents,
+/// until the handle is awaited.
+unsafe fn start_collective(c: &Communicator, a: &CollectiveArgs) -> Result<AsyncReduceHandle> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        match a.kind {
+            CollectiveKind::Broadcast => c.broadcast_async_raw(a.recv, &a.desc, a.root),
+            CollectiveKind::AllGather => c.all_gather_async_raw(a.send, a.recv, &a.desc),
+            CollectiveKind::ReduceScatter => c.reduce_scatter_async_raw(a.send, a.recv, &a.desc),
+            CollectiveKind::AllReduce => c.all_reduce_async_raw(a.send, a.recv, &a.desc),
+        }
+    }
+}
+
+/// The body of the blocking collective calls.
+///
+/// # Safety
+/// As for [`start_collective`], for the duration of the call.
+unsafe fn run_blocking(
+    a: CollectiveArgs,
+    communicator: *const pcclComm_t,
+    info_out: *mut pcclCollectiveInfo_t,
+) -> Result<()> {
+    let out = OutPtr::optional(info_out, "info_out")?;
+    let h = comm_of(communicator)?;
+    let g = h.enter()?;
+    ensure_startable(&g, &a)?;
+    let c = g.connected()?;
+    // SAFETY: the caller keeps the buffers valid for the call, which awaits
+    // the operation before returning.
+    let handle = unsafe { start_collective(c, &a) }?;
+    let info = c.await_collective(handle)?;
+    if let Some(o) = out {
+        // SAFETY: non-NULL and aligned; valid for writes per the contract.
+        unsafe { o.write(info.into()) };
+    }
+    Ok(())
+}
+
+/// The body of the async collective calls: the handle is kept by tag.
+///
+/// # Safety
+/// As for [`start_collective`], until the operation is awaited.
+unsafe fn run_async(
+    a: CollectiveArgs,
+    communicator: *const pcclComm_t,
+    handle_out: *mut pcclAsyncReduceOp_t,
+) -> Result<()> {
+    let out = OutPtr::required(handle_out, "handle_out")?;
+    let h = comm_of(communicator)?;
+    let mut g = h.enter()?;
+    ensure_startable(&g, &a)?;
+    let c = g.connected()?;
+    // SAFETY: the caller keeps the buffers valid until the operation is
+    // awaited (or pcclDestroyCommunicator, which stops it, returns).
+    unsafe { c.collective_async_tagged(a.kind, a.send, a.recv, &a.desc, a.root) }?;
+    g.async_tags.insert(a.desc.tag);
+    // SAFETY: non-NULL and aligned; valid for writes per the contract.
+    unsafe {
+        out.write(pcclAsyncReduceOp_t {
+            comm: communicator.cast_mut(),
+            tag: a.desc.tag,
+        })
+    };
+    Ok(())
+}
+
+/// Extension: blocking broadcast from rank `root` (collective).
+///
+/// # Safety
+/// `buf` must be valid for reads and writes of `count` elements for the
+/// call; `info_out` NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn pcclBroadcast(
+    buf: *mut c_void,
+    count: usize,
+    datatype: pcclDataType_t,
+    root: u32,
+    tag: u64,
+    communicator: *const pcclComm_t,
+    info_out: *mut pcclCollectiveInfo_t,
+) -> pcclResult_t {
+    call("pcclBroadcast", || {
+        ensure_initialized()?;
+        let a = broadcast_args(buf, count, datatype, root, tag)?;
+        // SAFETY: buffer validity is the caller's contract.
+        unsafe { run_blocking(a, communicator, info_out) }
+    })
+}
+
+/// Extension: starts a broadcast (collective).
+///
+/// # Safety
+/// `buf` must stay valid until the operation is awaited; `handle_out` NULL
+/// or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn pcclBroadcastAsync(
+    buf: *mut c_void,
+    count: usize,
+    datatype: pcclDataType_t,
+    root: u32,
+    tag: u64,
+    communicator: *const pcclComm_t,
+    handle_out: *mut pcclAsyncReduceOp_t,
+) -> pcclResult_t {
+    call("pcclBroadcastAsync", || {
+        ensure_initialized()?;
+        let a = broadcast_args(buf, count, datatype, root, tag)?;
+        // SAFETY: buffer validity is the caller's contract.
+        unsafe { run_async(a, communicator, handle_out) }
+    })
+}
+
+/// Extension: blocking all-gather (collective).
+///
+/// # Safety
+/// `sendbuff` readable for `sendcount` elements and `recvbuff` writable for
+/// world × `sendcount` elements for the call; `info_out` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn pcclAllGather(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    sendcount: usize,
+    datatype: pcclDataType_t,
+    tag: u64,
+    communicator: *const pcclComm_t,
+    info_out: *mut pcclCollectiveInfo_t,
+) -> pcclResult_t {
+    call("pcclAllGather", || {
+        ensure_initialized()?;
+        let a = all_gather_args(sendbuff, recvbuff, sendcount, datatype, tag)?;
+        // SAFETY: buffer validity is the caller's contract.
+        unsafe { run_blocking(a, communicator, info_out) }
+    })
+}
+
+/// Extension: starts an all-gather (collective).
+///
+/// # Safety
+/// As for [`pcclAllGather`], until the operation is awaited.
+#[no_mangle]
+pub unsafe extern "C" fn pcclAllGatherAsync(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    sendcount: usize,
+    datatype: pcclDataType_t,
+    tag: u64,
+    communicator: *const pcclComm_t,
+    handle_out: *mut pcclAsyncReduceOp_t,
+) -> pcclResult_t {
+    call("pcclAllGatherAsync", || {
+        ensure_initialized()?;
+        let a = all_gather_args(sendbuff, recvbuff, sendcount, datatype, tag)?;
+        // SAFETY: buffer validity is the caller's contract.
+        unsafe { run_async(a, communicator, handle_out) }
+    })
+}
+
+/// Extension: blocking reduce-scatter (collective).
+///
+/// # Safety
+/// `sendbuff` readable for world × `descriptor->count` elements and
+/// `recvbuff` writable for `descriptor->count` elements for the call;
+/// `descriptor` and `info_out` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn pcclReduceScatter(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    descriptor: *const pcclReduceDescriptor_t,
+    communicator: *const pcclComm_t,
+    info_out: *mut pcclCollectiveInfo_t,
+) -> pcclResult_t {
+    call("pcclReduceScatter", || {
+        ensure_initialized()?;
+        // SAFETY: descriptor validity is the caller's contract.
+        let a = unsafe { reduce_scatter_args(sendbuff, recvbuff, descriptor) }?;
+        // SAFETY: buffer validity is the caller's contract.
+        unsafe { run_blocking(a, communicator, info_out) }
+    })
+}
+
+/// Extension: starts a reduce-scatter (collective).
+///
+/// # Safety
+/// As for [`pcclReduceScatter`], until the operation is awaited.
+#[no_mangle]
+pub unsafe extern "C" fn pcclReduceScatterAsync(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    descriptor: *const pcclReduceDescriptor_t,
+    communicator: *const pcclComm_t,
+    handle_out: *mut pcclAsyncReduceOp_t,
+) -> pcclResult_t {
+    call("pcclReduceScatterAsync", || {
+        ensure_initialized()?;
+        // SAFETY: descriptor validity is the caller's contract.
+        let a = unsafe { reduce_scatter_args(sendbuff, recvbuff, descriptor) }?;
+        // SAFETY: buffer validity is the caller's contract.
+        unsafe { run_async(a, communicator, handle_out) }
+    })
+}
+
+/// Extension: awaits any async collective (all-reduce included).
+///
+/// # Safety
+/// `handle` and `info_out` must be NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn pcclAwaitAsyncCollective(
+    handle: *const pcclAsyncReduceOp_t,
+    info_out: *mut pcclCollectiveInfo_t,
+) -> pcclResult_t {
+    call("pcclAwaitAsyncCollective", || {
+        ensure_initialized()?;
+        // SAFETY: NULL/alignment checked by ref_arg; validity is the caller's contract.
+        let handle = *unsafe { ref_arg(handle, "handle") }?;
+        let out = OutPtr::optional(info_out, "info_out")?;
+        if handle.comm.is_null() {
+            return Err(Error::InvalidArgument("handle->comm is NULL".into()));
+        }
+        let h = comm_of(handle.comm)?;
+        let mut g = h.enter()?;
+        g.connected()?;
+        if !g.async_tags.remove(&handle.tag) {
+            return Err(Error::InvalidArgument(format!(
+                "no async collective with tag {} is in flight (never started, or already awaited)",
+                handle.tag
+            )));
+        }
+        let info = g.connected()?.await_async_collective(handle.tag)?;
         if let Some(o) = out {
             // SAFETY: non-NULL and aligned; valid for writes per the contract.
             unsafe { o.write(info.into()) };

@@ -26,8 +26,9 @@ use std::marker::{PhantomData, PhantomPinned};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use pccl_core::{
-    Attribute, DataType, DeviceType, DistributionHint, Error, QuantizationAlgorithm,
-    QuantizationOptions, ReduceDescriptor, ReduceInfo, ReduceOp, Result, SyncInfo, SyncStrategy,
+    Algorithm, Attribute, CollectiveInfo, DataType, DeviceType, DistributionHint, Error,
+    QuantizationAlgorithm, QuantizationOptions, ReduceDescriptor, ReduceInfo, ReduceOp, Result,
+    SyncInfo, SyncStrategy,
 };
 
 // ---------------------------------------------------------------------------
@@ -227,6 +228,24 @@ pub struct pcclReduceInfo_t {
     pub rx_bytes: u64,
 }
 
+/// `pcclAlgorithm_t` (extension): the all-reduce algorithm a peer asks for.
+pub type pcclAlgorithm_t = u32;
+pub const pcclAlgorithmAuto: pcclAlgorithm_t = 0;
+pub const pcclAlgorithmRing: pcclAlgorithm_t = 1;
+pub const pcclAlgorithmDirect: pcclAlgorithm_t = 2;
+
+/// `pcclCollectiveInfo_t` (extension): outcome of a broadcast, all-gather
+/// or reduce-scatter.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct pcclCollectiveInfo_t {
+    pub world_size: u32,
+    pub rank: u32,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub algorithm: pcclAlgorithm_t,
+}
+
 /// `pcclReduceOperandDescriptor_t`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -367,6 +386,22 @@ pub fn datatype_from_raw(v: pcclDataType_t) -> Result<DataType> {
 /// The `pcclDataType_t` of a [`DataType`].
 pub const fn datatype_to_raw(d: DataType) -> pcclDataType_t {
     d.as_raw()
+}
+
+/// Validates a `pcclAlgorithm_t`.
+pub fn algorithm_from_raw(v: pcclAlgorithm_t) -> Result<Algorithm> {
+    u8::try_from(v)
+        .map_err(|_| Error::InvalidArgument(format!("unknown algorithm {v}")))
+        .and_then(Algorithm::from_raw)
+}
+
+/// The `pcclAlgorithm_t` of an [`Algorithm`].
+pub const fn algorithm_to_raw(a: Algorithm) -> pcclAlgorithm_t {
+    match a {
+        Algorithm::Auto => pcclAlgorithmAuto,
+        Algorithm::Ring => pcclAlgorithmRing,
+        Algorithm::Direct => pcclAlgorithmDirect,
+    }
 }
 
 /// Validates a `pcclRedOp_t`.
@@ -567,6 +602,18 @@ impl From<ReduceInfo> for pcclReduceInfo_t {
             local_world_size: i.local_world_size,
             tx_bytes: i.tx_bytes,
             rx_bytes: i.rx_bytes,
+        }
+    }
+}
+
+impl From<CollectiveInfo> for pcclCollectiveInfo_t {
+    fn from(i: CollectiveInfo) -> Self {
+        pcclCollectiveInfo_t {
+            world_size: i.world_size,
+            rank: i.rank,
+            tx_bytes: i.tx_bytes,
+            rx_bytes: i.rx_bytes,
+            algorithm: algorithm_to_raw(i.algorithm),
         }
     }
 }
@@ -1135,5 +1182,42 @@ mod tests {
         }
         .into();
         assert_eq!((s.tx_bytes, s.rx_bytes), (1, 2));
+        let c: pcclCollectiveInfo_t = CollectiveInfo {
+            world_size: 4,
+            rank: 3,
+            algorithm: Algorithm::Direct,
+            tx_bytes: 5,
+            rx_bytes: 6,
+        }
+        .into();
+        assert_eq!(
+            c,
+            pcclCollectiveInfo_t {
+                world_size: 4,
+                rank: 3,
+                tx_bytes: 5,
+                rx_bytes: 6,
+                algorithm: pcclAlgorithmDirect,
+            }
+        );
+    }
+
+    #[test]
+    fn algorithms() {
+        for (raw, a) in [
+            (pcclAlgorithmAuto, Algorithm::Auto),
+            (pcclAlgorithmRing, Algorithm::Ring),
+            (pcclAlgorithmDirect, Algorithm::Direct),
+        ] {
+            assert_eq!(algorithm_from_raw(raw).expect("known"), a);
+            assert_eq!(algorithm_to_raw(a), raw);
+            assert_eq!(a as u32, raw, "the enumerators are the core's wire values");
+        }
+        for bad in [3, 255, 256, u32::MAX] {
+            assert!(matches!(
+                algorithm_from_raw(bad),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
     }
 }

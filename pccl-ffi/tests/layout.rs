@@ -97,6 +97,7 @@ fn rust_facts() -> Facts {
         pcclDistributionHint_t,
         pcclQuantizationAlgorithm_t,
         pcclLogLevel_t,
+        pcclAlgorithm_t,
     );
     values!(
         f,
@@ -160,6 +161,7 @@ fn rust_facts() -> Facts {
         pcclLogDebug,
         pcclLogTrace,
     );
+    values!(f, pcclAlgorithmAuto, pcclAlgorithmRing, pcclAlgorithmDirect);
 
     // pccl.h: structures
     ty!(
@@ -171,6 +173,7 @@ fn rust_facts() -> Facts {
         pcclReduceDescriptor_t,
         pcclReduceOpDescriptor_t,
         pcclAsyncReduceOp_t,
+        pcclCollectiveInfo_t,
         pcclRankUuid_t,
         pcclTensorInfo_t,
         pcclSharedState_t,
@@ -195,6 +198,14 @@ fn rust_facts() -> Facts {
     );
     fields!(f, pcclReduceOpDescriptor_t: sendbuf, recvbuf, descriptor);
     fields!(f, pcclAsyncReduceOp_t: comm, tag);
+    fields!(
+        f,
+        pcclCollectiveInfo_t: world_size,
+        rank,
+        tx_bytes,
+        rx_bytes,
+        algorithm,
+    );
     fields!(f, pcclRankUuid_t: data);
     fields!(
         f,

@@ -18,12 +18,14 @@
 //! the handle and the communicator usable.
 //!
 //! Argument and state errors are raised at the call, with the C API's
-//! result codes (`pccl-ffi/src/comm.rs`): an all-reduce in a group of one is
+//! result codes (`pccl-ffi/src/comm.rs`): a collective (all-reduce,
+//! broadcast, all-gather, reduce-scatter) in a group of one is
 //! `TOO_FEW_PEERS` when it is started (not at `wait()`), a tag still used by
-//! an async all-reduce that was not awaited is `INVALID_ARGUMENT`, topology
-//! and shared-state calls while async all-reduces are not awaited are
-//! `PENDING_ASYNC_OPS`, and `optimize_topology` with fewer than two peers in
-//! the run is `INVALID_USAGE`.
+//! an async collective that was not awaited is `INVALID_ARGUMENT`, as are a
+//! broadcast root outside the group and buffer sizes that do not fit the
+//! group's size; topology and shared-state calls while async collectives
+//! are not awaited are `PENDING_ASYNC_OPS`, and `optimize_topology` with
+//! fewer than two peers in the run is `INVALID_USAGE`.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -33,9 +35,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pccl_core::{
-    Attribute, Communicator, CommunicatorConfig, DataType, DeviceType, DistributionHint,
-    MasterConfig, MasterNode, QuantizationAlgorithm, QuantizationOptions, RawReduceOp,
-    ReduceDescriptor, ReduceInfo, ReduceOp, SharedState, SharedTensor, SyncStrategy,
+    Attribute, CollectiveInfo, CollectiveKind, Communicator, CommunicatorConfig, DataType,
+    DeviceType, DistributionHint, MasterConfig, MasterNode, QuantizationAlgorithm,
+    QuantizationOptions, RawReduceOp, ReduceDescriptor, ReduceInfo, ReduceOp, SharedState,
+    SharedTensor, SyncStrategy,
 };
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -226,10 +229,47 @@ fn info_tuple(i: ReduceInfo) -> (u32, u64, u64) {
     (i.local_world_size, i.tx_bytes, i.rx_bytes)
 }
 
+/// `(world_size, rank, tx_bytes, rx_bytes, algorithm name)`.
+type CollTuple = (u32, u32, u64, u64, &'static str);
+
+fn coll_tuple(i: CollectiveInfo) -> CollTuple {
+    (
+        i.world_size,
+        i.rank,
+        i.tx_bytes,
+        i.rx_bytes,
+        i.algorithm.name(),
+    )
+}
+
+/// A collective kind as the Python layer passes it (1 broadcast, 2
+/// all-gather, 3 reduce-scatter; all-reduce has its own methods).
+fn collective_kind(kind: u8) -> CoreResult<CollectiveKind> {
+    match CollectiveKind::from_raw(kind)? {
+        CollectiveKind::AllReduce => Err(pccl_core::Error::InvalidArgument(
+            "use all_reduce for an all-reduce".into(),
+        )),
+        k => Ok(k),
+    }
+}
+
+fn kind_func(kind: CollectiveKind, is_async: bool) -> &'static str {
+    match (kind, is_async) {
+        (CollectiveKind::Broadcast, false) => "pcclBroadcast",
+        (CollectiveKind::Broadcast, true) => "pcclBroadcastAsync",
+        (CollectiveKind::AllGather, false) => "pcclAllGather",
+        (CollectiveKind::AllGather, true) => "pcclAllGatherAsync",
+        (CollectiveKind::ReduceScatter, false) => "pcclReduceScatter",
+        (CollectiveKind::ReduceScatter, true) => "pcclReduceScatterAsync",
+        (CollectiveKind::AllReduce, false) => "pcclAllReduce",
+        (CollectiveKind::AllReduce, true) => "pcclAllReduceAsync",
+    }
+}
+
 /// Reports whether an operation is over.
 type DoneFn = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Tags of async all-reduces started on one communicator and not awaited
+/// Tags of async collectives started on one communicator and not awaited
 /// yet, as the C API tracks them: `None` while a handle is alive and not
 /// awaited, `Some(done)` once the handle was dropped without `wait()` (the
 /// tag stays taken until the operation is over).
@@ -243,22 +283,22 @@ impl AsyncTags {
         m
     }
 
-    /// `InvalidArgument` if `tag` belongs to an async all-reduce not awaited yet.
+    /// `InvalidArgument` if `tag` belongs to an async collective not awaited yet.
     fn ensure_free(&self, tag: u64) -> CoreResult<()> {
         if self.live().contains_key(&tag) {
             return Err(pccl_core::Error::InvalidArgument(format!(
-                "tag {tag} is used by an async all-reduce that has not been awaited"
+                "tag {tag} is used by an async collective that has not been awaited"
             )));
         }
         Ok(())
     }
 
-    /// `PendingAsyncOps` while async all-reduces are not awaited.
+    /// `PendingAsyncOps` while async collectives are not awaited.
     fn ensure_none(&self) -> CoreResult<()> {
         let n = self.live().len();
         if n > 0 {
             return Err(pccl_core::Error::PendingAsyncOps(format!(
-                "{n} async all-reduce(s) must be awaited first"
+                "{n} async collective(s) must be awaited first"
             )));
         }
         Ok(())
@@ -300,7 +340,7 @@ impl NativeCommunicator {
     }
 
     /// `INVALID_USAGE` if closed (or not connected), then `PENDING_ASYNC_OPS`
-    /// while async all-reduces are not awaited (the C API's order).
+    /// while async collectives are not awaited (the C API's order).
     fn ensure_no_async_ops(&self, py: Python<'_>, func: &str) -> PyResult<()> {
         let comm = self.get(py, func)?;
         comm.world()
@@ -357,7 +397,7 @@ impl NativeCommunicator {
         send: usize,
         recv: usize,
         desc: DescTuple,
-    ) -> PyResult<Arc<Slot<CoreResult<ReduceInfo>>>> {
+    ) -> PyResult<Arc<Slot<CoreResult<CollectiveInfo>>>> {
         prune_orphans(py);
         let desc = descriptor(py, func, desc)?;
         // The C API's order: descriptor and buffers, connection, tag, peers.
@@ -400,7 +440,142 @@ impl NativeCommunicator {
         let handle =
             unsafe { comm.all_reduce_async_raw(send as *const u8, recv as *mut u8, &desc) }
                 .map_err(|e| pccl_err(py, func, &e))?;
-        spawn_task("await", move || comm.await_handle(handle)).map_err(|e| pccl_err(py, func, &e))
+        spawn_task("await", move || comm.await_collective(handle))
+            .map_err(|e| pccl_err(py, func, &e))
+    }
+
+    /// Starts a broadcast, all-gather or reduce-scatter; the returned slot
+    /// fills when it is over. `send_count` / `recv_count` are the buffers'
+    /// element counts as the Python layer measured them; they are checked
+    /// here against the group's size, so the core never touches memory
+    /// past either buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn start_collective(
+        &self,
+        py: Python<'_>,
+        func: &str,
+        kind: CollectiveKind,
+        send: usize,
+        send_count: usize,
+        recv: usize,
+        recv_count: usize,
+        desc: DescTuple,
+        root: u32,
+    ) -> PyResult<Arc<Slot<CoreResult<CollectiveInfo>>>> {
+        prune_orphans(py);
+        let desc = descriptor(py, func, desc)?;
+        let check_args = || -> CoreResult<()> {
+            pccl_core::comm::validate_descriptor(&desc)?;
+            if kind != CollectiveKind::ReduceScatter
+                && desc.quantization.algorithm != QuantizationAlgorithm::None
+            {
+                return Err(pccl_core::Error::InvalidArgument(format!(
+                    "{} does not quantize (it moves each peer's bytes unchanged)",
+                    kind.name()
+                )));
+            }
+            if send == 0 || recv == 0 {
+                return Err(pccl_core::Error::InvalidArgument(
+                    "send and receive buffers must not be NULL".into(),
+                ));
+            }
+            Ok(())
+        };
+        check_args().map_err(|e| pccl_err(py, func, &e))?;
+        let comm = self.get(py, func)?;
+        let check_state = || -> CoreResult<()> {
+            let world = comm.attribute(Attribute::PeerGroupWorldSize)?;
+            self.tags.ensure_free(desc.tag)?;
+            if world < 2 {
+                return Err(pccl_core::Error::TooFewPeers(format!(
+                    "the peer group has {world} accepted peer(s); a {} needs two",
+                    kind.name()
+                )));
+            }
+            let w = world as usize;
+            let (want_send, want_recv) = match kind {
+                CollectiveKind::Broadcast => (desc.count, desc.count),
+                CollectiveKind::AllGather => (desc.count, desc.count.saturating_mul(w)),
+                _ => (desc.count.saturating_mul(w), desc.count),
+            };
+            if send_count != want_send || recv_count != want_recv {
+                return Err(pccl_core::Error::InvalidArgument(format!(
+                    "a {} of {} element(s) per peer over {world} peers needs buffers of {want_send} \
+                     (send) and {want_recv} (recv) elements, got {send_count} and {recv_count}",
+                    kind.name(),
+                    desc.count
+                )));
+            }
+            if kind == CollectiveKind::Broadcast && root >= world {
+                return Err(pccl_core::Error::InvalidArgument(format!(
+                    "root {root} is not a rank of the peer group (world size {world})"
+                )));
+            }
+            Ok(())
+        };
+        check_state().map_err(|e| pccl_err(py, func, &e))?;
+        // SAFETY: the Python layer derived `send`/`recv` from live,
+        // contiguous, CPU-resident buffers of `send_count`/`recv_count`
+        // elements of `desc.datatype` (`recv` writable), checked above
+        // against the sizes the op uses for the group's current size, and
+        // passed the owning objects as `keep`, which the caller holds
+        // (directly, or via the orphan list) until the returned slot is
+        // filled, i.e. until the core is done with the memory. Overlapping
+        // buffers are rejected by the core.
+        let handle = unsafe {
+            match kind {
+                CollectiveKind::Broadcast => comm.broadcast_async_raw(recv as *mut u8, &desc, root),
+                CollectiveKind::AllGather => {
+                    comm.all_gather_async_raw(send as *const u8, recv as *mut u8, &desc)
+                }
+                _ => comm.reduce_scatter_async_raw(send as *const u8, recv as *mut u8, &desc),
+            }
+        }
+        .map_err(|e| pccl_err(py, func, &e))?;
+        spawn_task("await", move || comm.await_collective(handle))
+            .map_err(|e| pccl_err(py, func, &e))
+    }
+
+    /// Waits for a started operation as a blocking call does: Ctrl-C
+    /// orphans `keep` until the operation is over and closes the communicator.
+    fn finish_blocking<T>(
+        &self,
+        py: Python<'_>,
+        func: &str,
+        slot: Arc<Slot<CoreResult<T>>>,
+        keep: Py<PyAny>,
+    ) -> PyResult<T>
+    where
+        T: Send + 'static,
+    {
+        match wait_slot(py, &slot) {
+            Ok(r) => {
+                drop(keep);
+                r.map_err(|e| pccl_err(py, func, &e))
+            }
+            Err(interrupt) => {
+                let s = slot.clone();
+                adopt_orphan(Arc::new(move || s.is_done()), keep);
+                self.close_inner(py);
+                Err(interrupt)
+            }
+        }
+    }
+
+    fn handle(
+        &self,
+        tag: u64,
+        slot: Arc<Slot<CoreResult<CollectiveInfo>>>,
+        keep: Py<PyAny>,
+    ) -> NativeHandle {
+        self.tags.insert(tag);
+        NativeHandle {
+            tag,
+            slot,
+            keep: Mutex::new(Some(keep)),
+            outcome: Mutex::new(None),
+            tags: self.tags.clone(),
+        }
     }
 }
 
@@ -498,18 +673,55 @@ impl NativeCommunicator {
     ) -> PyResult<(u32, u64, u64)> {
         let func = "pcclAllReduce";
         let slot = self.start_all_reduce(py, func, send, recv, desc)?;
-        match wait_slot(py, &slot) {
-            Ok(r) => {
-                drop(keep);
-                r.map(info_tuple).map_err(|e| pccl_err(py, func, &e))
-            }
-            Err(interrupt) => {
-                let s = slot.clone();
-                adopt_orphan(Arc::new(move || s.is_done()), keep);
-                self.close_inner(py);
-                Err(interrupt)
-            }
-        }
+        let info = self.finish_blocking(py, func, slot, keep)?;
+        Ok(info_tuple(info.into()))
+    }
+
+    /// Blocking broadcast (`kind` 1), all-gather (2) or reduce-scatter (3);
+    /// returns `(world_size, rank, tx_bytes, rx_bytes, algorithm)`.
+    #[allow(clippy::too_many_arguments)]
+    fn collective(
+        &self,
+        py: Python<'_>,
+        kind: u8,
+        send: usize,
+        send_count: usize,
+        recv: usize,
+        recv_count: usize,
+        desc: DescTuple,
+        root: u32,
+        keep: Py<PyAny>,
+    ) -> PyResult<CollTuple> {
+        let kind = collective_kind(kind).map_err(|e| pccl_err(py, "pcclCollective", &e))?;
+        let func = kind_func(kind, false);
+        let slot = self.start_collective(
+            py, func, kind, send, send_count, recv, recv_count, desc, root,
+        )?;
+        let info = self.finish_blocking(py, func, slot, keep)?;
+        Ok(coll_tuple(info))
+    }
+
+    /// Starts a broadcast, all-gather or reduce-scatter and returns a handle.
+    #[allow(clippy::too_many_arguments)]
+    fn collective_async(
+        &self,
+        py: Python<'_>,
+        kind: u8,
+        send: usize,
+        send_count: usize,
+        recv: usize,
+        recv_count: usize,
+        desc: DescTuple,
+        root: u32,
+        keep: Py<PyAny>,
+    ) -> PyResult<NativeHandle> {
+        let kind = collective_kind(kind).map_err(|e| pccl_err(py, "pcclCollectiveAsync", &e))?;
+        let func = kind_func(kind, true);
+        let tag = desc.3;
+        let slot = self.start_collective(
+            py, func, kind, send, send_count, recv, recv_count, desc, root,
+        )?;
+        Ok(self.handle(tag, slot, keep))
     }
 
     /// Starts an all-reduce and returns a handle at once.
@@ -523,14 +735,7 @@ impl NativeCommunicator {
     ) -> PyResult<NativeHandle> {
         let tag = desc.3;
         let slot = self.start_all_reduce(py, "pcclAllReduceAsync", send, recv, desc)?;
-        self.tags.insert(tag);
-        Ok(NativeHandle {
-            tag,
-            slot,
-            keep: Mutex::new(Some(keep)),
-            outcome: Mutex::new(None),
-            tags: self.tags.clone(),
-        })
+        Ok(self.handle(tag, slot, keep))
     }
 
     /// Many all-reduces with retry; `ops` holds `(send, recv, descriptor)`.
@@ -657,14 +862,16 @@ impl NativeCommunicator {
 // Async handle
 // ---------------------------------------------------------------------------
 
-/// `(is_success, result code, local_world_size, tx_bytes, rx_bytes, message)`.
-type Outcome = (bool, i32, u32, u64, u64, String);
+/// `(is_success, result code, world_size, tx_bytes, rx_bytes, message,
+/// rank, algorithm)`.
+type Outcome = (bool, i32, u32, u64, u64, String, u32, &'static str);
 
-/// An all-reduce in flight; see `pccl.AsyncReduceHandle`.
+/// A collective in flight; see `pccl.AsyncReduceHandle` and
+/// `pccl.AsyncCollectiveHandle`.
 #[pyclass(frozen, module = "pccl._native")]
 struct NativeHandle {
     tag: u64,
-    slot: Arc<Slot<CoreResult<ReduceInfo>>>,
+    slot: Arc<Slot<CoreResult<CollectiveInfo>>>,
     keep: Mutex<Option<Py<PyAny>>>,
     outcome: Mutex<Option<Outcome>>,
     /// The communicator's table of tags not awaited yet.
@@ -697,12 +904,14 @@ impl NativeHandle {
                     Ok(i) => (
                         true,
                         0,
-                        i.local_world_size,
+                        i.world_size,
                         i.tx_bytes,
                         i.rx_bytes,
                         String::new(),
+                        i.rank,
+                        i.algorithm.name(),
                     ),
-                    Err(e) => (false, e.code(), 0, 0, 0, e.message().to_string()),
+                    Err(e) => (false, e.code(), 0, 0, 0, e.message().to_string(), 0, ""),
                 };
                 *lock(&self.outcome) = Some(outcome.clone());
                 self.tags.release(self.tag);

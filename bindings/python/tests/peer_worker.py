@@ -622,7 +622,7 @@ def scenario_interrupt(args) -> None:
     rank = args["rank"]
     comm = Communicator(args["master"])
     where = args["where"]
-    if where in ("all_reduce", "wait"):
+    if where in ("all_reduce", "wait", "broadcast", "broadcast_wait"):
         comm.connect()
         grow(comm, args["world"])
     buf = np.ones(16, dtype=np.float32)
@@ -636,6 +636,11 @@ def scenario_interrupt(args) -> None:
             comm.all_reduce(buf, buf, op=ReduceOp.SUM, tag=77)
         elif where == "wait":
             h = comm.all_reduce_async(buf, buf, op=ReduceOp.SUM, tag=78)
+            h.wait()
+        elif where == "broadcast":
+            comm.broadcast(buf, root=0, tag=79)
+        elif where == "broadcast_wait":
+            h = comm.broadcast_async(buf, root=0, tag=80)
             h.wait()
         raise AssertionError("the blocking call returned")
     except KeyboardInterrupt:
@@ -738,6 +743,314 @@ def scenario_async_rules(args) -> None:
     z = np.full(8, rank + 1, dtype=np.int32)
     comm.all_reduce(z, z, op=ReduceOp.SUM, tag=7)
     emit("result", rank=rank, codes=codes, first=first, second=int(z[0]))
+    comm.close()
+
+
+# ---------------------------------------------------------------------------
+# broadcast, all-gather, reduce-scatter
+# ---------------------------------------------------------------------------
+
+
+def _rank_map(comm, world):
+    """All-gathers the test's peer ids: returns (ring rank -> peer id, my ring rank)."""
+    import numpy as np
+
+    me = np.array([comm._test_id], dtype=np.int64)
+    ids = np.zeros(world, dtype=np.int64)
+    info = comm.all_gather(me, ids, tag=1)
+    if info.world_size != world or not (0 <= info.rank < world) or int(ids[info.rank]) != comm._test_id:
+        raise AssertionError(f"bad all-gather of ids: {info} {ids}")
+    if sorted(ids.tolist()) != list(range(world)):
+        raise AssertionError(f"ids are not a permutation: {ids}")
+    return [int(i) for i in ids], info.rank
+
+
+def _pattern(np, dtype, peer: int, n: int):
+    """Peer ``peer``'s arbitrary bytes as ``n`` elements of ``dtype`` (NaNs and
+    all), which broadcast and all-gather must copy unchanged."""
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(7919 * peer + 31 * n + dt.itemsize * 3 + dt.kind.encode()[0])
+    return np.frombuffer(rng.bytes(n * dt.itemsize), dtype=dt).copy()
+
+
+def _check_info(info, world, rank, what):
+    if (info.world_size, info.rank, info.algorithm) != (world, rank, "ring"):
+        raise AssertionError(f"{what}: info {info}, expected world {world} rank {rank} ring")
+    if info.tx_bytes <= 0 and info.rx_bytes <= 0:
+        raise AssertionError(f"{what}: no traffic reported: {info}")
+
+
+def _expect_error(fn, want, what):
+    try:
+        fn()
+    except PCCLError as e:
+        got = e.result.name
+    except (pccl.InvalidBufferError, pccl.MismatchedBuffersError) as e:
+        got = type(e).__name__
+    else:
+        got = "ok"
+    if got != want:
+        raise AssertionError(f"{what}: got {got}, expected {want}")
+
+
+def scenario_collectives_numpy(args) -> None:
+    """Every NumPy dtype: broadcast from every root, all-gather, and
+    reduce-scatter for every op, odd counts and counts below the world,
+    exactly against references computed here; the async forms; call-time
+    errors."""
+    import numpy as np
+
+    world, me = args["world"], args["rank"]
+    comm = join(args)
+    comm._test_id = me
+    grow(comm, world)
+    ids, rank = _rank_map(comm, world)
+    tag = 100
+    digests = []
+    checked = {"broadcast": 0, "all_gather": 0, "reduce_scatter": 0, "async": 0, "errors": 0}
+    for dtype in NP_DTYPES:
+        for n in (1, 2, world, 7, 1001):
+            for root in range(world):
+                buf = _pattern(np, dtype, me, n) if root == rank else np.zeros(n, dtype=dtype)
+                tag += 1
+                info = comm.broadcast(buf, root=root, tag=tag)
+                _check_info(info, world, rank, f"broadcast {dtype} n={n} root={root}")
+                want = _pattern(np, dtype, ids[root], n)
+                if buf.tobytes() != want.tobytes():
+                    raise AssertionError(f"broadcast {dtype} n={n} root={root}: bytes differ")
+                digests.append(buf.tobytes())
+                checked["broadcast"] += 1
+        for n in (1, 2, 5, 1001):
+            send = _pattern(np, dtype, me, n)
+            before = send.copy()
+            recv = np.zeros(world * n, dtype=dtype)
+            tag += 1
+            info = comm.all_gather(send, recv, tag=tag)
+            _check_info(info, world, rank, f"all_gather {dtype} n={n}")
+            want = np.concatenate([_pattern(np, dtype, ids[r], n) for r in range(world)])
+            if recv.tobytes() != want.tobytes() or send.tobytes() != before.tobytes():
+                raise AssertionError(f"all_gather {dtype} n={n}: bytes differ")
+            digests.append(recv.tobytes())
+            checked["all_gather"] += 1
+        for op in OPS:
+            for n in (1, 2, 5, 333):
+                send = np_input(np, dtype, op, me, world * n)
+                before = send.copy()
+                recv = np.full(n, 7, dtype=dtype)
+                tag += 1
+                info = comm.reduce_scatter(send, recv, op=op, tag=tag)
+                _check_info(info, world, rank, f"reduce_scatter {dtype} {op.name} n={n}")
+                full = np_expected(np, dtype, op, [np_input(np, dtype, op, p, world * n) for p in ids])
+                want = full[rank * n : (rank + 1) * n]
+                if recv.tobytes() != want.tobytes() or send.tobytes() != before.tobytes():
+                    raise AssertionError(
+                        f"reduce_scatter {dtype} {op.name} n={n} rank {rank}: got {recv[:8]!r} expected {want[:8]!r}"
+                    )
+                checked["reduce_scatter"] += 1
+
+    # Async: one of each in flight at once, distinct tags.
+    n = 129
+    bbuf = _pattern(np, "int32", me, n) if rank == world - 1 else np.zeros(n, dtype=np.int32)
+    gsend, grecv = _pattern(np, "float64", me, n), np.zeros(world * n, dtype=np.float64)
+    rsend, rrecv = np_input(np, "int16", ReduceOp.SUM, me, world * n), np.zeros(n, dtype=np.int16)
+    hb = comm.broadcast_async(bbuf, root=world - 1, tag=10)
+    hg = comm.all_gather_async(gsend, grecv, tag=11)
+    hr = comm.reduce_scatter_async(rsend, rrecv, op=ReduceOp.SUM, tag=12)
+    # Tags of async operations not awaited are taken, for every kind.
+    spare = np.zeros(n, dtype=np.int32)
+    _expect_error(lambda: comm.broadcast(spare, root=0, tag=11), "INVALID_ARGUMENT", "tag in flight")
+    _expect_error(lambda: comm.all_reduce(spare, spare, op=ReduceOp.SUM, tag=10), "INVALID_ARGUMENT", "tag in flight")
+    _expect_error(comm.update_topology, "PENDING_ASYNC_OPS", "update_topology with async ops")
+    checked["errors"] += 3
+    for h, what in ((hr, "reduce_scatter_async"), (hb, "broadcast_async"), (hg, "all_gather_async")):
+        ok, status, info = h.wait()
+        if not ok:
+            raise AssertionError(f"{what}: {status.name} {h.error}")
+        _check_info(info, world, rank, what)
+        if h.wait() != (ok, status, info):
+            raise AssertionError(f"{what}: a second wait() differs")
+        checked["async"] += 1
+    if bbuf.tobytes() != _pattern(np, "int32", ids[world - 1], n).tobytes():
+        raise AssertionError("broadcast_async: bytes differ")
+    if grecv.tobytes() != np.concatenate([_pattern(np, "float64", ids[r], n) for r in range(world)]).tobytes():
+        raise AssertionError("all_gather_async: bytes differ")
+    full = np_expected(np, "int16", ReduceOp.SUM, [np_input(np, "int16", ReduceOp.SUM, p, world * n) for p in ids])
+    if rrecv.tobytes() != full[rank * n : (rank + 1) * n].tobytes():
+        raise AssertionError("reduce_scatter_async: values differ")
+    digests.append(bbuf.tobytes())
+    digests.append(grecv.tobytes())
+
+    # Call-time errors: every one is raised before anything is sent.
+    a = np.zeros(4, dtype=np.float32)
+    ro = np.zeros(4, dtype=np.float32)
+    ro.flags.writeable = False
+    cases = [
+        (lambda: comm.broadcast(a, root=world), "INVALID_ARGUMENT"),
+        (lambda: comm.broadcast_async(a, root=world + 5), "INVALID_ARGUMENT"),
+        (lambda: comm.broadcast(ro, root=0), "InvalidBufferError"),
+        (lambda: comm.all_gather(a, np.zeros(4 * world + 1, dtype=np.float32)), "InvalidBufferError"),
+        (lambda: comm.all_gather(a, np.zeros(4 * world, dtype=np.float64)), "MismatchedBuffersError"),
+        (lambda: comm.all_gather(a, ro), "InvalidBufferError"),
+        (lambda: comm.reduce_scatter(a, np.zeros(2, dtype=np.float32), op=ReduceOp.SUM), "InvalidBufferError"),
+        (
+            lambda: comm.reduce_scatter(
+                np.zeros(4 * world, dtype=np.int32),
+                np.zeros(4, dtype=np.int32),
+                op=ReduceOp.SUM,
+                quantization_options=QuantizationOptions(DataType.UINT8, QuantizationAlgorithm.MIN_MAX),
+            ),
+            "INVALID_ARGUMENT",
+        ),
+    ]
+    big = np.zeros(4 * world, dtype=np.float32)
+    # Overlapping buffers (views of one array) are refused by the core at the call.
+    cases.append((lambda: comm.all_gather(big[:4], big), "INVALID_ARGUMENT"))
+    cases.append((lambda: comm.reduce_scatter(big, big[:4], op=ReduceOp.SUM), "INVALID_ARGUMENT"))
+    for i, (fn, want) in enumerate(cases):
+        _expect_error(fn, want, f"error case {i}")
+        checked["errors"] += 1
+    for bad in (-1, 1 << 32):
+        try:
+            comm.broadcast(a, root=bad)
+        except ValueError:
+            checked["errors"] += 1
+        else:
+            raise AssertionError(f"root={bad} accepted")
+    # Still usable afterwards.
+    z = np.full(3, me, dtype=np.int64)
+    zz = np.zeros(3 * world, dtype=np.int64)
+    comm.all_gather(z, zz, tag=2)
+    if zz.reshape(world, 3)[:, 0].tolist() != ids:
+        raise AssertionError(f"final all_gather: {zz}")
+    emit("result", rank=me, ring_rank=rank, ids=ids, checked=checked, digest=digest(digests))
+    comm.close()
+
+
+def scenario_collectives_torch(args) -> None:
+    """CPU tensors of every torch dtype the package supports (f16 and bf16
+    included): broadcast from every root, all-gather, reduce-scatter (sum,
+    max, min), blocking and async, exactly against references computed here."""
+    import torch
+
+    world, me = args["world"], args["rank"]
+    comm = join(args)
+    comm._test_id = me
+    grow(comm, world)
+    ids, rank = _rank_map(comm, world)
+    dtypes = [
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    ]
+    for extra in ("uint16", "uint32", "uint64"):
+        if hasattr(torch, extra):
+            dtypes.append(getattr(torch, extra))
+    tag = 100
+    digests = []
+    checked = 0
+
+    def pattern(dtype, peer, n):
+        g = torch.Generator().manual_seed(7919 * peer + 31 * n + dtypes.index(dtype))
+        raw = torch.randint(0, 256, (n * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8, generator=g)
+        return raw.view(dtype).clone()
+
+    def values(dtype, op, peer, n):
+        j = torch.arange(n, dtype=torch.float64)
+        if op == ReduceOp.SUM:
+            v = (peer + 1) * (j % 7 + 1)
+        else:
+            v = (peer * 5 + j % 11) % 17
+        if dtype.is_signed:
+            v = torch.where(j % 2 == 1, -v, v)
+        return v
+
+    for dtype in dtypes:
+        for use_async in (False, True):
+            for n in (1, 2, world, 7, 1001):
+                for root in range(world):
+                    buf = pattern(dtype, me, n) if root == rank else torch.zeros(n, dtype=dtype)
+                    tag += 1
+                    if use_async:
+                        ok, status, info = comm.broadcast_async(buf, root=root, tag=tag).wait()
+                        if not ok:
+                            raise AssertionError(f"broadcast_async: {status.name}")
+                    else:
+                        info = comm.broadcast(buf, root=root, tag=tag)
+                    _check_info(info, world, rank, f"broadcast {dtype} n={n}")
+                    if torch_bytes(buf) != torch_bytes(pattern(dtype, ids[root], n)):
+                        raise AssertionError(f"broadcast {dtype} n={n} root={root} async={use_async}: bytes differ")
+                    digests.append(torch_bytes(buf))
+                    checked += 1
+            for n in (1, 2, 5, 1001):
+                send = pattern(dtype, me, n)
+                recv = torch.zeros(world, n, dtype=dtype)  # a 2-D receive buffer works too
+                tag += 1
+                if use_async:
+                    ok, status, info = comm.all_gather_async(send, recv, tag=tag).wait()
+                    if not ok:
+                        raise AssertionError(f"all_gather_async: {status.name}")
+                else:
+                    info = comm.all_gather(send, recv, tag=tag)
+                _check_info(info, world, rank, f"all_gather {dtype} n={n}")
+                want = torch.cat([pattern(dtype, ids[r], n) for r in range(world)])
+                if torch_bytes(recv) != torch_bytes(want):
+                    raise AssertionError(f"all_gather {dtype} n={n} async={use_async}: bytes differ")
+                digests.append(torch_bytes(recv))
+                checked += 1
+            for op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN):
+                for n in (1, 2, 5, 333):
+                    send = values(dtype, op, me, world * n).to(dtype)
+                    recv = torch.full((n,), 3, dtype=dtype)
+                    tag += 1
+                    if use_async:
+                        ok, status, info = comm.reduce_scatter_async(send, recv, op=op, tag=tag).wait()
+                        if not ok:
+                            raise AssertionError(f"reduce_scatter_async: {status.name}")
+                    else:
+                        info = comm.reduce_scatter(send, recv, op=op, tag=tag)
+                    _check_info(info, world, rank, f"reduce_scatter {dtype} n={n}")
+                    stack = torch.stack([values(dtype, op, p, world * n) for p in ids])
+                    if op == ReduceOp.SUM:
+                        full = stack.sum(0)
+                    elif op == ReduceOp.MAX:
+                        full = stack.max(0).values
+                    else:
+                        full = stack.min(0).values
+                    want = full[rank * n : (rank + 1) * n].to(dtype)
+                    if torch_bytes(recv) != torch_bytes(want):
+                        raise AssertionError(
+                            f"reduce_scatter {dtype} {op.name} n={n} async={use_async}: got {recv[:6]} want {want[:6]}"
+                        )
+                    checked += 1
+    emit("result", rank=me, ring_rank=rank, checked=checked, ndtypes=len(dtypes), digest=digest(digests))
+    comm.close()
+
+
+def scenario_collectives_direct(args) -> None:
+    """Run with PCCL_ALGORITHM=direct on every peer: all-reduces run direct,
+    while broadcast, all-gather and reduce-scatter are refused by the master
+    (INVALID_ARGUMENT on every peer; the communicator stays usable)."""
+    import numpy as np
+
+    world, me = args["world"], args["rank"]
+    comm = join(args)
+    grow(comm, world)
+    x = np.full(8, me + 1, dtype=np.int32)
+    codes = {}
+    codes["broadcast"] = _code(lambda: comm.broadcast(x, root=0, tag=1))
+    out = np.zeros(8 * world, dtype=np.int32)
+    codes["all_gather"] = _code(lambda: comm.all_gather(x, out, tag=2))
+    ok, status, _ = comm.reduce_scatter_async(out, x, op=ReduceOp.SUM, tag=3).wait()
+    codes["reduce_scatter_async"] = status.name
+    y = np.full(8, me + 1, dtype=np.int32)
+    comm.all_reduce(y, y, op=ReduceOp.SUM, tag=4)
+    emit("result", rank=me, codes=codes, sum=int(y[0]), untouched=bool((out == 0).all()))
     comm.close()
 
 

@@ -175,6 +175,20 @@ def test_core_errors_carry_result_codes(solo):
     with pytest.raises(PCCLError) as ei:
         solo.all_reduce_async(a, a, op=ReduceOp.SUM, tag=4)
     assert ei.value.result is Result.TOO_FEW_PEERS
+    # broadcast, all-gather and reduce-scatter too, blocking and async
+    out = np.zeros(16, dtype=np.float32)
+    for call in (
+        lambda: solo.broadcast(a, root=0),
+        lambda: solo.broadcast_async(a, root=0),
+        lambda: solo.all_gather(a, out),
+        lambda: solo.all_gather_async(a, out),
+        lambda: solo.reduce_scatter(a, out, op=ReduceOp.SUM),
+        lambda: solo.reduce_scatter_async(a, out, op=ReduceOp.SUM),
+    ):
+        with pytest.raises(PCCLError) as ei:
+            call()
+        assert ei.value.result is Result.TOO_FEW_PEERS
+    assert np.array_equal(a, np.arange(16, dtype=np.float32)) and not out.any()  # untouched
     assert solo.get_attribute(Attribute.GLOBAL_WORLD_SIZE) == 1
     assert solo.get_attribute(Attribute.NUM_DISTINCT_PEER_GROUPS) == 1
     assert solo.are_peers_pending() is False
@@ -318,7 +332,7 @@ def test_imports_without_numpy_or_torch():
     assert out.stdout.startswith("ok")
 
 
-@pytest.mark.parametrize("where", ["connect", "all_reduce", "wait"])
+@pytest.mark.parametrize("where", ["connect", "all_reduce", "wait", "broadcast", "broadcast_wait"])
 def test_ctrl_c_interrupts_blocking_calls(launcher, where):
     numpy_or_skip()
     if where == "connect":
@@ -337,7 +351,7 @@ def test_ctrl_c_interrupts_blocking_calls(launcher, where):
     res = p.result(timeout=10)
     # KeyboardInterrupt within a second of the signal (generous for a loaded CI box).
     assert res["interrupted_at"] - sent_at < 1.0, res
-    if where == "wait":
+    if where in ("wait", "broadcast_wait"):
         # An interrupted wait() leaves the handle and the communicator usable.
         assert res["closed"] is False and res["after"] == "still in flight", res
     else:

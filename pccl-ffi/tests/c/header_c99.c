@@ -44,6 +44,20 @@ typedef pcclResult_t (*set_master_timeout_fn)(pcclMasterInstance_t *, uint32_t);
 typedef pcclResult_t (*result_string_fn)(pcclResult_t, const char **);
 typedef pcclResult_t (*set_comm_ports_fn)(pcclComm_t *, uint16_t, uint16_t, uint16_t);
 typedef pcclResult_t (*master_address_fn)(const pcclMasterInstance_t *, ccoip_socket_address_t *);
+typedef pcclResult_t (*set_algorithm_fn)(pcclComm_t *, pcclAlgorithm_t);
+typedef pcclResult_t (*broadcast_fn)(void *, size_t, pcclDataType_t, uint32_t, uint64_t, const pcclComm_t *,
+                                     pcclCollectiveInfo_t *);
+typedef pcclResult_t (*broadcast_async_fn)(void *, size_t, pcclDataType_t, uint32_t, uint64_t,
+                                           const pcclComm_t *, pcclAsyncReduceOp_t *);
+typedef pcclResult_t (*all_gather_fn)(const void *, void *, size_t, pcclDataType_t, uint64_t, const pcclComm_t *,
+                                      pcclCollectiveInfo_t *);
+typedef pcclResult_t (*all_gather_async_fn)(const void *, void *, size_t, pcclDataType_t, uint64_t,
+                                            const pcclComm_t *, pcclAsyncReduceOp_t *);
+typedef pcclResult_t (*reduce_scatter_fn)(const void *, void *, const pcclReduceDescriptor_t *, const pcclComm_t *,
+                                          pcclCollectiveInfo_t *);
+typedef pcclResult_t (*reduce_scatter_async_fn)(const void *, void *, const pcclReduceDescriptor_t *,
+                                                const pcclComm_t *, pcclAsyncReduceOp_t *);
+typedef pcclResult_t (*await_collective_fn)(const pcclAsyncReduceOp_t *, pcclCollectiveInfo_t *);
 
 int pccl_header_c99_check(void) {
     init_fn f_init = pcclInit;
@@ -72,6 +86,16 @@ int pccl_header_c99_check(void) {
     result_string_fn f_result_string = pcclGetResultString;
     set_comm_ports_fn f_comm_ports = pcclSetCommunicatorPorts;
     master_address_fn f_master_address = pcclGetMasterListenAddress;
+    set_algorithm_fn f_set_algorithm = pcclSetAllReduceAlgorithm;
+    broadcast_fn f_broadcast = pcclBroadcast;
+    broadcast_async_fn f_broadcast_async = pcclBroadcastAsync;
+    all_gather_fn f_all_gather = pcclAllGather;
+    all_gather_async_fn f_all_gather_async = pcclAllGatherAsync;
+    reduce_scatter_fn f_reduce_scatter = pcclReduceScatter;
+    reduce_scatter_async_fn f_reduce_scatter_async = pcclReduceScatterAsync;
+    await_collective_fn f_await_collective = pcclAwaitAsyncCollective;
+    pcclAlgorithm_t ar_algorithms[] = {pcclAlgorithmAuto, pcclAlgorithmRing, pcclAlgorithmDirect};
+    pcclCollectiveInfo_t coll_info;
 
     /* Every enumerator, in a variable of its enum type. */
     ccoip_inet_protocol_t protocols[] = {inetIPv4, inetIPv6};
@@ -168,6 +192,11 @@ int pccl_header_c99_check(void) {
     sync_info.tx_bytes = 0;
     sync_info.rx_bytes = 0;
     build.has_cuda_support = true;
+    coll_info.world_size = 1;
+    coll_info.rank = 0;
+    coll_info.tx_bytes = 0;
+    coll_info.rx_bytes = 0;
+    coll_info.algorithm = ar_algorithms[2];
 
     for (i = 0; i < sizeof results / sizeof results[0]; ++i) sum += (int)results[i];
     for (i = 0; i < sizeof datatypes / sizeof datatypes[0]; ++i) sum += (int)datatypes[i];
@@ -176,6 +205,16 @@ int pccl_header_c99_check(void) {
     sum += (int)sock.port + (int)params.peer_group + (int)reduce_info.local_world_size +
            (int)handle.tag + uuid.data[0] + (int)state.count + (int)sync_info.rx_bytes +
            (int)build.has_cuda_support + (rank_info == NULL) + (master_state == NULL);
+    sum += (int)coll_info.world_size + (int)coll_info.rank + (int)coll_info.tx_bytes +
+           (int)coll_info.rx_bytes + (int)coll_info.algorithm;
+    (void)f_set_algorithm;
+    (void)f_broadcast;
+    (void)f_broadcast_async;
+    (void)f_all_gather;
+    (void)f_all_gather_async;
+    (void)f_reduce_scatter;
+    (void)f_reduce_scatter_async;
+    (void)f_await_collective;
 
     (void)f_init;
     (void)f_all_reduce;
@@ -235,6 +274,14 @@ int pccl_header_c99_check(void) {
         sum += (int)pcclGetBuildInfo(&build);
         sum += (int)pcclSetLogLevel(pcclLogInfo);
         sum += (int)pcclGetResultString(pcclSuccess, &name);
+        sum += (int)pcclSetAllReduceAlgorithm(comm, pcclAlgorithmRing);
+        sum += (int)pcclBroadcast(buffer, 4, pcclFloat, 0, 1, comm, NULL);
+        sum += (int)pcclBroadcastAsync(buffer, 4, pcclFloat, 0, 1, comm, &handle);
+        sum += (int)pcclAllGather(buffer, buffer + 2, 1, pcclFloat, 2, comm, &coll_info);
+        sum += (int)pcclAllGatherAsync(buffer, buffer + 2, 1, pcclFloat, 2, comm, &handle);
+        sum += (int)pcclReduceScatter(buffer, buffer + 2, &desc, comm, NULL);
+        sum += (int)pcclReduceScatterAsync(buffer, buffer + 2, &desc, comm, &handle);
+        sum += (int)pcclAwaitAsyncCollective(&handle, NULL);
         sum += (int)(pcclGetLastErrorString()[0] + pending + attr + (name != NULL));
     }
     return sum;

@@ -46,6 +46,20 @@ SAME_TYPE(pcclSetMasterPeerTimeout, pcclResult_t(pcclMasterInstance_t *, uint32_
 SAME_TYPE(pcclGetResultString, pcclResult_t(pcclResult_t, const char **));
 SAME_TYPE(pcclSetCommunicatorPorts, pcclResult_t(pcclComm_t *, uint16_t, uint16_t, uint16_t));
 SAME_TYPE(pcclGetMasterListenAddress, pcclResult_t(const pcclMasterInstance_t *, ccoip_socket_address_t *));
+SAME_TYPE(pcclSetAllReduceAlgorithm, pcclResult_t(pcclComm_t *, pcclAlgorithm_t));
+SAME_TYPE(pcclBroadcast, pcclResult_t(void *, size_t, pcclDataType_t, uint32_t, uint64_t, const pcclComm_t *,
+                                      pcclCollectiveInfo_t *));
+SAME_TYPE(pcclBroadcastAsync, pcclResult_t(void *, size_t, pcclDataType_t, uint32_t, uint64_t, const pcclComm_t *,
+                                           pcclAsyncReduceOp_t *));
+SAME_TYPE(pcclAllGather, pcclResult_t(const void *, void *, size_t, pcclDataType_t, uint64_t, const pcclComm_t *,
+                                      pcclCollectiveInfo_t *));
+SAME_TYPE(pcclAllGatherAsync, pcclResult_t(const void *, void *, size_t, pcclDataType_t, uint64_t,
+                                           const pcclComm_t *, pcclAsyncReduceOp_t *));
+SAME_TYPE(pcclReduceScatter, pcclResult_t(const void *, void *, const pcclReduceDescriptor_t *, const pcclComm_t *,
+                                          pcclCollectiveInfo_t *));
+SAME_TYPE(pcclReduceScatterAsync, pcclResult_t(const void *, void *, const pcclReduceDescriptor_t *,
+                                               const pcclComm_t *, pcclAsyncReduceOp_t *));
+SAME_TYPE(pcclAwaitAsyncCollective, pcclResult_t(const pcclAsyncReduceOp_t *, pcclCollectiveInfo_t *));
 
 // Type names and typedef relations.
 static_assert(std::is_same<pcclReduceOpDescriptor_t, struct pcclReduceSingleDescriptor_t>::value, "");
@@ -73,6 +87,10 @@ ORDERED(pcclReduceDescriptor_t, src_descriptor, quantization_options);
 ORDERED(pcclReduceOpDescriptor_t, sendbuf, recvbuf);
 ORDERED(pcclReduceOpDescriptor_t, recvbuf, descriptor);
 ORDERED(pcclAsyncReduceOp_t, comm, tag);
+ORDERED(pcclCollectiveInfo_t, world_size, rank);
+ORDERED(pcclCollectiveInfo_t, rank, tx_bytes);
+ORDERED(pcclCollectiveInfo_t, tx_bytes, rx_bytes);
+ORDERED(pcclCollectiveInfo_t, rx_bytes, algorithm);
 ORDERED(pcclTensorInfo_t, name, data);
 ORDERED(pcclTensorInfo_t, data, count);
 ORDERED(pcclTensorInfo_t, count, datatype);
@@ -143,6 +161,9 @@ VALUE(pcclLogWarn, 2);
 VALUE(pcclLogInfo, 3);
 VALUE(pcclLogDebug, 4);
 VALUE(pcclLogTrace, 5);
+VALUE(pcclAlgorithmAuto, 0);
+VALUE(pcclAlgorithmRing, 1);
+VALUE(pcclAlgorithmDirect, 2);
 
 // Typical C++ use: aggregate initialization, nullptr for nullable pointers.
 int pccl_header_cxx_check();

@@ -130,6 +130,11 @@ int main(void) {
     VALUE(pcclLogDebug);
     VALUE(pcclLogTrace);
 
+    TYPE(pcclAlgorithm_t);
+    VALUE(pcclAlgorithmAuto);
+    VALUE(pcclAlgorithmRing);
+    VALUE(pcclAlgorithmDirect);
+
     /* pccl.h: structures */
     TYPE(pcclCommCreateParams_t);
     FIELD(pcclCommCreateParams_t, master_address);
@@ -166,6 +171,13 @@ int main(void) {
     TYPE(pcclAsyncReduceOp_t);
     FIELD(pcclAsyncReduceOp_t, comm);
     FIELD(pcclAsyncReduceOp_t, tag);
+
+    TYPE(pcclCollectiveInfo_t);
+    FIELD(pcclCollectiveInfo_t, world_size);
+    FIELD(pcclCollectiveInfo_t, rank);
+    FIELD(pcclCollectiveInfo_t, tx_bytes);
+    FIELD(pcclCollectiveInfo_t, rx_bytes);
+    FIELD(pcclCollectiveInfo_t, algorithm);
 
     TYPE(pcclRankUuid_t);
     FIELD(pcclRankUuid_t, data);

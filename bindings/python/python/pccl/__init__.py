@@ -26,7 +26,9 @@ Logging goes to stderr; ``PCCL_LOG`` (or ``RUST_LOG``) sets the level
 
 from . import _cuda, _native, cuda
 from ._api import (
+    AsyncCollectiveHandle,
     AsyncReduceHandle,
+    CollectiveInfo,
     Communicator,
     MasterNode,
     QuantizationOptions,
@@ -83,8 +85,10 @@ def get_build_info() -> dict:
 
 __all__ = [
     "cuda",
+    "AsyncCollectiveHandle",
     "AsyncReduceHandle",
     "Attribute",
+    "CollectiveInfo",
     "Communicator",
     "DataType",
     "DeviceType",

@@ -35,6 +35,8 @@ __all__ = [
     "ReduceInfo",
     "SharedStateSyncInfo",
     "AsyncReduceHandle",
+    "CollectiveInfo",
+    "AsyncCollectiveHandle",
     "ReduceOperandDescriptor",
     "QuantizationOptions",
     "ReduceDescriptor",
@@ -105,6 +107,36 @@ class ReduceInfo:
 
     def __repr__(self) -> str:
         return f"ReduceInfo(local_world_size={self.local_world_size}, tx_bytes={self.tx_bytes}, rx_bytes={self.rx_bytes})"
+
+
+class CollectiveInfo:
+    """Outcome of a broadcast, all-gather or reduce-scatter (extension).
+
+    ``rank`` is this peer's position in the master's ring for the operation
+    (``0 .. world_size-1``, the same on every peer): it orders all-gather
+    output and reduce-scatter segments and names broadcast roots, and stays
+    fixed until the next ``update_topology`` / ``optimize_topology`` or a
+    peer loss. ``algorithm`` is the master's choice (``"ring"``)."""
+
+    __slots__ = ("world_size", "rank", "tx_bytes", "rx_bytes", "algorithm")
+
+    def __init__(self, world_size: int, rank: int, tx_bytes: int, rx_bytes: int, algorithm: str = "ring") -> None:
+        self.world_size = world_size
+        self.rank = rank
+        self.tx_bytes = tx_bytes
+        self.rx_bytes = rx_bytes
+        self.algorithm = algorithm
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CollectiveInfo):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        return (
+            f"CollectiveInfo(world_size={self.world_size}, rank={self.rank}, tx_bytes={self.tx_bytes}, "
+            f"rx_bytes={self.rx_bytes}, algorithm={self.algorithm!r})"
+        )
 
 
 class SharedStateSyncInfo:
@@ -434,7 +466,7 @@ class AsyncReduceHandle:
         Later calls return the same tuple. Ctrl-C raises ``KeyboardInterrupt``
         and leaves the handle waitable."""
         if self._info is None:
-            ok, code, world, tx, rx, message = self._native.wait()
+            ok, code, world, tx, rx, message, _rank, _algorithm = self._native.wait()
             status = Result(code) if code in Result._value2member_map_ else Result.INTERNAL_ERROR
             if not ok:
                 self._error = PCCLError(status, "pcclAwaitAsyncReduce", message)
@@ -451,9 +483,60 @@ class AsyncReduceHandle:
         return f"<AsyncReduceHandle tag={self.tag} {state}>"
 
 
+class AsyncCollectiveHandle:
+    """A broadcast, all-gather or reduce-scatter in flight, from
+    :meth:`Communicator.broadcast_async`, :meth:`~Communicator.all_gather_async`
+    or :meth:`~Communicator.reduce_scatter_async` (extension). Same
+    conventions as :class:`AsyncReduceHandle`; :meth:`wait` reports a
+    :class:`CollectiveInfo`.
+
+    The buffers stay referenced until the operation is over, even if the
+    handle is dropped without :meth:`wait`; the tag stays taken until then.
+    """
+
+    def __init__(self, handle: Any, func: str) -> None:
+        self._native = handle
+        self._func = func
+        self._info: Optional[Tuple[bool, Result, CollectiveInfo]] = None
+        self._error: Optional[PCCLError] = None
+
+    @property
+    def tag(self) -> int:
+        return int(self._native.tag)
+
+    def is_finished(self) -> bool:
+        """Whether :meth:`wait` would return at once."""
+        return bool(self._native.is_finished())
+
+    def wait(self) -> Tuple[bool, Result, CollectiveInfo]:
+        """Blocks (without the GIL) until the operation is over and returns
+        ``(is_success, status, CollectiveInfo)``; ``status`` is a
+        :class:`Result` (the info is all zeros on failure). Later calls
+        return the same tuple. Ctrl-C raises ``KeyboardInterrupt`` and leaves
+        the handle waitable."""
+        if self._info is None:
+            ok, code, world, tx, rx, message, rank, algorithm = self._native.wait()
+            status = Result(code) if code in Result._value2member_map_ else Result.INTERNAL_ERROR
+            if not ok:
+                self._error = PCCLError(status, self._func, message)
+            self._info = (bool(ok), status, CollectiveInfo(world, rank, tx, rx, algorithm or "ring"))
+        return self._info
+
+    @property
+    def error(self) -> Optional[PCCLError]:
+        """The failure as a :class:`PCCLError` once :meth:`wait` returned unsuccessfully."""
+        return self._error
+
+    def __repr__(self) -> str:
+        state = "done" if self._info is not None else ("finished" if self.is_finished() else "in flight")
+        return f"<AsyncCollectiveHandle {self._func} tag={self.tag} {state}>"
+
+
 # ---------------------------------------------------------------------------
 # Communicator
 # ---------------------------------------------------------------------------
+
+_BROADCAST, _ALL_GATHER, _REDUCE_SCATTER = 1, 2, 3
 
 
 def _port_defaults() -> Tuple[int, int, int]:
@@ -650,7 +733,7 @@ class Communicator:
         Every error the start can detect is raised here, as by
         ``pcclAllReduceAsync``: bad buffers or descriptors, ``PCCLError``
         with ``INVALID_USAGE`` (not connected or closed), ``INVALID_ARGUMENT``
-        (overlapping buffers, or ``tag`` still used by an async all-reduce not
+        (overlapping buffers, or ``tag`` still used by an async operation not
         awaited) and ``TOO_FEW_PEERS`` (alone in the peer group). Failures
         during the operation are reported by ``wait()``."""
         sp, rp, desc, keep = self._prepare(send, recv, op, tag, operand_descriptor, quantization_options)
@@ -675,6 +758,129 @@ class Communicator:
             keep.extend(d._keep)
         world, tx, rx = self._native.all_reduce_multiple_with_retry(ops, max_in_flight, tuple(keep))
         return ReduceInfo(world, tx, rx)
+
+    # -- broadcast, all-gather, reduce-scatter (extensions) ----------------------
+
+    def _group_world(self) -> int:
+        return int(self._native.get_attribute(int(Attribute.LOCAL_WORLD_SIZE)))
+
+    def _prepare_collective(
+        self,
+        kind: int,
+        send: Any,
+        recv: Any,
+        op: ReduceOp,
+        tag: int,
+        quantization_options: Optional[QuantizationOptions],
+    ) -> Tuple[int, int, int, int, Tuple[int, int, int, int, int, int, int], Tuple[Any, ...]]:
+        """Checks the buffers; returns ``(send ptr, send count, recv ptr,
+        recv count, descriptor, keep)``. Counts that do not fit the peer
+        group's current size raise :class:`InvalidBufferError` (the native
+        layer checks them again when the operation starts)."""
+        tag = _int_arg("tag", tag, 0, _U64_MAX)
+        if kind == _BROADCAST:
+            b = describe(send, "buf", writable=True)
+            desc = _native_desc(b.count, b.dtype, ReduceOp.SUM, tag, None, None)
+            return b.ptr, b.count, b.ptr, b.count, desc, (b.obj,)
+        s = describe(send, "send")
+        r = describe(recv, "recv", writable=True)
+        if s.dtype != r.dtype:
+            raise MismatchedBuffersError(
+                f"send and recv must have the same dtype, got {s.dtype.name} and {r.dtype.name}"
+            )
+        world = self._group_world()
+        if kind == _ALL_GATHER:
+            count = s.count
+            if world >= 2 and r.count != count * world:
+                raise InvalidBufferError(
+                    f"all_gather of {count} elements per peer over {world} peers needs a recv buffer of "
+                    f"{count * world} elements, got {r.count}"
+                )
+            desc = _native_desc(count, s.dtype, ReduceOp.SUM, tag, None, None)
+        else:
+            op = _enum_arg(ReduceOp, "op", op)
+            count = r.count
+            if world >= 2 and s.count != count * world:
+                raise InvalidBufferError(
+                    f"reduce_scatter to {count} elements per peer over {world} peers needs a send buffer of "
+                    f"{count * world} elements, got {s.count}"
+                )
+            desc = _native_desc(count, s.dtype, op, tag, None, quantization_options)
+        return s.ptr, s.count, r.ptr, r.count, desc, (s.obj, r.obj)
+
+    def broadcast(self, buf: Any, *, root: int, tag: int = 0) -> CollectiveInfo:
+        """Extension. Collective: every peer's ``buf`` (a writable NumPy
+        array or CPU tensor, same dtype and size everywhere) ends with the
+        bytes of the ``buf`` of the peer whose rank is ``root`` (ranks:
+        :class:`CollectiveInfo`). The root's buffer is only read; after a
+        failure the other peers' buffers are partly written. Raises
+        :class:`PCCLError` (``INVALID_ARGUMENT`` for ``root`` >= the group's
+        size or a tag in use by an async operation, ``TOO_FEW_PEERS`` alone,
+        ``RANK_CONNECTION_LOST`` when a peer is lost during the operation)."""
+        root = _int_arg("root", root, 0, (1 << 32) - 1)
+        sp, sc, rp, rc, desc, keep = self._prepare_collective(_BROADCAST, buf, None, ReduceOp.SUM, tag, None)
+        return CollectiveInfo(*self._native.collective(_BROADCAST, sp, sc, rp, rc, desc, root, keep))
+
+    def broadcast_async(self, buf: Any, *, root: int, tag: int = 0) -> AsyncCollectiveHandle:
+        """Extension. Starts :meth:`broadcast` and returns at once; errors the
+        start can detect are raised here, failures of the operation are
+        reported by ``wait()``. Do not touch ``buf`` until then."""
+        root = _int_arg("root", root, 0, (1 << 32) - 1)
+        sp, sc, rp, rc, desc, keep = self._prepare_collective(_BROADCAST, buf, None, ReduceOp.SUM, tag, None)
+        native = self._native.collective_async(_BROADCAST, sp, sc, rp, rc, desc, root, keep)
+        return AsyncCollectiveHandle(native, "pcclBroadcastAsync")
+
+    def all_gather(self, send: Any, recv: Any, *, tag: int = 0) -> CollectiveInfo:
+        """Extension. Collective: ``recv`` (world × ``send``'s element count,
+        same dtype, must not overlap ``send``) ends with every peer's ``send``
+        in rank order, the same bytes on every peer. ``send`` is only read.
+        ``recv`` is filled as a flat buffer whatever its shape. Raises as
+        :meth:`broadcast`; a ``recv`` of the wrong size for the group's
+        current size raises :class:`InvalidBufferError`."""
+        sp, sc, rp, rc, desc, keep = self._prepare_collective(_ALL_GATHER, send, recv, ReduceOp.SUM, tag, None)
+        return CollectiveInfo(*self._native.collective(_ALL_GATHER, sp, sc, rp, rc, desc, 0, keep))
+
+    def all_gather_async(self, send: Any, recv: Any, *, tag: int = 0) -> AsyncCollectiveHandle:
+        """Extension. Starts :meth:`all_gather` and returns at once."""
+        sp, sc, rp, rc, desc, keep = self._prepare_collective(_ALL_GATHER, send, recv, ReduceOp.SUM, tag, None)
+        native = self._native.collective_async(_ALL_GATHER, sp, sc, rp, rc, desc, 0, keep)
+        return AsyncCollectiveHandle(native, "pcclAllGatherAsync")
+
+    def reduce_scatter(
+        self,
+        send: Any,
+        recv: Any,
+        *,
+        op: ReduceOp,
+        tag: int = 0,
+        quantization_options: Optional[QuantizationOptions] = None,
+    ) -> CollectiveInfo:
+        """Extension. Collective: the peers' ``send`` buffers (world ×
+        ``recv``'s element count each) are reduced element-wise with ``op``,
+        and ``recv`` ends with this peer's rank's segment: elements
+        ``rank * n ... (rank + 1) * n - 1`` of the reduction, ``n`` being
+        ``recv``'s count. ``quantization_options`` work as for
+        :meth:`all_reduce`. Raises as :meth:`all_gather`."""
+        sp, sc, rp, rc, desc, keep = self._prepare_collective(
+            _REDUCE_SCATTER, send, recv, op, tag, quantization_options
+        )
+        return CollectiveInfo(*self._native.collective(_REDUCE_SCATTER, sp, sc, rp, rc, desc, 0, keep))
+
+    def reduce_scatter_async(
+        self,
+        send: Any,
+        recv: Any,
+        *,
+        op: ReduceOp,
+        tag: int = 0,
+        quantization_options: Optional[QuantizationOptions] = None,
+    ) -> AsyncCollectiveHandle:
+        """Extension. Starts :meth:`reduce_scatter` and returns at once."""
+        sp, sc, rp, rc, desc, keep = self._prepare_collective(
+            _REDUCE_SCATTER, send, recv, op, tag, quantization_options
+        )
+        native = self._native.collective_async(_REDUCE_SCATTER, sp, sc, rp, rc, desc, 0, keep)
+        return AsyncCollectiveHandle(native, "pcclReduceScatterAsync")
 
     # -- lifetime -------------------------------------------------------------
 

@@ -33,6 +33,30 @@ class NativeCommunicator:
     def get_attribute(self, attribute: int) -> int: ...
     def all_reduce(self, send: int, recv: int, desc: _Desc, keep: Any) -> Tuple[int, int, int]: ...
     def all_reduce_async(self, send: int, recv: int, desc: _Desc, keep: Any) -> NativeHandle: ...
+    # kind: 1 broadcast, 2 all-gather, 3 reduce-scatter; returns
+    # (world_size, rank, tx_bytes, rx_bytes, algorithm)
+    def collective(
+        self,
+        kind: int,
+        send: int,
+        send_count: int,
+        recv: int,
+        recv_count: int,
+        desc: _Desc,
+        root: int,
+        keep: Any,
+    ) -> Tuple[int, int, int, int, str]: ...
+    def collective_async(
+        self,
+        kind: int,
+        send: int,
+        send_count: int,
+        recv: int,
+        recv_count: int,
+        desc: _Desc,
+        root: int,
+        keep: Any,
+    ) -> NativeHandle: ...
     def all_reduce_multiple_with_retry(
         self, ops: Sequence[Tuple[int, int, _Desc]], max_in_flight: int, keep: Any
     ) -> Tuple[int, int, int]: ...
@@ -53,7 +77,8 @@ class NativeHandle:
     @property
     def tag(self) -> int: ...
     def is_finished(self) -> bool: ...
-    def wait(self) -> Tuple[bool, int, int, int, int, str]: ...
+    # (is_success, code, world_size, tx_bytes, rx_bytes, message, rank, algorithm)
+    def wait(self) -> Tuple[bool, int, int, int, int, str, int, str]: ...
 
 class NativeMaster:
     def __init__(self, listen_address: str, peer_timeout_ms: Optional[int] = None) -> None: ...
