@@ -214,8 +214,9 @@ typedef enum pcclLogLevel_t {
 
 /** Extension: how an all-reduce moves its data (see pcclSetAllReduceAlgorithm). */
 typedef enum pcclAlgorithm_t {
-    /** The master chooses: the one-hop direct algorithm for small
-     *  all-reduces (groups of at most 16 peers), the ring otherwise. */
+    /** The master chooses: the relay for tiny all-reduces (at most 4 KiB
+     *  per peer), the one-hop direct algorithm for small ones (groups of at
+     *  most 16 peers), the ring otherwise. */
     pcclAlgorithmAuto = 0,
     /** Reduce-scatter then all-gather around the ring: bandwidth-optimal,
      *  2(w-1) hops of latency. */
@@ -223,7 +224,13 @@ typedef enum pcclAlgorithm_t {
     /** Every peer sends its whole buffer to every other peer and reduces all
      *  contributions in rank order: one hop, (w-1) times the bytes.
      *  All-reduce only. */
-    pcclAlgorithmDirect = 2
+    pcclAlgorithmDirect = 2,
+    /** Every peer's buffer rides in its request to the master, which hands
+     *  all of them back; every peer reduces them in rank order. One round
+     *  trip to the master in all. Unquantized all-reduces of at most 4096
+     *  bytes per peer (64 KiB in all) only; larger ones are
+     *  pcclInvalidArgument. */
+    pcclAlgorithmRelay = 3
 } pcclAlgorithm_t;
 
 /* ------------------------------------------------------------------------- */
@@ -917,18 +924,17 @@ PCCL_EXPORT pcclResult_t pcclGetMasterListenAddress(const pcclMasterInstance_t *
  *
  * Without this call the algorithm comes from the environment variable
  * PCCL_ALGORITHM, read by pcclCreateCommunicator: "auto",
- * "ring" or "direct"; unset or any other value means auto (another value is
+ * "ring", "direct" or "relay"; unset or any other value means auto (another value is
  * logged as a warning). This function overrides the variable.
  *
- * The request is sent with every collective of the communicator, not only
- * all-reduces: broadcast, all-gather and reduce-scatter run the ring's
- * schedule under auto and ring, but a peer asking for direct gets
- * pcclInvalidArgument from them (the master refuses direct for anything but
- * an all-reduce, and direct in groups of more than 16 peers). Use auto or
- * ring on a communicator that also broadcasts, gathers or scatters.
+ * The setting applies to all-reduces only: broadcast, all-gather and
+ * reduce-scatter always leave the choice to the master, which runs them on
+ * the ring. Direct in a group of more than 16 peers, and relay for an
+ * all-reduce past its bound, fail with pcclInvalidArgument.
  *
  * @param comm The communicator; must not be NULL.
- * @param algorithm pcclAlgorithmAuto, pcclAlgorithmRing or pcclAlgorithmDirect.
+ * @param algorithm pcclAlgorithmAuto, pcclAlgorithmRing, pcclAlgorithmDirect
+ *        or pcclAlgorithmRelay.
  *
  * @return pcclSuccess on success.
  * @return pcclNotInitialized if pcclInit has not been called.

@@ -233,6 +233,7 @@ pub type pcclAlgorithm_t = u32;
 pub const pcclAlgorithmAuto: pcclAlgorithm_t = 0;
 pub const pcclAlgorithmRing: pcclAlgorithm_t = 1;
 pub const pcclAlgorithmDirect: pcclAlgorithm_t = 2;
+pub const pcclAlgorithmRelay: pcclAlgorithm_t = 3;
 
 /// `pcclCollectiveInfo_t` (extension): outcome of a broadcast, all-gather
 /// or reduce-scatter.
@@ -401,6 +402,7 @@ pub const fn algorithm_to_raw(a: Algorithm) -> pcclAlgorithm_t {
         Algorithm::Auto => pcclAlgorithmAuto,
         Algorithm::Ring => pcclAlgorithmRing,
         Algorithm::Direct => pcclAlgorithmDirect,
+        Algorithm::Relay => pcclAlgorithmRelay,
     }
 }
 
@@ -1208,6 +1210,7 @@ mod tests {
             (pcclAlgorithmAuto, Algorithm::Auto),
             (pcclAlgorithmRing, Algorithm::Ring),
             (pcclAlgorithmDirect, Algorithm::Direct),
+            (pcclAlgorithmRelay, Algorithm::Relay),
         ] {
             assert_eq!(algorithm_from_raw(raw).expect("known"), a);
             assert_eq!(algorithm_to_raw(a), raw);

@@ -161,7 +161,13 @@ fn rust_facts() -> Facts {
         pcclLogDebug,
         pcclLogTrace,
     );
-    values!(f, pcclAlgorithmAuto, pcclAlgorithmRing, pcclAlgorithmDirect);
+    values!(
+        f,
+        pcclAlgorithmAuto,
+        pcclAlgorithmRing,
+        pcclAlgorithmDirect,
+        pcclAlgorithmRelay
+    );
 
     // pccl.h: structures
     ty!(

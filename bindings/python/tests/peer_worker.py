@@ -1034,23 +1034,34 @@ def scenario_collectives_torch(args) -> None:
 
 def scenario_collectives_direct(args) -> None:
     """Run with PCCL_ALGORITHM=direct on every peer: all-reduces run direct,
-    while broadcast, all-gather and reduce-scatter are refused by the master
-    (INVALID_ARGUMENT on every peer; the communicator stays usable)."""
+    while broadcast, all-gather and reduce-scatter still run (on the ring:
+    the setting is an all-reduce's)."""
     import numpy as np
 
     world, me = args["world"], args["rank"]
     comm = join(args)
     grow(comm, world)
     x = np.full(8, me + 1, dtype=np.int32)
-    codes = {}
-    codes["broadcast"] = _code(lambda: comm.broadcast(x, root=0, tag=1))
+    info = comm.broadcast(x, root=0, tag=1)
     out = np.zeros(8 * world, dtype=np.int32)
-    codes["all_gather"] = _code(lambda: comm.all_gather(x, out, tag=2))
-    ok, status, _ = comm.reduce_scatter_async(out, x, op=ReduceOp.SUM, tag=3).wait()
-    codes["reduce_scatter_async"] = status.name
+    mine = np.full(8, me + 1, dtype=np.int32)
+    gathered = comm.all_gather(mine, out, tag=2)
+    seg = np.zeros(8, dtype=np.int32)
+    ok, status, rs = comm.reduce_scatter_async(out, seg, op=ReduceOp.SUM, tag=3).wait()
     y = np.full(8, me + 1, dtype=np.int32)
     comm.all_reduce(y, y, op=ReduceOp.SUM, tag=4)
-    emit("result", rank=me, codes=codes, sum=int(y[0]), untouched=bool((out == 0).all()))
+    emit(
+        "result",
+        rank=me,
+        bcast=x.tolist(),
+        bcast_rank=info.rank,
+        gathered=out.tolist(),
+        gather_rank=gathered.rank,
+        rs_status=status.name,
+        rs_rank=rs.rank,
+        seg=seg.tolist(),
+        sum=int(y[0]),
+    )
     comm.close()
 
 

@@ -46,20 +46,23 @@ def test_torch_collectives_exact(launcher):
         assert p.proc.wait(timeout=30) == 0, p.stderr_text()
 
 
-def test_direct_algorithm_refuses_the_new_collectives(launcher):
-    """PCCL_ALGORITHM=direct is sent with every collective; the master runs
-    broadcast, all-gather and reduce-scatter on the ring only and refuses a
-    direct request with INVALID_ARGUMENT on every peer (documented in the
-    README). All-reduce still works."""
+def test_direct_algorithm_applies_to_all_reduce_only(launcher):
+    """PCCL_ALGORITHM=direct on every peer: all-reduces run direct, and
+    broadcast, all-gather and reduce-scatter still run, with exact results
+    identical on every peer."""
     numpy_or_skip()
     world = 2
     env = {"PCCL_ALGORITHM": "direct"}
     peers = [launcher.spawn("collectives_direct", r, world=world, env=env) for r in range(world)]
     results = [p.result(timeout=90) for p in peers]
+    root = next(r for r in results if r["bcast_rank"] == 0)
+    by_rank = {r["gather_rank"]: r["rank"] + 1 for r in results}
+    gathered = [by_rank[k] for k in range(world) for _ in range(8)]
     for r in results:
-        assert r["codes"] == {
-            "broadcast": "INVALID_ARGUMENT",
-            "all_gather": "INVALID_ARGUMENT",
-            "reduce_scatter_async": "INVALID_ARGUMENT",
-        }, r
-        assert r["sum"] == 3 and r["untouched"], r
+        assert r["bcast"] == [root["rank"] + 1] * 8, r
+        assert r["gathered"] == gathered, r
+        assert r["rs_status"] == "SUCCESS", r
+        # Every peer's all-gather output is the same: each segment sums to world x it.
+        seg = gathered[8 * r["rs_rank"] : 8 * r["rs_rank"] + 8]
+        assert r["seg"] == [world * v for v in seg], r
+        assert r["sum"] == 3, r

@@ -1107,6 +1107,13 @@ fn spec_of(
         kind,
         CollectiveKind::AllReduce | CollectiveKind::ReduceScatter
     );
+    // The configured algorithm is an all-reduce's; the other collectives
+    // leave the choice to the master (it runs them on the ring).
+    let algorithm = if kind == CollectiveKind::AllReduce {
+        algorithm
+    } else {
+        Algorithm::Auto
+    };
     CollectiveSpec {
         kind: kind as u8,
         algorithm: algorithm as u8,
