@@ -114,8 +114,10 @@ impl Default for MasterConfig {
 /// Upper bound of the automatic threshold. The direct algorithm stages
 /// every contribution, (w-1) buffers, on each peer, and each peer reduces
 /// the whole buffer where the ring splits that work w ways: past a few
-/// hundred KiB the CPU time outweighs the hops saved, even on a LAN.
-pub const DIRECT_MAX_BYTES: u64 = 256 << 10;
+/// ten KiB the CPU time can outweigh the hops saved (measured on loopback
+/// with 4 peers on 2 cores: even at 16 KiB, 0.70× the ring at 256 KiB;
+/// docs/benchmarks.md).
+pub const DIRECT_MAX_BYTES: u64 = 64 << 10;
 
 /// The largest all-reduce (bytes per contribution) for which the direct
 /// algorithm beats the ring, from a latency/bandwidth cost model:

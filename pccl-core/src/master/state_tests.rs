@@ -3210,8 +3210,10 @@ fn small_op_threshold_follows_the_cost_model() {
     assert_eq!(small_op_threshold(2, a, b), DIRECT_MAX_BYTES);
     // (2w-3)·w·ab / ((w-1)(w-2)): w=3 gives 4.5·ab, capped.
     assert_eq!(small_op_threshold(3, a, b), DIRECT_MAX_BYTES);
-    // Loopback-like: 20 µs, 10 Gbit/s → ab = 25 000; w = 4: 10/3·ab.
-    assert_eq!(small_op_threshold(4, 20, 10_000_000_000), 83_333);
+    // Loopback-like: 20 µs, 10 Gbit/s → ab = 25 000; w = 4: 10/3·ab,
+    // past the cap.
+    assert_eq!(small_op_threshold(4, 20, 10_000_000_000), DIRECT_MAX_BYTES);
+    assert_eq!(small_op_threshold(4, 10, 10_000_000_000), 41_666);
     // w = 8: 13·8/(7·6)·ab.
     assert_eq!(small_op_threshold(8, 20, 10_000_000_000), 61_904);
     // Larger worlds have a smaller threshold; none outside 2..=16.
