@@ -1216,7 +1216,7 @@ mod tests {
             assert_eq!(algorithm_to_raw(a), raw);
             assert_eq!(a as u32, raw, "the enumerators are the core's wire values");
         }
-        for bad in [3, 255, 256, u32::MAX] {
+        for bad in [4, 255, 256, u32::MAX] {
             assert!(matches!(
                 algorithm_from_raw(bad),
                 Err(Error::InvalidArgument(_))
