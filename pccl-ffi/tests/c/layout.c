@@ -134,6 +134,7 @@ int main(void) {
     VALUE(pcclAlgorithmAuto);
     VALUE(pcclAlgorithmRing);
     VALUE(pcclAlgorithmDirect);
+    VALUE(pcclAlgorithmRelay);
 
     /* pccl.h: structures */
     TYPE(pcclCommCreateParams_t);
