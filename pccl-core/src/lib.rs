@@ -14,6 +14,7 @@ pub use types::*;
 mod bufpool;
 pub(crate) mod collectives;
 pub mod comm;
+pub mod diloco;
 pub mod hash;
 pub mod kernels;
 pub mod logging;
