@@ -346,6 +346,9 @@ pub struct DiLoCo {
     outer: Vec<Vec<f32>>,
     momentum: Vec<Vec<f32>>,
     residual: Vec<Vec<f32>>,
+    /// Async mode: where the local model started its current window (the
+    /// outer parameters plus this peer's own eager step, see `async_event`).
+    start: Vec<Vec<f32>>,
     meta: [u64; META_LEN],
     /// Revision of this session's last successful sync (`None`: none yet).
     revision: Option<u64>,
@@ -395,6 +398,7 @@ impl DiLoCo {
             outer,
             momentum,
             residual,
+            start: Vec::new(),
             revision: None,
             inflight: None,
             rejoins: 0,
@@ -497,14 +501,18 @@ impl DiLoCo {
             Mode::Async => self.async_event(params, &mut rep),
             Mode::Streaming { .. } => self.streaming_event(params, &mut rep),
         };
-        match r {
-            Ok(()) => {}
-            Err((e, during_sync)) => {
-                if needs_rejoin(&e, during_sync) && self.rejoins < self.cfg.max_rejoins {
-                    tracing::warn!(peer = %self.comm.peer_id(), "DiLoCo: {e}; joining the group again as a newcomer");
-                    self.rejoin(params, &mut rep)?;
-                } else {
-                    return Err(e);
+        if let Err((mut cause, mut during_sync)) = r {
+            loop {
+                if !needs_rejoin(&cause, during_sync) || self.rejoins >= self.cfg.max_rejoins {
+                    return Err(cause);
+                }
+                tracing::warn!(peer = %self.comm.peer_id(), "DiLoCo: {cause}; joining the group again as a newcomer");
+                match self.rejoin(params, &mut rep) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        (cause, during_sync) = (e, true);
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
                 }
             }
         }
@@ -547,13 +555,23 @@ impl DiLoCo {
         Ok(())
     }
 
+    /// One-step-delayed outer step with eager local updates (Kale et al.,
+    /// "Eager updates for overlapped communication and computation in
+    /// DiLoCo", 2025): the average of window t is applied to the outer
+    /// state at the end of window t + 1, while each peer starts window t + 1
+    /// from the outer state plus an outer step with its *own* pseudo-
+    /// gradient of window t, a stand-in for the average that is still in
+    /// flight. The outer state only ever takes group averages, so it stays
+    /// identical on every peer; only the local starting points differ.
+    /// (Starting every window from the plain outer state would count each
+    /// window's progress twice, once late, which diverges with momentum.)
     fn async_event(
         &mut self,
         params: &mut [ParamMut<'_>],
         rep: &mut OuterReport,
     ) -> std::result::Result<(), (Error, bool)> {
         let all = 0..self.specs.len();
-        let mut delta = self.pseudo_gradients(params, all.clone());
+        let mut delta = self.pseudo_gradients_from_start(params);
         let residual = self.error_feedback(&mut delta, all.clone());
         if let Some(inf) = self.inflight.take() {
             let t = Instant::now();
@@ -578,17 +596,53 @@ impl DiLoCo {
             rep.applied = true;
             self.update_topology(rep);
             self.sync(rep).map_err(|e| (e, true))?;
+            self.start = self.outer.clone();
         } else {
             if rep.applied {
                 self.sync(rep).map_err(|e| (e, true))?;
             }
             self.commit_residual(residual, all.clone());
+            self.start = self.eager_start(&delta);
             self.launch(0, delta);
         }
-        for i in all {
-            params[i].reset_to(&self.outer[i]);
+        for (p, s) in params.iter_mut().zip(&self.start) {
+            p.reset_to(s);
         }
         Ok(())
+    }
+
+    /// The outer parameters after an outer step with `own` on a copy of
+    /// the momentum: this peer's eager starting point.
+    fn eager_start(&self, own: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        self.outer
+            .iter()
+            .zip(&self.momentum)
+            .zip(own)
+            .map(|((o, m), g)| {
+                let (mut o, mut m) = (o.clone(), m.clone());
+                outer::outer_sgd_step(
+                    &mut o,
+                    &mut m,
+                    g,
+                    self.cfg.outer_lr,
+                    self.cfg.outer_momentum,
+                    self.cfg.nesterov,
+                );
+                o
+            })
+            .collect()
+    }
+
+    fn pseudo_gradients_from_start(&self, params: &[ParamMut<'_>]) -> Vec<Vec<f32>> {
+        params
+            .iter()
+            .zip(&self.start)
+            .map(|(p, s)| {
+                let mut d = vec![0.0f32; s.len()];
+                p.pseudo_gradient(s, &mut d);
+                d
+            })
+            .collect()
     }
 
     fn streaming_event(
@@ -865,6 +919,9 @@ impl DiLoCo {
         for (p, o) in params.iter_mut().zip(&self.outer) {
             p.reset_to(o);
         }
+        if self.cfg.mode == Mode::Async {
+            self.start = self.outer.clone();
+        }
         tracing::info!(
             peer = %self.comm.peer_id(),
             world = self.comm.world()?.group_world,
@@ -880,9 +937,9 @@ impl DiLoCo {
         if let Some(inf) = self.inflight.take() {
             let _ = finish(inf.work);
         }
+        self.rejoins += 1;
         let old = std::mem::replace(&mut self.comm, Arc::new(connect_comm(&self.comm_cfg)?));
         drop(old);
-        self.rejoins += 1;
         rep.rejoined = true;
         self.revision = None;
         for r in &mut self.residual {
