@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use pccl_core::diloco::{DiLoCo, DiLoCoConfig, Mode, ParamMut};
 use pccl_core::{
-    CommunicatorConfig, DataType, MasterConfig, MasterNode, QuantizationAlgorithm,
-    QuantizationOptions,
+    Communicator, CommunicatorConfig, DataType, MasterConfig, MasterNode, QuantizationAlgorithm,
+    QuantizationOptions, ReduceBuffers, ReduceOp,
 };
 use pccl_stress::swarm::procs::{ProcEvent, Procs, Stream};
 
@@ -75,6 +75,20 @@ struct Args {
     /// Founding peers to wait for before the first step (peer role).
     #[arg(long, default_value_t = 1)]
     min_world: u32,
+    /// Local address the peer's listeners bind to (peer role).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: std::net::IpAddr,
+    /// Sleep this long in every inner step, standing in for accelerator
+    /// compute (benchmarks: lets the CPU-light model hide communication).
+    #[arg(long, default_value_t = 0)]
+    compute_ms: u64,
+    /// Peer role, benchmark baseline: train alone, no communication at all.
+    #[arg(long)]
+    no_comm: bool,
+    /// Peer role, benchmark baseline: DDP, an all-reduce (Avg) of the
+    /// gradients before every AdamW step (same peers, no joins).
+    #[arg(long)]
+    ddp: bool,
 }
 
 const VOCAB: usize = 27; // a-z and space
@@ -318,55 +332,102 @@ fn params(m: &mut Model) -> Vec<ParamMut<'_>> {
         .collect()
 }
 
-fn peer(args: &Args) -> Result<(), String> {
-    let master = args.master.ok_or("--role peer needs --master")?;
-    let cfg = diloco_config(args)?;
-    let source = Source::new();
-    let shard = source.text(args.seed, 200_000);
-    let val = source.text(999_999, 4_002);
-    let val_starts: Vec<usize> = (0..4_000).collect();
-    let mut model = Model::new(args.hidden, args.seed);
-    let mut adam = AdamW::new(&model);
-    let mut comm_cfg = CommunicatorConfig::new(master).with_ephemeral_ports();
-    comm_cfg.connect_timeout = Duration::from_secs(5);
-    let mut d = DiLoCo::connect(comm_cfg, &NAMES, &mut params(&mut model), cfg)
-        .map_err(|e| format!("joining: {e}"))?;
-    let mut out = std::io::stdout().lock();
-    let mut line = |s: String| {
-        let _ = writeln!(out, "{s}").and_then(|_| out.flush());
-    };
-    line(format!(
-        "joined outer_step={} val_loss={:.4}",
-        d.outer_step(),
-        model.loss(&val, &val_starts, None)
-    ));
-    let mut grads: Vec<Vec<f32>> = model.t.iter().map(|t| vec![0.0; t.len()]).collect();
-    let mut pos = (args.seed as usize * 7919) % (shard.len() - 3);
-    let (mut sent, t0) = (0u64, Instant::now());
-    while d.outer_step() < args.outer_steps {
-        let starts: Vec<usize> = (0..args.batch)
-            .map(|i| (pos + i * 97) % (shard.len() - 3))
-            .collect();
-        pos = (pos + args.batch * 97 + 1) % (shard.len() - 3);
-        grads
+/// One peer's data, model and inner optimizer.
+struct Trainer {
+    shard: Vec<u8>,
+    val: Vec<u8>,
+    val_starts: Vec<usize>,
+    model: Model,
+    adam: AdamW,
+    grads: Vec<Vec<f32>>,
+    pos: usize,
+    batch: usize,
+    compute: Duration,
+}
+
+impl Trainer {
+    fn new(args: &Args) -> Trainer {
+        let source = Source::new();
+        // Every peer starts from the same initial model (DiLoCo's first sync
+        // would make them equal anyway; DDP needs it).
+        let model = Model::new(args.hidden, 1);
+        let shard = source.text(args.seed, 200_000);
+        Trainer {
+            pos: (args.seed as usize * 7919) % (shard.len() - 3),
+            shard,
+            val: source.text(999_999, 4_002),
+            val_starts: (0..4_000).collect(),
+            adam: AdamW::new(&model),
+            grads: model.t.iter().map(|t| vec![0.0; t.len()]).collect(),
+            model,
+            batch: args.batch,
+            compute: Duration::from_millis(args.compute_ms),
+        }
+    }
+
+    /// Fills `grads` with the gradient of the next batch.
+    fn gradients(&mut self) {
+        let n = self.shard.len() - 3;
+        let starts: Vec<usize> = (0..self.batch).map(|i| (self.pos + i * 97) % n).collect();
+        self.pos = (self.pos + self.batch * 97 + 1) % n;
+        self.grads
             .iter_mut()
             .for_each(|g| g.iter_mut().for_each(|x| *x = 0.0));
-        model.loss(&shard, &starts, Some(&mut grads));
-        adam.step(&mut model, &grads);
+        self.model.loss(&self.shard, &starts, Some(&mut self.grads));
+        if !self.compute.is_zero() {
+            std::thread::sleep(self.compute);
+        }
+    }
+
+    fn val_loss(&self, t: &[Vec<f32>]) -> f32 {
+        let m = Model { t: t.to_vec() };
+        m.loss(&self.val, &self.val_starts, None)
+    }
+}
+
+fn emit(s: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{s}").and_then(|_| out.flush());
+}
+
+fn peer(args: &Args) -> Result<(), String> {
+    if args.no_comm {
+        return alone(args);
+    }
+    let master = args.master.ok_or("--role peer needs --master")?;
+    let mut comm_cfg = CommunicatorConfig::new(master).with_ephemeral_ports();
+    comm_cfg.connect_timeout = Duration::from_secs(5);
+    comm_cfg.bind_ip = args.bind_ip;
+    if args.ddp {
+        return ddp(args, comm_cfg);
+    }
+    let cfg = diloco_config(args)?;
+    let mut tr = Trainer::new(args);
+    let mut d = DiLoCo::connect(comm_cfg, &NAMES, &mut params(&mut tr.model), cfg)
+        .map_err(|e| format!("joining: {e}"))?;
+    emit(format!(
+        "joined outer_step={} val_loss={:.4}",
+        d.outer_step(),
+        tr.val_loss(&tr.model.t)
+    ));
+    let (mut sent, t0) = (0u64, Instant::now());
+    let mut window = Instant::now();
+    let mut windows = Vec::new();
+    while d.outer_step() < args.outer_steps {
+        tr.gradients();
+        tr.adam.step(&mut tr.model, &tr.grads);
         let report = d
-            .step(&mut params(&mut model))
+            .step(&mut params(&mut tr.model))
             .map_err(|e| format!("outer step: {e}"))?;
         if let Some(r) = report.filter(|r| r.applied) {
             sent += r.tx_bytes;
+            windows.push(window.elapsed());
             // The shared model: the outer parameters (in async mode the local
             // model starts the next window from them plus its own eager step).
-            let shared = Model {
-                t: d.outer_params().to_vec(),
-            };
-            line(format!(
+            emit(format!(
                 "outer_step={} val_loss={:.4} world={} tx_bytes={} total_tx={} hidden_ms={:.1} exposed_ms={:.1} elapsed_s={:.2} hash={:016x}",
                 r.outer_step,
-                shared.loss(&val, &val_starts, None),
+                tr.val_loss(d.outer_params()),
                 r.world,
                 r.tx_bytes,
                 sent,
@@ -375,15 +436,118 @@ fn peer(args: &Args) -> Result<(), String> {
                 t0.elapsed().as_secs_f64(),
                 d.state_hash()
             ));
+            // Windows are timed without this evaluation and printing.
+            window = Instant::now();
         }
     }
-    line(format!(
-        "done outer_step={} hash={:016x}",
+    emit(format!(
+        "done outer_step={} hash={:016x} val_loss={:.4} total_tx={sent} wall_s={:.2} mean_window_ms={:.1}",
         d.outer_step(),
-        d.state_hash()
+        d.state_hash(),
+        tr.val_loss(d.outer_params()),
+        t0.elapsed().as_secs_f64(),
+        mean_ms(&windows)
     ));
     d.close();
     Ok(())
+}
+
+fn mean_ms(d: &[Duration]) -> f64 {
+    // The first window includes the founding wait; leave it out when we can.
+    let d = if d.len() > 1 { &d[1..] } else { d };
+    d.iter().map(|x| x.as_secs_f64() * 1e3).sum::<f64>() / d.len().max(1) as f64
+}
+
+/// The no-communication baseline: the same inner steps, windows of H, nothing sent.
+fn alone(args: &Args) -> Result<(), String> {
+    let mut tr = Trainer::new(args);
+    let t0 = Instant::now();
+    let mut window = Instant::now();
+    let mut windows = Vec::new();
+    for step in 1..=args.outer_steps * args.sync_every {
+        tr.gradients();
+        tr.adam.step(&mut tr.model, &tr.grads);
+        if step % args.sync_every == 0 {
+            windows.push(window.elapsed());
+            window = Instant::now();
+        }
+    }
+    emit(format!(
+        "done outer_step={} hash=- val_loss={:.4} total_tx=0 wall_s={:.2} mean_window_ms={:.1}",
+        args.outer_steps,
+        tr.val_loss(&tr.model.t),
+        t0.elapsed().as_secs_f64(),
+        mean_ms(&windows)
+    ));
+    Ok(())
+}
+
+/// The DDP baseline: gradients averaged before every inner step.
+fn ddp(args: &Args, comm_cfg: CommunicatorConfig) -> Result<(), String> {
+    let cfg = diloco_config(args)?;
+    let mut tr = Trainer::new(args);
+    let comm = Communicator::new(comm_cfg).map_err(|e| e.to_string())?;
+    comm.connect().map_err(|e| format!("connecting: {e}"))?;
+    while comm.world().map_err(|e| e.to_string())?.group_world < args.min_world {
+        if comm.are_peers_pending().map_err(|e| e.to_string())? {
+            comm.update_topology().map_err(|e| e.to_string())?;
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let (mut sent, t0) = (0u64, Instant::now());
+    let mut window = Instant::now();
+    let mut windows = Vec::new();
+    for step in 1..=args.outer_steps * args.sync_every {
+        tr.gradients();
+        let mut ops: Vec<ReduceBuffers<'_>> = tr
+            .grads
+            .iter_mut()
+            .enumerate()
+            .map(|(i, g)| {
+                let op = ReduceBuffers::in_place(g.as_mut_slice(), ReduceOp::Avg, i as u64);
+                match cfg.quantization {
+                    Some(q) => op.with_quantization(q),
+                    None => op,
+                }
+            })
+            .collect();
+        let info = comm
+            .all_reduce_multiple_with_retry(&mut ops, 8)
+            .map_err(|e| format!("all-reduce: {e}"))?;
+        drop(ops);
+        sent += info.tx_bytes;
+        tr.adam.step(&mut tr.model, &tr.grads);
+        if step % args.sync_every == 0 {
+            windows.push(window.elapsed());
+            emit(format!(
+                "outer_step={} val_loss={:.4} world={} total_tx={sent} elapsed_s={:.2}",
+                step / args.sync_every,
+                tr.val_loss(&tr.model.t),
+                info.local_world_size,
+                t0.elapsed().as_secs_f64()
+            ));
+            window = Instant::now();
+        }
+    }
+    let h = pccl_core::hash::tensor_hashes(
+        &tr.model.t.iter().map(|t| f32_bytes(t)).collect::<Vec<_>>(),
+    );
+    emit(format!(
+        "done outer_step={} hash={:016x} val_loss={:.4} total_tx={sent} wall_s={:.2} mean_window_ms={:.1}",
+        args.outer_steps,
+        pccl_core::hash::root_hash(&h, 0),
+        tr.val_loss(&tr.model.t),
+        t0.elapsed().as_secs_f64(),
+        mean_ms(&windows)
+    ));
+    comm.close();
+    Ok(())
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding; the length is the slice's size in bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {

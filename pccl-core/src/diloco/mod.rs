@@ -316,6 +316,29 @@ enum Work {
     Ready(ReduceOutcome),
 }
 
+/// What async mode's background task hands back: the outer state after its
+/// sync (when one was due), the averaged pseudo-gradient, and the answer of
+/// the are-peers-pending vote that followed.
+struct AsyncOutcome {
+    state: Option<OuterState>,
+    sync: Result<Option<crate::SyncInfo>>,
+    bufs: Vec<Vec<f32>>,
+    reduce: Result<ReduceInfo>,
+    pending: Result<bool>,
+    took: Duration,
+}
+
+fn join_async(h: std::thread::JoinHandle<AsyncOutcome>) -> AsyncOutcome {
+    h.join().unwrap_or_else(|_| AsyncOutcome {
+        state: None,
+        sync: Err(Error::Internal("the DiLoCo background task panicked".into())),
+        bufs: Vec::new(),
+        reduce: Err(Error::Internal("the DiLoCo background task panicked".into())),
+        pending: Ok(false),
+        took: Duration::ZERO,
+    })
+}
+
 struct InFlight {
     fragment: usize,
     launched_at: u64,
@@ -353,6 +376,8 @@ pub struct DiLoCo {
     /// Revision of this session's last successful sync (`None`: none yet).
     revision: Option<u64>,
     inflight: Option<InFlight>,
+    /// Async mode: the background task of the last window.
+    async_task: Option<std::thread::JoinHandle<AsyncOutcome>>,
     rejoins: u32,
 }
 
@@ -401,6 +426,7 @@ impl DiLoCo {
             start: Vec::new(),
             revision: None,
             inflight: None,
+            async_task: None,
             rejoins: 0,
         };
         let mut rep = OuterReport::default();
@@ -573,17 +599,35 @@ impl DiLoCo {
         let all = 0..self.specs.len();
         let mut delta = self.pseudo_gradients_from_start(params);
         let residual = self.error_feedback(&mut delta, all.clone());
-        if let Some(inf) = self.inflight.take() {
+        let pending = if let Some(task) = self.async_task.take() {
             let t = Instant::now();
-            let (g, info, took) = finish(inf.work);
-            let info = info.map_err(|e| (e, false))?;
-            note(rep, &info, took, t.elapsed());
-            self.apply(all.clone(), &g);
+            let out = join_async(task);
+            let waited = t.elapsed();
+            if let Some(st) = out.state {
+                // The state as synced one window ago (repaired if this peer's
+                // differed); the schedule clock is this peer's own.
+                let inner = self.meta[META_INNER_STEP];
+                self.outer = st.outer;
+                self.momentum = st.momentum;
+                self.meta = st.meta;
+                self.meta[META_INNER_STEP] = inner;
+                self.revision = st.revision;
+            }
+            if let Some(info) = out.sync.map_err(|e| (e, true))? {
+                rep.tx_bytes += info.tx_bytes;
+                rep.rx_bytes += info.rx_bytes;
+            }
+            let info = out.reduce.map_err(|e| (e, false))?;
+            note(rep, &info, out.took, waited);
+            self.apply(all.clone(), &out.bufs);
             rep.applied = true;
-        }
-        let t = Instant::now();
-        let pending = self.comm.are_peers_pending().map_err(|e| (e, false))?;
-        rep.exposed_time += t.elapsed();
+            out.pending.map_err(|e| (e, false))?
+        } else {
+            let t = Instant::now();
+            let p = self.comm.are_peers_pending().map_err(|e| (e, false))?;
+            rep.exposed_time += t.elapsed();
+            p
+        };
         if pending {
             // Drain the pipeline before admitting: the newcomer then receives
             // every applied step and nothing is in flight that it missed.
@@ -598,17 +642,67 @@ impl DiLoCo {
             self.sync(rep).map_err(|e| (e, true))?;
             self.start = self.outer.clone();
         } else {
-            if rep.applied {
-                self.sync(rep).map_err(|e| (e, true))?;
-            }
             self.commit_residual(residual, all.clone());
             self.start = self.eager_start(&delta);
-            self.launch(0, delta);
+            // The sync of the state just applied runs in the background too,
+            // before the all-reduce (every peer runs the same sequence).
+            let state = rep.applied.then(|| OuterState {
+                outer: self.outer.clone(),
+                momentum: self.momentum.clone(),
+                meta: self.meta,
+                revision: self.revision,
+            });
+            self.launch_async(state, delta);
         }
         for (p, s) in params.iter_mut().zip(&self.start) {
             p.reset_to(s);
         }
         Ok(())
+    }
+
+    /// Starts async mode's background task: sync `state` (if given), average
+    /// `delta`, then vote on pending peers, all off the training thread.
+    fn launch_async(&mut self, state: Option<OuterState>, mut delta: Vec<Vec<f32>>) {
+        let comm = self.comm.clone();
+        let cfg = self.cfg;
+        let specs = self.specs.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pccl-diloco-async".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let mut state = state;
+                let sync = match state.as_mut() {
+                    Some(st) => sync_state(&comm, &specs, st).map(Some),
+                    None => Ok(None),
+                };
+                let (reduce, pending) = if sync.is_ok() {
+                    let (info, r) = reduce_now(&comm, &mut delta, 0, &cfg);
+                    let pending = if r.is_ok() {
+                        comm.are_peers_pending()
+                    } else {
+                        Ok(false)
+                    };
+                    (r.map(|_| info), pending)
+                } else {
+                    (Ok(ReduceInfo::default()), Ok(false))
+                };
+                AsyncOutcome {
+                    state,
+                    sync,
+                    bufs: delta,
+                    reduce,
+                    pending,
+                    took: t.elapsed(),
+                }
+            });
+        match spawned {
+            Ok(h) => self.async_task = Some(h),
+            Err(e) => {
+                // Without a thread the step cannot run in the background:
+                // report it at the next event, as a failed reduce.
+                tracing::error!(peer = %self.comm.peer_id(), "DiLoCo: cannot start the background task: {e}");
+            }
+        }
     }
 
     /// The outer parameters after an outer step with `own` on a copy of
@@ -841,55 +935,21 @@ impl DiLoCo {
     /// elect one of theirs); then the configuration is compared.
     fn sync(&mut self, rep: &mut OuterReport) -> Result<()> {
         let t = Instant::now();
-        let first = self.revision.is_none();
-        let ours = self.meta;
-        let names: Vec<(String, String)> = self
-            .specs
-            .iter()
-            .map(|s| {
-                (
-                    format!("diloco.outer.{}", s.name),
-                    format!("diloco.momentum.{}", s.name),
-                )
-            })
-            .collect();
-        let mut meta = self.meta;
-        let (info, revision) = {
-            let mut tensors = Vec::with_capacity(2 * names.len() + 1);
-            for ((o, m), (on, mn)) in self
-                .outer
-                .iter_mut()
-                .zip(self.momentum.iter_mut())
-                .zip(&names)
-            {
-                tensors.push(SharedTensor::new(on.clone(), o.as_mut_slice()));
-                tensors.push(SharedTensor::new(mn.clone(), m.as_mut_slice()));
-            }
-            tensors.push(SharedTensor::new("diloco.meta", &mut meta[..]));
-            let mut st = SharedState::new(self.revision.map_or(0, |r| r + 1), tensors);
-            let strategy = if first {
-                SyncStrategy::ReceiveOnly
-            } else {
-                SyncStrategy::EnforcePopular
-            };
-            let info = match self.comm.sync_shared_state(&mut st, strategy) {
-                Err(Error::NoSharedStateAvailable(_)) if first => self
-                    .comm
-                    .sync_shared_state(&mut st, SyncStrategy::EnforcePopular),
-                r => r,
-            }?;
-            (info, st.revision)
+        let mut st = OuterState {
+            outer: std::mem::take(&mut self.outer),
+            momentum: std::mem::take(&mut self.momentum),
+            meta: self.meta,
+            revision: self.revision,
         };
-        self.meta = meta;
-        self.revision = Some(revision);
+        let r = sync_state(&self.comm, &self.specs, &mut st);
+        self.outer = st.outer;
+        self.momentum = st.momentum;
+        self.meta = st.meta;
+        self.revision = st.revision;
+        rep.exposed_time += t.elapsed();
+        let info = r?;
         rep.tx_bytes += info.tx_bytes;
         rep.rx_bytes += info.rx_bytes;
-        rep.exposed_time += t.elapsed();
-        if let Some(msg) = outer::config_mismatch(&ours, &meta) {
-            return Err(Error::InvalidArgument(format!(
-                "DiLoCo configuration differs from the group's: {msg}"
-            )));
-        }
         Ok(())
     }
 
@@ -937,6 +997,9 @@ impl DiLoCo {
         if let Some(inf) = self.inflight.take() {
             let _ = finish(inf.work);
         }
+        if let Some(t) = self.async_task.take() {
+            let _ = join_async(t);
+        }
         self.rejoins += 1;
         let old = std::mem::replace(&mut self.comm, Arc::new(connect_comm(&self.comm_cfg)?));
         drop(old);
@@ -977,6 +1040,9 @@ impl Drop for DiLoCo {
         if let Some(inf) = self.inflight.take() {
             let _ = finish(inf.work);
         }
+        if let Some(t) = self.async_task.take() {
+            let _ = join_async(t);
+        }
     }
 }
 
@@ -1009,6 +1075,63 @@ fn check_params(names: &[&str], params: &[ParamMut<'_>]) -> Result<Vec<ParamSpec
         });
     }
     Ok(specs)
+}
+
+/// The part of the driver that travels in the shared state.
+struct OuterState {
+    outer: Vec<Vec<f32>>,
+    momentum: Vec<Vec<f32>>,
+    meta: [u64; META_LEN],
+    /// Revision of the session's last successful sync (`None`: none yet).
+    revision: Option<u64>,
+}
+
+/// Syncs `st` with the group (revision + 1; a session's first sync
+/// receives, falling back to an election among founding peers), then
+/// checks that the group's configuration is this peer's.
+fn sync_state(
+    comm: &Communicator,
+    specs: &[ParamSpec],
+    st: &mut OuterState,
+) -> Result<crate::SyncInfo> {
+    let first = st.revision.is_none();
+    let ours = st.meta;
+    let mut meta = st.meta;
+    let (info, revision) = {
+        let mut tensors = Vec::with_capacity(2 * specs.len() + 1);
+        for ((o, m), spec) in st.outer.iter_mut().zip(st.momentum.iter_mut()).zip(specs) {
+            tensors.push(SharedTensor::new(
+                format!("diloco.outer.{}", spec.name),
+                o.as_mut_slice(),
+            ));
+            tensors.push(SharedTensor::new(
+                format!("diloco.momentum.{}", spec.name),
+                m.as_mut_slice(),
+            ));
+        }
+        tensors.push(SharedTensor::new("diloco.meta", &mut meta[..]));
+        let mut shared = SharedState::new(st.revision.map_or(0, |r| r + 1), tensors);
+        let strategy = if first {
+            SyncStrategy::ReceiveOnly
+        } else {
+            SyncStrategy::EnforcePopular
+        };
+        let info = match comm.sync_shared_state(&mut shared, strategy) {
+            Err(Error::NoSharedStateAvailable(_)) if first => {
+                comm.sync_shared_state(&mut shared, SyncStrategy::EnforcePopular)
+            }
+            r => r,
+        }?;
+        (info, shared.revision)
+    };
+    st.meta = meta;
+    st.revision = Some(revision);
+    if let Some(msg) = outer::config_mismatch(&ours, &meta) {
+        return Err(Error::InvalidArgument(format!(
+            "DiLoCo configuration differs from the group's: {msg}"
+        )));
+    }
+    Ok(info)
 }
 
 fn connect_comm(cfg: &CommunicatorConfig) -> Result<Communicator> {
