@@ -181,3 +181,24 @@ fn no_import_circle_but_the_known_ones() {
         assert!(!master.contains(peer_side), "master imports {peer_side}");
     }
 }
+
+#[test]
+fn diloco_sits_on_the_public_api_only() {
+    let graph = module_graph();
+    let uses = graph.get("diloco").expect("diloco module");
+    let allowed = ["error", "types", "quant", "hash", "comm", "shared_state"];
+    let extra: Vec<_> = uses
+        .iter()
+        .filter(|m| !allowed.contains(&m.as_str()))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "diloco imports internal modules {extra:?}; it may use only the public API"
+    );
+    let users: Vec<_> = graph
+        .iter()
+        .filter(|(m, deps)| *m != "diloco" && deps.contains("diloco"))
+        .map(|(m, _)| m)
+        .collect();
+    assert!(users.is_empty(), "{users:?} import diloco, the top layer");
+}

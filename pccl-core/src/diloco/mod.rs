@@ -136,10 +136,12 @@ impl DiLoCoConfig {
                     self.sync_every
                 ));
             }
-            if (delay as u128) * (fragments as u128) >= self.sync_every as u128 {
+            let gap = outer::min_launch_gap(fragments, self.sync_every);
+            if delay >= gap {
                 return bad(format!(
-                    "fragment_sync_delay τ={delay} with {fragments} fragments needs τ·F < H={}, \
-                     so that one fragment is in flight at a time",
+                    "fragment_sync_delay τ={delay} with {fragments} fragments and H={} needs \
+                     τ·F < H and τ < {gap} (the shortest gap between two launches), so that \
+                     one fragment is in flight at a time and peers are admitted between launches",
                     self.sync_every
                 ));
             }

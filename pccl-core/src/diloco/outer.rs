@@ -30,8 +30,9 @@ pub fn outer_sgd_step(
 }
 
 /// Splits parameters of the given lengths into `fragments` contiguous,
-/// non-empty groups of about equal element counts; returns each group's
-/// parameter index range.
+/// non-empty groups of about equal element counts (fragment f ends at the
+/// first tensor that brings the running total to (f + 1)/F of all
+/// elements); returns each group's parameter index range.
 pub fn split_fragments(lens: &[usize], fragments: usize) -> Result<Vec<std::ops::Range<usize>>> {
     if fragments == 0 || fragments > lens.len() {
         return Err(Error::InvalidArgument(format!(
@@ -69,6 +70,22 @@ pub fn split_fragments(lens: &[usize], fragments: usize) -> Result<Vec<std::ops:
 /// offsets `f·H/F` spread the fragments evenly over the H inner steps.
 pub fn fragment_offset(f: usize, fragments: usize, sync_every: u64) -> u64 {
     (f as u128 * sync_every as u128 / fragments as u128) as u64
+}
+
+/// The shortest distance in inner steps between two consecutive fragment
+/// launches (wrapping around the period H).
+pub fn min_launch_gap(fragments: usize, sync_every: u64) -> u64 {
+    (0..fragments)
+        .map(|f| {
+            let next = if f + 1 == fragments {
+                sync_every
+            } else {
+                fragment_offset(f + 1, fragments, sync_every)
+            };
+            next - fragment_offset(f, fragments, sync_every)
+        })
+        .min()
+        .unwrap_or(sync_every)
 }
 
 /// The fragment whose all-reduce launches after inner step `step` (counted
@@ -221,8 +238,9 @@ mod tests {
             }
             assert!(r.iter().all(|x| !x.is_empty()));
         }
+        // A fragment ends at the first tensor that brings it to its share.
         let r = split_fragments(&lens, 2).unwrap();
-        assert_eq!(r, vec![0..3, 3..6]);
+        assert_eq!(r, vec![0..4, 4..6]);
         assert!(split_fragments(&lens, 0).is_err());
         assert!(split_fragments(&lens, 7).is_err());
     }
@@ -240,6 +258,9 @@ mod tests {
         assert_eq!(seen[1], vec![4, 16, 28]);
         assert_eq!(seen[2], vec![8, 20, 32]);
         assert_eq!(launching_fragment(5, 1, 5), Some(0));
+        assert_eq!(min_launch_gap(3, 12), 4);
+        assert_eq!(min_launch_gap(3, 10), 3);
+        assert_eq!(min_launch_gap(1, 7), 7);
         assert_eq!(launching_fragment(3, 1, 5), None);
     }
 
