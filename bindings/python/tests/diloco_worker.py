@@ -29,20 +29,107 @@ import time
 import traceback
 
 
+_EMIT = threading.Lock()
+
+
 def emit(event: str, **kw) -> None:
     kw["event"] = event
-    print(json.dumps(kw), flush=True)
+    kw["t"] = round(time.time(), 3)
+    line = json.dumps(kw) + "\n"
+    with _EMIT:  # one whole line at a time: the all-reduce thread emits too
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
-def main() -> None:
-    args = json.loads(sys.argv[1])
-    rank = args["rank"]
+def main(args) -> int:
     try:
         run(args)
+        return 0
     except BaseException as e:  # noqa: BLE001 - report everything to the test
-        emit("error", rank=rank, error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
+        emit("error", rank=args.get("rank"), error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
+        return 1
+
+
+def zygote() -> None:
+    """Imports PyTorch and pccl once, then forks one peer per request line on
+    stdin (``{"id", "args", "out", "in", "err"}``: FIFOs for the peer's
+    stdout and stdin, a log file for its stderr). Reports ``{"spawned": id,
+    "pid": pid}`` and ``{"exit": id, "status": code}`` (negative: killed by
+    that signal) on stdout. When stdin closes, remaining peers are killed and
+    reaped. Single-threaded, so forking is safe; saves every peer the
+    seconds a PyTorch import costs on a busy machine."""
+    import select
+
+    import torch  # noqa: F401 - the expensive import, done once
+
+    import pccl  # noqa: F401
+    import pccl.diloco  # noqa: F401
+
+    # Constructing an optimizer imports torch._dynamo (seconds): do it here,
+    # once, with one thread (no thread pool is started before the forks).
+    torch.set_num_threads(1)
+    warm = torch.nn.Linear(2, 2)
+    torch.optim.AdamW(warm.parameters(), lr=1e-3)
+
+    out = os.fdopen(os.dup(1), "w")
+
+    def report(**kw) -> None:
+        out.write(json.dumps(kw) + "\n")
+        out.flush()
+
+    children = {}
+    buf = b""
+    report(ready=True)
+    while True:
+        r, _, _ = select.select([0], [], [], 0.05)
+        if r:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                req = json.loads(line)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _child(req)  # never returns
+                children[pid] = req["id"]
+                report(spawned=req["id"], pid=pid)
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            report(exit=children.pop(pid), status=os.waitstatus_to_exitcode(status))
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid, name in list(children.items()):
+        _, status = os.waitpid(pid, 0)
+        report(exit=name, status=os.waitstatus_to_exitcode(status))
+
+
+def _child(req) -> None:
+    code = 1
+    try:
+        # O_RDWR: opening never blocks and reads never see EOF before the test writes.
+        fd_in = os.open(req["in"], os.O_RDWR) if req.get("in") else os.open(os.devnull, os.O_RDONLY)
+        fd_err = os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd_out = os.open(req["out"], os.O_WRONLY)  # the test's reader opens the other end
+        for fd, target in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
+            os.dup2(fd, target)
+            os.close(fd)
+        sys.stdin = open(0, "r", closefd=False)
+        code = main(req["args"])
         sys.stdout.flush()
-        os._exit(1)
+    finally:
+        os._exit(code)
 
 
 def run(args) -> None:
@@ -181,4 +268,7 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "--zygote":
+        zygote()
+    else:
+        sys.exit(main(json.loads(sys.argv[1])))

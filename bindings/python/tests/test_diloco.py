@@ -6,36 +6,182 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
+import threading
 
 import pytest
 
 import pccl
-from conftest import HERE, peer_env, torch_or_skip
+from conftest import HERE, Peer, peer_env, torch_or_skip
 
 WORKER = HERE / "diloco_worker.py"
 EXAMPLE = HERE.parent / "examples" / "diloco_charlm.py"
 
 
-def spawn(launcher, name, **args):
-    args.setdefault("master", launcher.master_addr)
-    p = launcher.spawn_cmd(name, [sys.executable, str(WORKER), json.dumps(args)])
-    return p
+class ZProc:
+    """The part of ``subprocess.Popen`` that ``conftest.Peer`` uses, for a
+    peer forked by the zygote (which reports its pid and exit status)."""
+
+    def __init__(self, in_path):
+        self.pid = None
+        self.returncode = None
+        self.spawned = threading.Event()
+        self.exited = threading.Event()
+        self._in_path = in_path
+        self._stdin = None
+        self.stdout = None
+
+    @property
+    def stdin(self):
+        if self._stdin is None and self._in_path is not None:
+            self._stdin = open(self._in_path, "w")
+        return self._stdin
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if not self.exited.wait(timeout):
+            raise subprocess.TimeoutExpired("zygote peer", timeout)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.returncode is None and self.pid is not None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
 
 
-def spawn_waiting(launcher, name, **args):
-    """A peer that imports everything, then waits for ``go()`` to connect."""
-    from conftest import Peer
+class ZPeer(Peer):
+    """A ``conftest.Peer`` forked by the zygote; stdout/stdin are FIFOs."""
 
-    args.setdefault("master", launcher.master_addr)
-    args["wait_go"] = True
-    p = Peer(name, [sys.executable, str(WORKER), json.dumps(args)], launcher.tmp / f"{name}.log", stdin=True)
-    launcher.peers.append(p)
-    return p
+    def __init__(self, name, out_path, in_path, log_path):
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "a")
+        self.proc = ZProc(in_path)
+        self._out_path = out_path
+        self.events = []
+        self._queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        self.proc.stdout = open(self._out_path)  # returns once the peer opened its end
+        super()._read()
+
+    def reap(self):
+        if self.proc.stdout is None:  # the peer never opened its stdout: unblock our reader
+            try:
+                os.close(os.open(self._out_path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        super().reap()
+
+
+class Zygote:
+    """One process that imported PyTorch and pccl, forking every peer of a test."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.log = open(tmp / "zygote.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), "--zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.log, text=True, env=peer_env(), cwd=str(HERE),
+        )
+        self.peers = {}
+        self.ready = threading.Event()
+        self.n = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(120):
+            raise AssertionError("the zygote did not start")
+
+    def _read(self):
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            if msg.get("ready"):
+                self.ready.set()
+            elif "spawned" in msg:
+                p = self.peers[msg["spawned"]].proc
+                p.pid = msg["pid"]
+                p.spawned.set()
+            elif "exit" in msg:
+                p = self.peers[msg["exit"]].proc
+                p.returncode = msg["status"]
+                p.exited.set()
+
+    def spawn(self, name, args, stdin=False):
+        self.n += 1
+        key = f"{name}-{self.n}"
+        out, inp = self.tmp / f"{key}.out", (self.tmp / f"{key}.in" if stdin else None)
+        os.mkfifo(out)
+        if inp is not None:
+            os.mkfifo(inp)
+        peer = ZPeer(name, out, inp, self.tmp / f"{key}.log")
+        self.peers[key] = peer
+        req = {"id": key, "args": args, "out": str(out), "in": str(inp) if inp else None, "err": str(peer.log_path)}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        if not peer.proc.spawned.wait(30):
+            raise AssertionError(f"the zygote did not fork {name}")
+        return peer
+
+    def close(self):
+        try:
+            self.proc.stdin.close()  # the zygote kills and reaps what is left, then exits
+            self.proc.wait(timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    torch_or_skip()
+    z = Zygote(tmp_path_factory.mktemp("zygote"))
+    try:
+        yield z
+    finally:
+        z.close()
+
+
+class Peers:
+    def __init__(self, zygote, master_addr, tmp):
+        self.zygote, self.master_addr, self.tmp = zygote, master_addr, tmp
+        self.peers = []
+
+    def spawn(self, name, wait_go=False, **args):
+        args.setdefault("master", self.master_addr)
+        args["wait_go"] = wait_go
+        p = self.zygote.spawn(name, args, stdin=wait_go)
+        self.peers.append(p)
+        return p
+
+    def dump(self):
+        """All peers' events, in time order, to ``events.jsonl`` (for post-mortems)."""
+        evs = sorted((e.get("t", 0), p.name, i, e) for p in self.peers for i, e in enumerate(p.events))
+        with open(self.tmp / "events.jsonl", "w") as f:
+            for _t, name, _i, e in evs:
+                f.write(json.dumps({"peer": name, **e}) + "\n")
+
+    def reap_all(self):
+        for p in self.peers:
+            p.reap()
+
+
+@pytest.fixture
+def peers(zygote, master, tmp_path):
+    ps = Peers(zygote, master.listen_address, tmp_path)
+    try:
+        yield ps
+    finally:
+        ps.reap_all()
+        ps.dump()
 
 
 def go(p):
@@ -67,14 +213,12 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_mode_under_churn(launcher, mode):
-    torch_or_skip()
+def test_mode_under_churn(peers, mode):
     cfg = dict(MODES[mode], min_world=3, sleep=0.02, hidden=256)
-    stay = spawn(launcher, f"{mode}-stay", rank=0, **cfg)
-    victim = spawn(launcher, f"{mode}-victim", rank=1, die_at_outer=3, **cfg)
-    leaver = spawn(launcher, f"{mode}-leaver", rank=2, **cfg)
-    joiner = spawn_waiting(launcher, f"{mode}-joiner", rank=3, **cfg)
-    joiner.wait_event(lambda e: e.get("event") == "ready", timeout=60)
+    stay = peers.spawn(f"{mode}-stay", rank=0, **cfg)
+    victim = peers.spawn(f"{mode}-victim", rank=1, die_at_outer=3, **cfg)
+    leaver = peers.spawn(f"{mode}-leaver", rank=2, **cfg)
+    joiner = peers.spawn(f"{mode}-joiner", wait_go=True, rank=3, **cfg)
     # The founding phase holds everyone until the group has 3 peers.
     first = [p.wait_event(lambda e: e.get("event") == "outer", timeout=60) for p in (stay, victim, leaver)]
     assert all(e["world"] == 3 for e in first), first
@@ -153,14 +297,11 @@ def test_bad_input_changes_nothing(master):
     comm.close()
 
 
-def test_mismatched_peers_get_errors_and_the_group_is_unchanged(launcher):
-    torch_or_skip()
+def test_mismatched_peers_get_errors_and_the_group_is_unchanged(peers):
     cfg = dict(mode="sync", H=4, steps=48, min_world=2, sleep=0.02, hidden=64)
-    good = [spawn(launcher, f"good{r}", rank=r, **cfg) for r in range(2)]
-    shape = spawn_waiting(launcher, "bad-shape", rank=2, **dict(cfg, hidden=48, expect_error=True))
-    lr = spawn_waiting(launcher, "bad-lr", rank=3, **dict(cfg, lr=0.5, expect_error=True))
-    for p in (shape, lr):
-        p.wait_event(lambda e: e.get("event") == "ready", timeout=60)
+    good = [peers.spawn(f"good{r}", rank=r, **cfg) for r in range(2)]
+    shape = peers.spawn("bad-shape", wait_go=True, rank=2, **dict(cfg, hidden=48, expect_error=True))
+    lr = peers.spawn("bad-lr", wait_go=True, rank=3, **dict(cfg, lr=0.5, expect_error=True))
     good[0].wait_event(lambda e: e.get("event") == "outer" and e["outer_step"] >= 2, timeout=60)
     go(shape)
     err = shape.wait_event(lambda e: e.get("event") == "expected_error", timeout=60)
