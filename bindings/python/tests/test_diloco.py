@@ -323,7 +323,8 @@ def test_mismatched_peers_get_errors_and_the_group_is_unchanged(peers):
 
 def test_charlm_example(tmp_path):
     torch_or_skip()
-    argv = [sys.executable, str(EXAMPLE), "--mode", "async", "--quant", "minmax", "--steps", "60", "--peers", "3"]
+    argv = [sys.executable, str(EXAMPLE), "--mode", "async", "--quant", "minmax", "--steps", "100", "--peers", "3"]
+    argv += ["--sync-every", "5", "--step-time", "0.005", "--timeout", "100"]
     log = open(tmp_path / "charlm.log", "w+")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=peer_env(), start_new_session=True)
     try:

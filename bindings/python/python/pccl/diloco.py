@@ -506,6 +506,8 @@ class DiLoCo:
         quantization: Optional[QuantizationOptions] = None,
         error_feedback: bool = False,
         min_world: int = 1,
+        *,
+        resume_from: Optional["DiLoCo"] = None,
     ) -> None:
         # ---- validation: nothing is touched before all of it passed --------
         if not isinstance(mode, str) or mode not in MODES:
@@ -554,6 +556,8 @@ class DiLoCo:
                 quantization = None
         if error_feedback and quantization is None:
             raise ValueError("pccl.diloco: error_feedback=True needs quantization (there is no error to feed back)")
+        if resume_from is not None and not isinstance(resume_from, DiLoCo):
+            raise TypeError("pccl.diloco: resume_from must be a pccl.diloco.DiLoCo (the instance being replaced)")
         if not isinstance(communicator, Communicator):
             raise TypeError(f"pccl.diloco: communicator must be a pccl.Communicator, got {type(communicator).__name__}")
         if not hasattr(model, "named_parameters"):
@@ -585,10 +589,20 @@ class DiLoCo:
             if p.numel() == 0:
                 raise ValueError(f"pccl.diloco: parameter {name!r} is empty")
         sizes = [p.numel() for _, p in named]
+        if resume_from is not None:
+            if resume_from._names != [n for n, _ in named] or any(
+                tuple(t.shape) != tuple(p.shape) for t, (_, p) in zip(resume_from._outer, named)
+            ):
+                raise ValueError("pccl.diloco: resume_from holds the state of a model with other parameters")
         if mode == "streaming":
             frags = split_fragments(sizes, F)
         else:
             frags = [list(range(len(named)))]
+        if resume_from is not None:
+            resume_from._remove_hook()
+            for r in (resume_from._pending, resume_from._frag_pending[2] if resume_from._frag_pending else None):
+                if r is not None:
+                    r.wait()  # a reduce still in flight must be over before its buffers are read
 
         # ---- configuration ------------------------------------------------
         self.communicator = communicator
@@ -641,6 +655,21 @@ class DiLoCo:
         self._state = SharedState(infos)
         self._inner_step = 0
         self._outer_step = 0
+        if resume_from is not None:
+            # Start from the replaced instance's outer state and counters:
+            # if the group still runs, the first sync replaces them with the
+            # group's; if it is gone (every peer rejoins), the run goes on
+            # from here instead of starting over.
+            for dst, src in zip(self._outer + self._momentum, resume_from._outer + resume_from._momentum):
+                dst.copy_(src)
+            if self._residual is not None and resume_from._residual is not None:
+                for dst, src in zip(self._residual, resume_from._residual):
+                    dst.copy_(src)
+            self._inner_step = resume_from._inner_step
+            self._outer_step = resume_from._outer_step
+            self._meta[_INNER] = self._inner_step
+            self._meta[_OUTER] = self._outer_step
+            self._state.revision = resume_from._state.revision
         self._synced = False
         self._pending: Optional[_Reduce] = None  # async: the reduce in flight or a ready result
         self._frag_pending: Optional[Tuple[int, int, _Reduce]] = None  # streaming: (fragment, due step, reduce)
@@ -882,7 +911,7 @@ class DiLoCo:
     @staticmethod
     def _describe(k: int, v: int) -> str:
         if k in (5, 6, 7):
-            return repr(struct.unpack("<f", struct.pack("<I", v & 0xFFFFFFFF))[0])
+            return f'{struct.unpack("<f", struct.pack("<I", v & 0xFFFFFFFF))[0]:.7g}'
         if k == 1:
             return {c: n for n, c in MODES.items()}.get(v, str(v))
         if k == 9 and v:
