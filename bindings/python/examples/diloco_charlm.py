@@ -18,7 +18,8 @@ held-out loss of the outer parameters went down), and exits non-zero
 otherwise.
 
 A peer that falls out of step with its group (``pccl.diloco.RejoinRequired``)
-rejoins as a newcomer: new communicator, ``connect()``, new ``DiLoCo``.
+rejoins as a newcomer: new communicator, ``connect()``, new ``DiLoCo``
+(``resume_from=`` the old one).
 
 To run peers on several machines, start a master (``pccl-master`` or
 ``python -m pccl.master --listen 0.0.0.0:48148``) and on each machine::
@@ -136,10 +137,11 @@ def run_peer(a: argparse.Namespace) -> int:
                 p.copy_(saved[n])
         return loss
 
-    def join() -> "pccl.diloco.DiLoCo":
+    def join(previous=None) -> "pccl.diloco.DiLoCo":
         comm = pccl.Communicator(a.master, peer_group=a.group)
         comm.connect(n_attempts=10)
-        d = pccl.diloco.DiLoCo(comm, model, opt, **config)
+        # resume_from: should the whole group have fallen apart, go on from our state.
+        d = pccl.diloco.DiLoCo(comm, model, opt, **config, resume_from=previous)
         print(f"[peer {a.rank}] joined at outer step {d.outer_step} (inner step {d.inner_step}), world {d.world}", flush=True)
         return d
 
@@ -160,7 +162,7 @@ def run_peer(a: argparse.Namespace) -> int:
             rep = d.step()
         except pccl.diloco.RejoinRequired as e:
             print(f"[peer {a.rank}] rejoining: {e}", flush=True)
-            d = join()
+            d = join(d)
             continue
         if rep is not None:
             recent = losses[-a.sync_every :]

@@ -191,8 +191,8 @@ def run(args) -> None:
         comm.connect(n_attempts=5)
         return comm
 
-    def build(comm):
-        d = diloco.DiLoCo(comm, model, opt, **config)
+    def build(comm, previous=None):
+        d = diloco.DiLoCo(comm, model, opt, **config, resume_from=previous)
         emit("joined", rank=rank, outer_step=d.outer_step, inner_step=d.inner_step, hash=d.state_hash(), world=d.world)
         return d
 
@@ -235,7 +235,7 @@ def run(args) -> None:
         except diloco.RejoinRequired as e:
             emit("rejoin", rank=rank, cause=str(e))
             comm = connect()
-            d = build(comm)
+            d = build(comm, d)
             continue
         if rep is not None:
             emit(

@@ -107,21 +107,27 @@ group's next collective). To rejoin, a script creates a new
 :class:`pccl.Communicator`, calls ``connect()`` and builds a new
 :class:`DiLoCo` over the same model and inner optimizer::
 
-    while True:
+    while d.inner_step < total_steps:
+        ...; opt.step()
         try:
-            train(d)
-            break
-        except pccl.diloco.RejoinRequired as e:
+            d.step()
+        except pccl.diloco.RejoinRequired:
             comm = pccl.Communicator(address); comm.connect()
-            d = pccl.diloco.DiLoCo(comm, model, opt, **same_config)
+            d = pccl.diloco.DiLoCo(comm, model, opt, **same_config, resume_from=d)
 
 The new instance receives the group's outer parameters, momentum and step
 counters by its first sync and overwrites the model with them.
+``resume_from=`` (optional) seeds it with the old instance's outer state and
+counters, which only matters when no group is left to receive from (every
+peer rejoined, or the master restarted): the run then goes on from there
+instead of starting over.
 
 Ctrl-C: every blocking pccl call releases the GIL and is interruptible;
 background all-reduce threads are waited for with a timeout loop, so
-``KeyboardInterrupt`` arrives promptly. After an interruption the instance
-is unusable (its next :meth:`~DiLoCo.step` raises :class:`RejoinRequired`).
+``KeyboardInterrupt`` arrives promptly. An interrupted outer event leaves
+the instance unusable (its next :meth:`~DiLoCo.step` raises
+:class:`RejoinRequired`) and closes the communicator, as pccl does for an
+interrupted blocking call.
 
 Limits: PyTorch CPU tensors only (CUDA models raise
 :class:`pccl.InvalidBufferError`); floating-point parameters only; every peer
@@ -837,15 +843,16 @@ class DiLoCo:
             pass
 
     def _fail(self, e: BaseException) -> None:
-        """Marks the instance unusable, leaves the group, and raises."""
+        """Marks the instance unusable, leaves the group, and raises: a peer
+        that stayed admitted without following the protocol would stall the
+        group's next collective. A reduce still in flight is not waited for:
+        with the communicator closed it ends (its thread writes only this
+        instance's buffers)."""
         self._broken = e
-        # A reduce still in flight is not waited for: closing the
-        # communicator makes it end (its thread only writes our own buffers).
+        self._leave()
         if isinstance(e, (RejoinRequired, ConfigMismatchError)):
-            self._leave()
             raise e
         if isinstance(e, PCCLError):
-            self._leave()
             raise RejoinRequired(e) from e
         raise e  # KeyboardInterrupt, bugs: as they are
 
