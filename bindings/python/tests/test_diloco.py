@@ -206,9 +206,11 @@ def check_hashes_agree(peers):
 
 MODES = {
     # mode: worker arguments
-    "sync": dict(mode="sync", H=4, steps=72, quant="minmax", error_feedback=True),
-    "async": dict(mode="async", H=4, steps=72),
-    "streaming": dict(mode="streaming", H=8, fragments=2, tau=2, steps=96),
+    "sync": dict(mode="sync", H=4, steps=96, quant="minmax", error_feedback=True),
+    "async": dict(mode="async", H=4, steps=96),
+    # offsets 0, 3, 6 and tau = 3: fragments 0 and 1 are applied at the step
+    # the next one launches (a peer admitted then launches it at once)
+    "streaming": dict(mode="streaming", H=10, fragments=3, tau=3, steps=130),
 }
 
 
@@ -225,7 +227,12 @@ def test_mode_under_churn(peers, mode):
     victim.wait_event(lambda e: e.get("event") == "dying", timeout=60)
     victim.proc.wait(timeout=30)
     assert victim.proc.returncode == -signal.SIGKILL
-    stay.wait_event(lambda e: e.get("event") == "outer" and e["world"] == 2, timeout=60)
+    if mode == "streaming":
+        # Right after fragment 0 was applied (inner step 3 mod 10): the joiner is
+        # most likely admitted when fragment 1 is applied and fragment 2 launches.
+        stay.wait_event(lambda e: e.get("event") == "outer" and e["world"] == 2 and e["inner_step"] % 10 == 3, 60)
+    else:
+        stay.wait_event(lambda e: e.get("event") == "outer" and e["world"] == 2, timeout=60)
     go(joiner)
     joined = joiner.wait_event(lambda e: e.get("event") == "joined", timeout=60)
     assert joined["inner_step"] > 0 and joined["outer_step"] > 0, joined
