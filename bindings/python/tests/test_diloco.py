@@ -1,6 +1,15 @@
 """pccl.diloco across real peer processes (``diloco_worker.py``): each mode
 under churn (a founding group of 3, one SIGKILLed mid-all-reduce, a late
-joiner, a graceful leave), bad input, and the char-LM example."""
+joiner, a graceful leave), bad input (arguments; a peer whose model or
+configuration differs from the group's), one peer alone with the optimizer
+hook, and the char-LM example.
+
+The peers are forked by one "zygote" process that imported PyTorch once
+(``diloco_worker.py --zygote``): an import costs seconds of CPU per process
+on a busy 2-core machine. Their stdout/stdin are FIFOs in the zygote's tmp
+dir; every peer is killed and reaped when its test ends, and the zygote
+kills whatever is left when the module's tests are done. Each test writes
+all peers' events in time order to ``events.jsonl`` in its tmp dir."""
 
 from __future__ import annotations
 
@@ -351,3 +360,48 @@ def test_charlm_example(tmp_path):
     assert rc == 0, out[-4000:]
     assert "killing peer" in out and "adding peer" in out, out[-4000:]
     assert "final state hashes agree" in out, out[-4000:]
+
+
+def test_alone_context_manager_and_async_delay(master):
+    """One peer alone, in this process: the optimizer hook drives step();
+    alone, an outer step applies the peer's own pseudo-gradient (async: one
+    event late); close() applies the one still pending and removes the hook."""
+    torch = torch_or_skip()
+    import pccl.diloco as diloco
+
+    def run(mode):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        comm = pccl.Communicator(master.listen_address)
+        comm.connect()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        x = torch.ones(4, 3)
+        reports = []
+        with diloco.DiLoCo(comm, model, opt, sync_every=2, mode=mode, outer_lr=1.0, outer_momentum=0.0) as d:
+            assert d.world == 1 and d.outer_step == 0
+            for _ in range(4):
+                model(x).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                reports.append(d.last_report)
+            h = d.state_hash()
+        assert not opt._optimizer_step_post_hooks  # removed on exit
+        assert d.inner_step == 4
+        model(x).sum().backward()
+        opt.step()  # no longer hooked
+        assert d.inner_step == 4
+        comm.close()
+        return d, reports, h, start
+
+    d, reports, h, _ = run("sync")
+    assert [r.outer_step if r else None for r in reports] == [None, 1, 1, 2]
+    assert reports[1].world == 1 and reports[1].hidden_seconds == 0.0
+    # lr 1, no momentum: the outer parameters follow the local ones (up to rounding).
+    d_async, areports, ah, _ = run("async")
+    assert [r.outer_step if r else None for r in areports] == [None, None, None, 1]  # one event late
+    assert d_async.outer_step == 2  # close() applied the pending one
+    assert d_async.state_hash() != ah
+    for (n, o_sync), o_async in zip(d.outer_parameters().items(), d_async.outer_parameters().values()):
+        # Same data and the same updates, the second one late: the same result.
+        assert torch.allclose(o_sync, o_async, atol=1e-6), n
