@@ -14,7 +14,9 @@ Arguments (JSON): master, rank, mode, H, steps (inner steps of the run),
 min_world, fragments, tau, alpha, quant ("none", "minmax", "zps"),
 error_feedback, lr (outer), hidden (model width), seed, sleep (seconds per
 inner step), die_at_outer (SIGKILL this process right after its all-reduce
-of that outer event started), wait_go, expect_error.
+of that outer event started), stall_reduce_call (never take part in this
+peer's N-th all-reduce), catch_interrupt (report a KeyboardInterrupt as
+``interrupted``), wait_go, expect_error.
 """
 
 from __future__ import annotations
@@ -176,6 +178,11 @@ def run(args) -> None:
 
     class Comm(pccl.Communicator):
         def all_reduce_multiple_with_retry(self, descriptors, *, max_in_flight=4):
+            state["calls"] = state.get("calls", 0) + 1
+            if state["calls"] == args.get("stall_reduce_call"):
+                # Never take part in this all-reduce: the others wait for it.
+                emit("stalling", rank=rank, call=state["calls"])
+                time.sleep(600)
             if state["armed"]:
                 # SIGKILL a moment after this peer's all-reduce started: mid-operation.
                 emit("dying", rank=rank)
@@ -213,6 +220,20 @@ def run(args) -> None:
         raise AssertionError("construction succeeded but an error was expected")
 
     d = build(comm)
+    if args.get("catch_interrupt"):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+        try:
+            train(args, d, comm, model, opt, gen, target, config, leave, state, die_at, torch, diloco, connect, build)
+        except KeyboardInterrupt:
+            emit("interrupted", rank=rank, inner_step=d.inner_step, closed=comm.closed)
+            d.close()
+            emit("closed", rank=rank)
+        return
+    train(args, d, comm, model, opt, gen, target, config, leave, state, die_at, torch, diloco, connect, build)
+
+
+def train(args, d, comm, model, opt, gen, target, config, leave, state, die_at, torch, diloco, connect, build):
+    rank = args["rank"]
     steps, sleep, H = args["steps"], args.get("sleep", 0.0), config["sync_every"]
     losses = []
     while d.inner_step < steps:

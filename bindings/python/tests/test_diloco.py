@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -360,6 +361,25 @@ def test_charlm_example(tmp_path):
     assert rc == 0, out[-4000:]
     assert "killing peer" in out and "adding peer" in out, out[-4000:]
     assert "final state hashes agree" in out, out[-4000:]
+
+
+def test_ctrl_c_while_waiting_for_a_background_all_reduce(peers):
+    """Async mode: peer 1 never takes part in its first all-reduce, so peer 0
+    blocks at its next event waiting for the background one; SIGINT raises
+    KeyboardInterrupt there at once and leaves the communicator closed."""
+    cfg = dict(mode="async", H=2, steps=1000, min_world=2, sleep=0.02, hidden=32)
+    p0 = peers.spawn("ctrlc-0", rank=0, catch_interrupt=True, **cfg)
+    p1 = peers.spawn("ctrlc-1", rank=1, stall_reduce_call=1, **cfg)
+    p1.wait_event(lambda e: e.get("event") == "stalling", timeout=60)
+    time.sleep(1.0)  # peer 0 reaches inner step 4 and waits
+    assert p0.proc.poll() is None
+    t0 = time.monotonic()
+    p0.kill(signal.SIGINT)
+    ev = p0.wait_event(lambda e: e.get("event") == "interrupted", timeout=30)
+    took = time.monotonic() - t0
+    assert took < 5, took
+    assert ev["inner_step"] == 4 and ev["closed"], ev
+    p0.wait_event(lambda e: e.get("event") == "closed", timeout=30)
 
 
 def test_alone_context_manager_and_async_delay(master):
