@@ -165,6 +165,8 @@ __all__ = [
     "LayoutMismatchError",
     "MODES",
     "META_FIELDS",
+    "split_fragments",
+    "quant_roundtrip",
 ]
 
 MODES: Dict[str, int] = {"sync": 0, "async": 1, "streaming": 2}
