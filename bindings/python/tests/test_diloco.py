@@ -47,7 +47,10 @@ class ZProc:
     @property
     def stdin(self):
         if self._stdin is None and self._in_path is not None:
-            self._stdin = open(self._in_path, "w")
+            # Non-blocking open: fails (ENXIO) instead of hanging if the peer is gone.
+            fd = os.open(self._in_path, os.O_WRONLY | os.O_NONBLOCK)
+            os.set_blocking(fd, True)
+            self._stdin = os.fdopen(fd, "w")
         return self._stdin
 
     def poll(self):
@@ -85,6 +88,7 @@ class ZPeer(Peer):
         super()._read()
 
     def reap(self):
+        self.proc._in_path = None  # never open the peer's stdin now (it may be gone)
         if self.proc.stdout is None:  # the peer never opened its stdout: unblock our reader
             try:
                 os.close(os.open(self._out_path, os.O_WRONLY | os.O_NONBLOCK))
