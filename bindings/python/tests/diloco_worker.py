@@ -282,7 +282,7 @@ def train(args, d, comm, model, opt, gen, target, config, leave, state, die_at, 
              exposed=rep.exposed_seconds, hidden=rep.hidden_seconds, final=True)
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(diloco._tensor_bytes(p.detach().contiguous()))
     emit("result", rank=rank, hash=d.state_hash(), model_hash=h.hexdigest(), outer_step=d.outer_step,
          inner_step=d.inner_step, world=d.world)
     comm.close()
