@@ -112,12 +112,9 @@ def run_peer(a: argparse.Namespace) -> int:
         "minmax": pccl.QuantizationOptions(pccl.DataType.UINT8, pccl.QuantizationAlgorithm.MIN_MAX),
         "zps": pccl.QuantizationOptions(pccl.DataType.UINT8, pccl.QuantizationAlgorithm.ZERO_POINT_SCALE),
     }[a.quant]
-    # Async DiLoCo applies each outer step one event late; with the usual
-    # Nesterov momentum 0.9 those delayed steps overshoot and this small
-    # model diverges, so async defaults to no outer momentum.
     config = dict(
         outer_lr=a.outer_lr if a.outer_lr is not None else 0.7,
-        outer_momentum=a.outer_momentum if a.outer_momentum is not None else (0.0 if a.mode == "async" else 0.9),
+        outer_momentum=a.outer_momentum if a.outer_momentum is not None else 0.9,
         nesterov=True,
         sync_every=a.sync_every,
         mode=a.mode,
@@ -307,7 +304,7 @@ def main() -> int:
     ap.add_argument("--sync-every", type=int, default=10, help="H: inner steps per outer step")
     ap.add_argument("--outer-lr", type=float, default=None, help="outer learning rate (default 0.7)")
     ap.add_argument("--outer-momentum", type=float, default=None,
-                    help="outer Nesterov momentum (default 0.9; 0 in async mode)")
+                    help="outer Nesterov momentum (default 0.9)")
     ap.add_argument("--peers", type=int, default=3, help="founding peers (launch mode)")
     ap.add_argument("--kill-at", type=int, default=None, help="SIGKILL the last founding peer at this outer step")
     ap.add_argument("--join-at", type=int, default=None, help="add a peer at this outer step")

@@ -33,13 +33,21 @@ Modes (``mode=``):
     Every ``H`` inner steps: pseudo-gradient → all-reduce (average) → outer
     step → admit pending peers → shared-state sync → model := outer params.
 ``"async"``
-    One-step-delayed outer updates: the all-reduce of the pseudo-gradient of
-    event ``t`` runs in a background thread during the next ``H`` inner
-    steps and is applied at event ``t + 1``, so communication is hidden
-    behind compute (``OuterStepReport.hidden_seconds``). When a peer waits to
-    join, the event drains the pipeline instead (the current pseudo-gradient
-    is reduced synchronously and applied), so the newcomer receives exactly
-    the others' parameters.
+    One-step-delayed outer updates with eager local steps: the all-reduce of
+    the pseudo-gradient of event ``t`` runs in a background thread during the
+    next ``H`` inner steps and is applied to the outer parameters at event
+    ``t + 1``, so communication is hidden behind compute
+    (``OuterStepReport.hidden_seconds``). Meanwhile each peer starts window
+    ``t + 1`` from the outer parameters plus an outer step with its *own*
+    pseudo-gradient (on a copy of the momentum), a stand-in for the average
+    still in flight, and measures its next pseudo-gradient from there
+    (Kale et al., "Eager updates for overlapped communication and
+    computation in DiLoCo", 2025; as ``pccl_core::diloco``). The outer
+    state only ever takes group averages, so it stays bit-identical. When a
+    peer waits to join, the event drains the pipeline instead (the current
+    pseudo-gradient is reduced synchronously and applied; everyone then
+    starts from the outer parameters), so the newcomer receives exactly the
+    others' parameters.
 ``"streaming"``
     The parameters are split into ``F`` fragments (contiguous runs of
     ``model.named_parameters()``, balanced by element count). Fragment ``f``
@@ -67,11 +75,13 @@ Protocol (shared with ``pccl_core::diloco``; peers of both can form a group):
 * **Construction** (also after a rejoin): the first sync, then the founding
   phase: while ``meta.inner_step == 0`` and the group has fewer than
   ``min_world`` peers, admit pending peers and sync (else sleep 50 ms); then
-  the model is set to the outer parameters (cast to its dtype).
+  the model is set to the outer parameters (cast to its dtype). A failed
+  ``update_topology`` is logged and the sync that follows it still runs
+  (it fails the same way on every peer).
   ``min_world`` must be the same on all founding peers.
-* **Pseudo-gradient**: ``delta = f32(cast_model(outer)) - f32(local)``,
-  relative to the value the model was last set to, so the rounding of a
-  bf16/f16 model does not leak in. With ``error_feedback`` the residual of
+* **Pseudo-gradient**: ``delta = f32(cast_model(outer)) - f32(local)``
+  (async: ``start`` instead of ``outer``), relative to the value the model
+  was last set to, so the rounding of a bf16/f16 model does not leak in. With ``error_feedback`` the residual of
   the previous event is added and the new residual is ``v - dequant(quant(v))``
   of this peer's contribution ``v`` (an emulation, see below).
 * **All-reduce**: ``Communicator.all_reduce_multiple_with_retry`` over the
@@ -100,7 +110,7 @@ quantizes partial sums on its own block boundaries.
 Churn and rejoin: a peer killed during an all-reduce is retried around
 inside ``all_reduce_multiple_with_retry``. When this peer cannot stay in step
 with the group (the master connection is lost, a sync, ``are_peers_pending``
-or ``update_topology`` fails, an all-reduce fails for a reason other than
+fails, an all-reduce fails for a reason other than
 being alone), :class:`RejoinRequired` is raised with the cause; the helper
 closes the communicator first (a peer that stayed admitted would stall the
 group's next collective). To rejoin, a script creates a new
@@ -140,6 +150,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import math
 import struct
 import threading
@@ -199,6 +210,7 @@ _QUANT_BLOCK = 1024  # QUANT_BLOCK_ELEMS of pccl_core::quant
 _MAX_IN_FLIGHT = 4
 _JOIN_POLL_S = 0.1
 _FOUNDING_POLL_S = 0.05
+_log = logging.getLogger("pccl")
 _PREFIX_OUTER = "diloco.outer."
 _PREFIX_MOMENTUM = "diloco.momentum."
 _META_NAME = "diloco.meta"
@@ -317,28 +329,30 @@ def _tensor_bytes(t: Any) -> bytes:
 
 def split_fragments(sizes: Sequence[int], fragments: int) -> List[List[int]]:
     """Splits parameter indices ``0..len(sizes)-1`` into ``fragments``
-    contiguous, non-empty runs balanced by element count: run ``f`` ends at
-    the parameter whose cumulative element count is nearest to
-    ``(f+1)/fragments`` of the total (keeping one parameter for every later
-    run). Deterministic: the same on every peer."""
+    contiguous, non-empty runs of about equal element counts, exactly as
+    ``pccl_core::diloco::outer::split_fragments``: run ``f`` starts with one
+    parameter and takes the next ones while its cumulative count is below
+    ``total * (f+1) // fragments`` (leaving one parameter for every later
+    run); the last run takes the rest. Deterministic: the same on every peer."""
     n = len(sizes)
     if not 1 <= fragments <= n:
         raise ValueError(f"pccl.diloco: fragments must be in [1, {n}] (the number of parameters), got {fragments}")
-    total = sum(sizes)
+    total = sum(int(x) for x in sizes)
     out: List[List[int]] = []
     start = 0
     acc = 0
-    for f in range(fragments - 1):
-        target = total * (f + 1) / fragments
+    for f in range(fragments):
+        last_allowed = n - (fragments - f - 1)
+        target = total * (f + 1) // fragments
         end = start + 1
         acc += sizes[start]
-        last_end = n - (fragments - 1 - f)  # later runs need one parameter each
-        while end < last_end and abs(acc + sizes[end] - target) <= abs(acc - target):
+        while end < last_allowed and acc < target:
             acc += sizes[end]
             end += 1
+        if f == fragments - 1:
+            end = n
         out.append(list(range(start, end)))
         start = end
-    out.append(list(range(start, n)))
     return out
 
 
@@ -651,6 +665,8 @@ class DiLoCo:
         with torch.no_grad():
             self._outer = [p.detach().to(torch.float32).contiguous().clone() for p in self._params]
         self._momentum = [torch.zeros(p.shape, dtype=torch.float32) for p in self._params]
+        # Async: where the model started its current window (eager updates, see _async_event).
+        self._start = [torch.zeros(p.shape, dtype=torch.float32) for p in self._params] if mode == "async" else []
         nsets = 2 if mode == "async" else 1  # async: the next delta is computed while one is in flight
         self._send = [[torch.zeros(p.shape, dtype=torch.float32) for p in self._params] for _ in range(nsets)]
         self._recv = [[torch.zeros(p.shape, dtype=torch.float32) for p in self._params] for _ in range(nsets)]
@@ -690,7 +706,7 @@ class DiLoCo:
             self._first_sync()
             while self._inner_step == 0 and self._world() < self.min_world:
                 if self._call("are_peers_pending", communicator.are_peers_pending):
-                    self._call("update_topology", communicator.update_topology)
+                    self._update_topology()
                     self._sync()
                 else:
                     time.sleep(_FOUNDING_POLL_S)
@@ -698,6 +714,7 @@ class DiLoCo:
             self._leave()
             raise
         self._set_model_all()
+        self._start_from_outer()
         if mode == "streaming" and tau > 0 and self._inner_step > 0:
             # The peers that admitted us synced at their step s right after
             # applying a fragment and now launch the fragments due at s;
@@ -792,6 +809,7 @@ class DiLoCo:
                 self._apply(r)
                 ev.reduced(r)
                 self._set_model_all()
+                self._start_from_outer()
                 report = self._report(ev, r.seconds, blocked)
         elif self._frag_pending is not None and self._broken is None:
             f, _due, r = self._frag_pending
@@ -927,20 +945,34 @@ class DiLoCo:
             return f"{QuantizationAlgorithm(v >> 8).name}/{DataType(v & 0xFF).name}" if (v >> 8) in (1, 2) else str(v)
         return str(v)
 
+    def _update_topology(self) -> None:
+        """Admits the pending peers. A failure is the same on every peer
+        (the master decides), so the sync that follows is still common to
+        all of them: log it and go on, as ``pccl_core::diloco`` does; a lost
+        master connection then fails that sync."""
+        try:
+            self.communicator.update_topology()
+        except PCCLError as e:
+            _log.warning("pccl.diloco: update_topology failed (%s); going on with the sync", e)
+
     def _admit_and_sync(self, ev: _Event) -> None:
         if self._call("are_peers_pending", self.communicator.are_peers_pending):
-            self._call("update_topology", self.communicator.update_topology)
+            self._update_topology()
         tx, rx = self._sync()
         ev.tx += tx
         ev.rx += rx
 
     # -- pseudo-gradients and the outer step --
 
-    def _compute_delta(self, idxs: Sequence[int], send: Sequence[Any]) -> None:
+    def _compute_delta(self, idxs: Sequence[int], send: Sequence[Any], ref: Optional[Sequence[Any]] = None) -> None:
+        """``send[i] = f32(cast_model(ref[i])) - f32(local[i])`` (``ref``:
+        the outer parameters, or in async mode this peer's eager start),
+        plus the error-feedback residual."""
         torch = _torch()
+        ref = self._outer if ref is None else ref
         with torch.no_grad():
             for i in idxs:
-                p, o, d = self._params[i], self._outer[i], send[i]
+                p, o, d = self._params[i], ref[i], send[i]
                 if p.dtype == torch.float32:
                     torch.sub(o, p.detach(), out=d)
                 else:
@@ -953,34 +985,62 @@ class DiLoCo:
                     res.sub_(quant_roundtrip(d, self.quantization))
                     res.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
-    def _apply(self, r: _Reduce) -> None:
-        """The outer step for the reduced tensors of ``r``; the same float32
-        operations, in the same order, on every peer."""
+    def _sgd(self, o: Any, m: Any, g: Any) -> None:
+        """One outer SGD step on ``o``/``m`` with ``g``: the same float32
+        operations, in the same order, on every peer (and as
+        ``pccl_core::diloco::outer::outer_sgd_step``), no fused multiply-add."""
         torch = _torch()
         mu, lr = self._mu32, self._lr32
+        m.mul_(mu)
+        m.add_(g)  # m = mu*m + g
+        if self.nesterov:
+            u = torch.mul(m, mu)
+            u.add_(g)  # upd = g + mu*m
+        else:
+            u = m.clone()
+        u.mul_(lr)
+        o.sub_(u)  # outer = outer - lr*upd
+
+    def _apply(self, r: _Reduce) -> None:
+        """The outer step for the reduced tensors of ``r``."""
+        torch = _torch()
         with torch.no_grad():
             for i in r.idxs:
-                g, m, o = r.recv[i], self._momentum[i], self._outer[i]
-                m.mul_(mu)
-                m.add_(g)  # m = mu*m + g
-                if self.nesterov:
-                    u = torch.mul(m, mu)
-                    u.add_(g)  # upd = g + mu*m
-                else:
-                    u = m.clone()
-                u.mul_(lr)
-                o.sub_(u)  # outer = outer - lr*upd
+                self._sgd(self._outer[i], self._momentum[i], r.recv[i])
         self._outer_step += 1
 
-    def _set_model(self, idxs: Sequence[int], alpha: float = 1.0) -> None:
+    def _eager_start(self, own: Sequence[Any]) -> None:
+        """Async: ``start = outer`` after an outer step with this peer's own
+        pseudo-gradient, on copies of the outer parameters and momentum
+        (the group's state is not touched)."""
         torch = _torch()
+        with torch.no_grad():
+            for i, st in enumerate(self._start):
+                st.copy_(self._outer[i])
+                self._sgd(st, self._momentum[i].clone(), own[i])
+
+    def _start_from_outer(self) -> None:
+        if self.mode == "async":
+            for st, o in zip(self._start, self._outer):
+                st.copy_(o)
+
+    def _set_model(self, idxs: Sequence[int], alpha: float = 1.0, ref: Optional[Sequence[Any]] = None) -> None:
+        """``local = lerp(local, ref, alpha)`` in float32, cast to the model
+        dtype (``alpha = 1``: ``cast(ref)``); ``ref``: the outer parameters
+        unless given (async: the eager start)."""
+        torch = _torch()
+        ref = self._outer if ref is None else ref
         with torch.no_grad():
             for i in idxs:
                 p = self._params[i]
                 if alpha == 1.0:
-                    p.copy_(self._outer[i])
+                    p.copy_(ref[i])  # cast(outer), round to nearest even
                 else:
-                    p.lerp_(self._outer[i].to(p.dtype), alpha)
+                    lv = p.detach().to(torch.float32)
+                    step = torch.sub(ref[i], lv)
+                    step.mul_(_f32(alpha))
+                    lv.add_(step)  # local + alpha*(outer - local), in f32
+                    p.copy_(lv)
 
     def _set_model_all(self) -> None:
         self._set_model(range(len(self._params)))
@@ -1021,7 +1081,7 @@ class DiLoCo:
         ev = _Event()
         idxs = self._frags[0]
         k = self._cur
-        self._compute_delta(idxs, self._send[k])  # relative to the outer the model was last set to
+        self._compute_delta(idxs, self._send[k], self._start)  # relative to where this window started
         blocked = 0.0
         hidden_comm = 0.0
         prev, self._pending = self._pending, None
@@ -1041,15 +1101,17 @@ class DiLoCo:
             r = self._checked(self._new_reduce(idxs, k).run())
             self._apply(r)
             ev.reduced(r)
-            self._call("update_topology", self.communicator.update_topology)
+            self._update_topology()
             tx, rx = self._sync()
             ev.tx += tx
             ev.rx += rx
+            self._start_from_outer()  # nothing in flight: everyone starts from the outer parameters
         else:
             if ev.applied:
                 tx, rx = self._sync()
                 ev.tx += tx
                 ev.rx += rx
+            self._eager_start(self._send[k])
             r = self._new_reduce(idxs, k)
             if self._world() <= 1:
                 self._pending = r.alone()  # applied at the next event: one-step delay, as with peers
@@ -1057,7 +1119,7 @@ class DiLoCo:
                 self._pending = r.start()
             self._cur = (k + 1) % len(self._send)
         blocked += time.perf_counter() - s0
-        self._set_model_all()
+        self._set_model(range(len(self._params)), ref=self._start)
         if not ev.applied:
             return None
         comm = hidden_comm + (time.perf_counter() - s0)
