@@ -52,6 +52,7 @@ from ._enums import (
 )
 from ._errors import InvalidBufferError, MismatchedBuffersError, PCCLError, UnsupportedTypeError
 from . import _pccl  # noqa: E402  (PCCL 1.0's module path, see pccl/_pccl.py)
+from . import diloco  # noqa: E402  (DiLoCo outer steps; imports PyTorch only when used)
 
 if not hasattr(_pccl, "Communicator"):  # pragma: no cover - a stale build in a source tree
     raise ImportError(
@@ -85,6 +86,7 @@ def get_build_info() -> dict:
 
 __all__ = [
     "cuda",
+    "diloco",
     "AsyncCollectiveHandle",
     "AsyncReduceHandle",
     "Attribute",
