@@ -50,15 +50,29 @@ impl MasterNode {
             .enable_all()
             .build()
             .map_err(|e| Error::Internal(format!("cannot start runtime: {e}")))?;
-        // Accepted control connections get the default tuning.
-        let listener = {
+        // Accepted control connections get the default tuning. The listener
+        // registers with this runtime, so it is bound within it.
+        let bound = {
             let _guard = runtime.enter();
-            Net::default().listen_exact(addr)
-        }
-        .map_err(|e| Error::InvalidArgument(format!("master cannot listen on {addr}: {e}")))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| Error::Internal(format!("local_addr: {e}")))?;
+            Net::default()
+                .listen_exact(addr)
+                .map_err(|e| Error::InvalidArgument(format!("master cannot listen on {addr}: {e}")))
+                .and_then(|l| {
+                    let local = l
+                        .local_addr()
+                        .map_err(|e| Error::Internal(format!("local_addr: {e}")))?;
+                    Ok((l, local))
+                })
+        };
+        let (listener, local_addr) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                // Not a plain drop: `bind` may be called from async code,
+                // where dropping a runtime panics.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(MasterNode {
             runtime: Some(runtime),
             listener: Some(listener),
