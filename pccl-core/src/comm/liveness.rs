@@ -91,7 +91,7 @@ pub(crate) fn spawn_writer<W: SendHalf>(
     let spawned = std::thread::Builder::new()
         .name("pccl-ctl-writer".into())
         .spawn(move || {
-            let w = Writer {
+            let mut w = Writer {
                 wr,
                 stop,
                 heartbeat_ms,
@@ -116,7 +116,7 @@ struct Writer<W> {
 }
 
 impl<W: SendHalf> Writer<W> {
-    fn run(&self, rx: &Receiver<Out>) -> io::Result<()> {
+    fn run(&mut self, rx: &Receiver<Out>) -> io::Result<()> {
         let mut next_beat: Option<Instant> = None;
         loop {
             if self.stop.is_cancelled() {
@@ -148,9 +148,12 @@ impl<W: SendHalf> Writer<W> {
 
     /// Writes a whole frame with blocking sends, checking the shutdown
     /// token while the connection cannot take more.
-    fn write_all(&self, buf: &[u8]) -> io::Result<()> {
-        let stop = || self.stop.is_cancelled();
-        match self.wr.send_blocking(buf, IDLE_POLL, &stop)? {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let stop = self.stop.clone();
+        match self
+            .wr
+            .send_blocking(buf, IDLE_POLL, &|| stop.is_cancelled())?
+        {
             true => Ok(()),
             false => Err(io::Error::other("communicator closed mid-frame")),
         }
@@ -217,7 +220,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = CancellationToken::new();
         let progress = Arc::new(RxProgress::default());
-        let w = Writer {
+        let mut w = Writer {
             wr,
             stop: stop.clone(),
             heartbeat_ms: Arc::new(AtomicU64::new(2)),

@@ -90,18 +90,23 @@ pub struct OutConn<W: SendHalf = NetSendHalf> {
     closed: CancellationToken,
 }
 
-/// Marks a connection broken if a frame write is abandoned half-way, so no
-/// later frame is written after a truncated one.
-struct WriteGuard<'a, W: SendHalf>(&'a OutConn<W>, &'a W, bool);
+/// Holds a connection's writer for one frame and marks the connection
+/// broken if the write is abandoned half-way, so no later frame is written
+/// after a truncated one.
+struct WriteGuard<'a, W: SendHalf> {
+    conn: &'a OutConn<W>,
+    writer: tokio::sync::MutexGuard<'a, W>,
+    done: bool,
+}
 
 impl<W: SendHalf> Drop for WriteGuard<'_, W> {
     fn drop(&mut self) {
-        if !self.2 {
-            self.0.broken.store(true, Ordering::SeqCst);
-            self.0.closed.cancel();
+        if !self.done {
+            self.conn.broken.store(true, Ordering::SeqCst);
+            self.conn.closed.cancel();
             // The receiver must see the stream end now, not a truncated frame
             // followed by whatever the next op writes.
-            self.1.abort();
+            self.writer.abort();
         }
     }
 }
@@ -118,16 +123,20 @@ impl<W: SendHalf> OutConn<W> {
     /// Writes one whole frame; the connection is shared frame by frame
     /// between concurrent operations.
     pub async fn write_frame(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
-        let w = self.writer.lock().await;
+        let writer = self.writer.lock().await;
         if self.is_broken() {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "connection marked broken",
             ));
         }
-        let mut guard = WriteGuard(self, &*w, false);
-        w.send_frame(header, payload).await?;
-        guard.2 = true;
+        let mut guard = WriteGuard {
+            conn: self,
+            writer,
+            done: false,
+        };
+        guard.writer.send_frame(header, payload).await?;
+        guard.done = true;
         Ok(())
     }
 }

@@ -136,16 +136,18 @@ pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     fn into_halves(self) -> (Self::RecvHalf, Self::SendHalf);
 }
 
-/// The sending half of a connection.
+/// The sending half of a connection. Every method takes `&mut self`, so an
+/// implementation needs no locking of its own (the caller serializes: the
+/// p2p pools hold each half under a lock, the control writer thread owns
+/// its half).
 pub trait SendHalf: AsyncWrite + Unpin + Send + Sync + 'static {
     /// Writes `header ++ payload` as one frame, with as few system calls as
     /// the transport allows (one, normally), so a frame leaves as one
     /// stream of segments instead of a lone header and then the payload.
-    /// Never raises `SIGPIPE`. Callers serialize frames on one half (a
-    /// future dropped half-way leaves a truncated frame: call
-    /// [`abort`](Self::abort) then).
+    /// Never raises `SIGPIPE`. A future dropped half-way leaves a
+    /// truncated frame: call [`abort`](Self::abort) then.
     fn send_frame(
-        &self,
+        &mut self,
         header: &[u8],
         payload: &[u8],
     ) -> impl Future<Output = io::Result<()>> + Send;
@@ -153,14 +155,14 @@ pub trait SendHalf: AsyncWrite + Unpin + Send + Sync + 'static {
     /// Ends the connection now, synchronously and in both directions: the
     /// receiver sees the stream end rather than whatever would follow a
     /// truncated frame. The half stays valid (later writes fail).
-    fn abort(&self);
+    fn abort(&mut self);
 
     /// Writes all of `buf` from a thread outside any runtime, blocking.
     /// While the transport cannot take more, waits in steps of at most
     /// `step` and asks `give_up` between them. Returns `Ok(false)` when it
     /// gave up with part of `buf` unwritten. Never raises `SIGPIPE`.
     fn send_blocking(
-        &self,
+        &mut self,
         buf: &[u8],
         step: Duration,
         give_up: &dyn Fn() -> bool,
@@ -225,8 +227,7 @@ mod tests {
             from: crate::wire::PeerId([1; 16]),
             to: crate::wire::PeerId([2; 16]),
         };
-        let (_ra, wa) = a.into_halves();
-        let mut wa = wa;
+        let (_ra, mut wa) = a.into_halves();
         write_hello(&mut wa, &hello).await.unwrap();
         assert_eq!(
             read_hello(&mut b, Duration::from_secs(5)).await.unwrap(),

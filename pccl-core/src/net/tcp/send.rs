@@ -14,16 +14,17 @@ use crate::net::SendHalf;
 
 impl SendHalf for OwnedWriteHalf {
     fn send_frame(
-        &self,
+        &mut self,
         header: &[u8],
         payload: &[u8],
     ) -> impl Future<Output = io::Result<()>> + Send {
-        send_frame(self.as_ref(), header, payload)
+        let stream: &TcpStream = (*self).as_ref();
+        send_frame(stream, header, payload)
     }
 
-    fn abort(&self) {
+    fn abort(&mut self) {
         // SAFETY: the fd belongs to the stream this half keeps alive (we
-        // hold `&self`), so it is open; shutdown neither closes nor
+        // hold the half), so it is open; shutdown neither closes nor
         // invalidates it.
         unsafe {
             libc::shutdown(self.as_ref().as_raw_fd(), libc::SHUT_RDWR);
@@ -31,7 +32,7 @@ impl SendHalf for OwnedWriteHalf {
     }
 
     fn send_blocking(
-        &self,
+        &mut self,
         mut buf: &[u8],
         step: Duration,
         give_up: &dyn Fn() -> bool,
