@@ -649,3 +649,64 @@ async fn read_into_landing<R: AsyncRead + Unpin>(
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::mem::Mem;
+    use crate::net::Listener;
+    use crate::wire::Encoding;
+
+    /// The data plane on a transport other than TCP: a pool dialed over
+    /// in-memory pipes carries a frame to the op it belongs to, and the
+    /// connection's end fails the op.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_reach_their_op_over_any_transport() {
+        let mem = Mem::default();
+        let stop = CancellationToken::new();
+        let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
+        let timeout = Duration::from_secs(5);
+        let sender = P2p::new(1, mem.clone(), timeout, stop.clone());
+        let receiver = P2p::new(1, mem.clone(), timeout, stop.clone());
+        sender.set_me(a);
+        receiver.set_me(b);
+        let l = mem.listen("127.0.0.1".parse().unwrap(), 0, 1).unwrap();
+        let addr = l.local_addr().unwrap();
+        receiver.spawn_listener(l, stop.clone());
+        let (tx, mut inbox) = mpsc::channel(INBOX_CAPACITY);
+        let route = Arc::new(OpRoute::new(vec![a], vec![], tx));
+        receiver.register_op(7, route.clone());
+
+        let pool = sender.ensure_pool(b, addr).await.unwrap();
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let header = DataHeader {
+            op_id: 7,
+            step: 0,
+            encoding: Encoding::Raw,
+            segment: 0,
+            chunk: 0,
+            elem_offset: 0,
+            elems: payload.len() as u32,
+            payload_len: payload.len() as u32,
+        };
+        pool.conns[0]
+            .write_frame(&header.encode(), &payload)
+            .await
+            .unwrap();
+        let f = tokio::time::timeout(timeout, inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.from, f.header, f.landed), (a, header, false));
+        assert!(f.payload[..] == payload[..]);
+
+        // Dropping the sender's pool closes the pipe: the op that takes
+        // frames from it fails.
+        sender.retain_pools(&[]);
+        drop(pool);
+        tokio::time::timeout(timeout, route.lost.cancelled())
+            .await
+            .expect("the op did not fail when its source's connection ended");
+        stop.cancel();
+    }
+}

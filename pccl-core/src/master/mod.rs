@@ -332,3 +332,52 @@ async fn handshake<C: Conn>(
     });
     let _ = go_tx.send(());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::mem::Mem;
+    use crate::wire::{Hello, MasterMsg};
+
+    /// The driver on a transport other than TCP: a peer greets and
+    /// registers over in-memory pipes and is acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_driver_registers_a_peer_over_any_transport() {
+        let mem = Mem::default();
+        let l = mem.listen("127.0.0.1".parse().unwrap(), 0, 1).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(serve(
+            l,
+            MasterConfig::default(),
+            stop.clone(),
+            Arc::default(),
+        ));
+        let timeout = Duration::from_secs(5);
+        let mut c = mem.dial(addr, timeout).await.unwrap();
+        let hello = Hello {
+            kind: ConnKind::Control,
+            from: PeerId::default(),
+            to: PeerId::default(),
+        };
+        net::write_hello(&mut c, &hello).await.unwrap();
+        let echo = net::read_hello(&mut c, timeout).await.unwrap();
+        assert_eq!(echo.kind, ConnKind::Control);
+        let register = PeerMsg::Register {
+            group: 0,
+            p2p_port: 1,
+            ss_port: 2,
+            bench_port: 0,
+            advertised_ip: None,
+        };
+        c.write_all(&register.to_frame()).await.unwrap();
+        let body = tokio::time::timeout(timeout, net::read_control_frame(&mut c))
+            .await
+            .unwrap()
+            .unwrap();
+        let ack = MasterMsg::decode(&body).unwrap();
+        assert!(matches!(ack, MasterMsg::RegisterAck { .. }), "{ack:?}");
+        stop.notify_one();
+        task.await.unwrap();
+    }
+}

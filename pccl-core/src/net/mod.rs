@@ -29,6 +29,9 @@
 //! - `tcp/`: the TCP implementation ([`tcp::Tcp`]): `socket2` tuning
 //!   (no-delay, keepalive, buffer sizes, congestion control), listeners
 //!   that bump to the next free port, and the vectored `sendmsg` data path.
+//! - `mem.rs` (tests only): an in-memory transport over `tokio::io::duplex`
+//!   pipes, on which the p2p data plane and the master driver are tested
+//!   too, so the layers above are known to depend on the traits alone.
 //!
 //! [`Net`] names the transport the library runs on, and the aliases after
 //! it its types. The layers above are generic over these traits where a
@@ -66,6 +69,8 @@
 //!   transport config's, set where the transport is built.
 
 mod frame;
+#[cfg(test)]
+pub(crate) mod mem;
 pub mod tcp;
 
 use std::future::Future;
