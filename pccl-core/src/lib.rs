@@ -19,6 +19,7 @@ pub mod hash;
 pub mod kernels;
 pub mod logging;
 pub mod master;
+pub mod net;
 pub mod quant;
 pub mod shared_state;
 pub mod transport;

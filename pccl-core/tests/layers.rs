@@ -202,3 +202,82 @@ fn diloco_sits_on_the_public_api_only() {
         .collect();
     assert!(users.is_empty(), "{users:?} import diloco, the top layer");
 }
+
+/// Names only the TCP implementation in `src/net/` may use: socket types,
+/// raw descriptors and socket syscalls (docs/architecture.md, "net").
+const SOCKET_NAMES: &[&str] = &[
+    "TcpStream",
+    "TcpListener",
+    "TcpSocket",
+    "OwnedReadHalf",
+    "OwnedWriteHalf",
+    "tokio::net",
+    "std::net::Tcp",
+    "RawFd",
+    "AsRawFd",
+    "as_raw_fd",
+    "SockRef",
+    "socket2",
+    "libc::send",
+    "libc::recv",
+    "libc::shutdown",
+    "libc::poll",
+    "libc::setsockopt",
+    "libc::msghdr",
+];
+
+/// The lines of `text` that mention any of `names`, as (line number, name).
+fn socket_mentions(text: &str, names: &[&str]) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        for n in names {
+            if line.contains(n) {
+                out.push((i + 1, n.to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_socket_check_finds_what_it_looks_for() {
+    let text = "use tokio::net::TcpStream;\nlet fd = s.as_raw_fd();\nlet ok = 1;\nunsafe { libc::sendmsg(fd, &m, 0) };";
+    let got = socket_mentions(text, SOCKET_NAMES);
+    let lines: BTreeSet<usize> = got.iter().map(|(l, _)| *l).collect();
+    assert_eq!(lines, BTreeSet::from([1, 2, 4]));
+    assert!(got.iter().any(|(_, n)| n == "libc::send"));
+}
+
+#[test]
+fn only_the_net_layer_names_sockets() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let net = src.join("net");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    assert!(
+        files.iter().any(|f| f.starts_with(&net)),
+        "src/net/ is missing"
+    );
+    let mut found = Vec::new();
+    for f in files.iter().filter(|f| !f.starts_with(&net)) {
+        let text = std::fs::read_to_string(f).expect("read source");
+        for (line, name) in socket_mentions(&text, SOCKET_NAMES) {
+            let rel = f.strip_prefix(&src).expect("under src").display();
+            found.push(format!("src/{rel}:{line}: {name}"));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "socket types, raw fds or socket syscalls outside src/net/ (go through the net traits):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_net_layer_imports_only_the_wire_format() {
+    let graph = module_graph();
+    let net = graph.get("net").expect("module net");
+    let allowed: BTreeSet<String> = ["wire".to_string()].into();
+    let extra: Vec<_> = net.difference(&allowed).collect();
+    assert!(extra.is_empty(), "net imports {extra:?}");
+}

@@ -10,14 +10,14 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncRead;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::collectives;
 use crate::comm::p2p::{Frame, OpRoute, P2p};
 use crate::error::{Error, Result};
-use crate::transport::{self, FrameError};
+use crate::net::{self, FrameError, SendHalf};
 use crate::types::{Algorithm, CollectiveKind};
 use crate::wire::{MasterMsg, PeerEntry, PeerId, PeerMsg, WorldInfo};
 
@@ -101,13 +101,13 @@ impl Drop for Waiter {
 }
 
 impl Control {
-    /// Starts the reader task and the writer thread on an established, greeted stream.
-    pub fn start(
-        rd: OwnedReadHalf,
-        wr: OwnedWriteHalf,
-        p2p: Arc<P2p>,
-        shutdown: CancellationToken,
-    ) -> Arc<Control> {
+    /// Starts the reader task and the writer thread on the halves of an
+    /// established, greeted connection.
+    pub fn start<R, W>(rd: R, wr: W, p2p: Arc<P2p>, shutdown: CancellationToken) -> Arc<Control>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: SendHalf,
+    {
         let (out_tx, out_rx) = std::sync::mpsc::channel();
         let heartbeat_ms = Arc::new(AtomicU64::new(0));
         let progress = p2p.rx_progress.clone();
@@ -408,11 +408,11 @@ pub(crate) fn right_neighbour(ring: &[PeerId], me: PeerId) -> Option<PeerId> {
         .map(|i| ring[(i + 1) % n])
 }
 
-async fn reader_task(mut rd: OwnedReadHalf, ctl: Arc<Control>) {
+async fn reader_task<R: AsyncRead + Unpin>(mut rd: R, ctl: Arc<Control>) {
     let why = loop {
         let frame = tokio::select! {
             _ = ctl.shutdown.cancelled() => break "communicator closed".to_string(),
-            f = transport::read_control_frame(&mut rd) => f,
+            f = net::read_control_frame(&mut rd) => f,
         };
         match frame {
             Ok(body) => match MasterMsg::decode(&body) {

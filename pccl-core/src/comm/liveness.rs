@@ -18,16 +18,15 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::net::SendHalf;
 use crate::wire::{PeerId, PeerMsg};
 
 use super::control::Control;
@@ -80,8 +79,8 @@ pub(crate) fn heartbeat_msg(progress: &RxProgress) -> PeerMsg {
 
 /// Starts the control writer thread. `heartbeat_ms` is 0 until the master
 /// told us the interval (then heartbeats start).
-pub(crate) fn spawn_writer(
-    wr: OwnedWriteHalf,
+pub(crate) fn spawn_writer<W: SendHalf>(
+    wr: W,
     rx: Receiver<Out>,
     ctl: Arc<Control>,
     heartbeat_ms: Arc<AtomicU64>,
@@ -92,7 +91,7 @@ pub(crate) fn spawn_writer(
     let spawned = std::thread::Builder::new()
         .name("pccl-ctl-writer".into())
         .spawn(move || {
-            let w = Writer {
+            let mut w = Writer {
                 wr,
                 stop,
                 heartbeat_ms,
@@ -107,17 +106,17 @@ pub(crate) fn spawn_writer(
     }
 }
 
-struct Writer {
-    /// Kept (not only its fd) so the socket lives as long as the thread;
-    /// dropping it shuts the write side down.
-    wr: OwnedWriteHalf,
+struct Writer<W> {
+    /// Owned so the connection lives as long as the thread; dropping it
+    /// shuts the write side down.
+    wr: W,
     stop: CancellationToken,
     heartbeat_ms: Arc<AtomicU64>,
     progress: Arc<RxProgress>,
 }
 
-impl Writer {
-    fn run(&self, rx: &Receiver<Out>) -> io::Result<()> {
+impl<W: SendHalf> Writer<W> {
+    fn run(&mut self, rx: &Receiver<Out>) -> io::Result<()> {
         let mut next_beat: Option<Instant> = None;
         loop {
             if self.stop.is_cancelled() {
@@ -147,38 +146,17 @@ impl Writer {
         }
     }
 
-    /// Writes a whole frame with blocking sends (the socket is non-blocking
-    /// because the runtime reads it: wait for writability in between).
-    fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
-        let sock = socket2::SockRef::from(self.wr.as_ref());
-        while !buf.is_empty() {
-            match sock.send_with_flags(buf, libc::MSG_NOSIGNAL) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.stop.is_cancelled() {
-                        return Err(io::Error::other("communicator closed mid-frame"));
-                    }
-                    wait_writable(self.wr.as_ref().as_raw_fd(), IDLE_POLL);
-                }
-                Err(e) => return Err(e),
-            }
+    /// Writes a whole frame with blocking sends, checking the shutdown
+    /// token while the connection cannot take more.
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let stop = self.stop.clone();
+        match self
+            .wr
+            .send_blocking(buf, IDLE_POLL, &|| stop.is_cancelled())?
+        {
+            true => Ok(()),
+            false => Err(io::Error::other("communicator closed mid-frame")),
         }
-        Ok(())
-    }
-}
-
-fn wait_writable(fd: std::os::fd::RawFd, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a valid, initialized pollfd that outlives the call,
-    // and nfds is 1; `fd` is open (the write half is owned by the caller).
-    unsafe {
-        libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int);
     }
 }
 
@@ -237,16 +215,12 @@ mod tests {
     /// sender's order, and heartbeats keep coming during the traffic.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writer_thread_never_interleaves_frames() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) =
-            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let (_rd, wr) = client.unwrap().into_split();
-        let (mut server, _) = accepted.unwrap();
+        let (client, mut server) = crate::net::loopback_pair(&crate::net::Net::default()).await;
+        let (_rd, wr) = crate::net::Conn::into_halves(client);
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = CancellationToken::new();
         let progress = Arc::new(RxProgress::default());
-        let w = Writer {
+        let mut w = Writer {
             wr,
             stop: stop.clone(),
             heartbeat_ms: Arc::new(AtomicU64::new(2)),
@@ -286,7 +260,7 @@ mod tests {
         let mut next = [0u64; SENDERS as usize];
         let mut beats = 0;
         // Until the writer's shutdown of the stream.
-        while let Ok(body) = crate::transport::read_control_frame(&mut server).await {
+        while let Ok(body) = crate::net::read_control_frame(&mut server).await {
             match PeerMsg::decode(&body).unwrap() {
                 PeerMsg::CollectiveDone { tag, op_id, .. } => {
                     assert_eq!(op_id, next[tag as usize], "sender {tag} out of order");

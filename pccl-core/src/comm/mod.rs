@@ -15,12 +15,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::collectives::{self, RawBuf, RingParams, RingPhase};
 use crate::error::{Error, Result};
-use crate::transport::{self, SocketTuning};
+use crate::net::tcp::{CongestionControl, SocketTuning};
+use crate::net::{self, Conn, Listener, Net, Transport};
 use crate::types::{
     Algorithm, Attribute, CollectiveInfo, CollectiveKind, DataType, QuantizationAlgorithm,
     ReduceDescriptor, ReduceInfo,
@@ -89,7 +89,7 @@ impl CommunicatorConfig {
             chunk_bytes: 512 << 10,
             worker_threads: 2,
             socket: SocketTuning {
-                congestion: transport::CongestionControl::from_env(),
+                congestion: CongestionControl::from_env(),
                 ..SocketTuning::default()
             },
             algorithm: algorithm_from_env(),
@@ -133,13 +133,12 @@ impl Communicator {
         let shutdown = CancellationToken::new();
         let p2p = P2p::new(
             cfg.p2p_connection_pool_size.max(1) as usize,
-            cfg.socket,
+            Net::new(cfg.socket),
             cfg.connect_timeout,
             shutdown.clone(),
         );
         let ss = crate::shared_state::SharedStateServer::new(
             shutdown.clone(),
-            cfg.socket,
             cfg.connect_timeout,
             cfg.shared_state_stall_timeout,
         );
@@ -224,7 +223,9 @@ impl Communicator {
 
     async fn connect_async(&self, attempt: CancellationToken) -> Result<Arc<Control>> {
         let cfg = &self.cfg;
-        let listener = transport::bind_listener(cfg.bind_ip, cfg.p2p_port, cfg.port_attempts)
+        let transport = Net::new(cfg.socket);
+        let listener = transport
+            .listen(cfg.bind_ip, cfg.p2p_port, cfg.port_attempts)
             .map_err(|e| {
                 Error::InvalidArgument(format!(
                     "cannot bind the p2p listener from port {}: {e}",
@@ -232,21 +233,18 @@ impl Communicator {
                 ))
             })?;
         let p2p_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        let listener = TcpListener::from_std(listener)
-            .map_err(|e| Error::Internal(format!("p2p listener: {e}")))?;
-        let ss_listener =
-            transport::bind_listener(cfg.bind_ip, cfg.shared_state_port, cfg.port_attempts)
-                .map_err(|e| {
-                    Error::InvalidArgument(format!(
-                        "cannot bind the shared-state listener from port {}: {e}",
-                        cfg.shared_state_port
-                    ))
-                })?;
+        let ss_listener = transport
+            .listen(cfg.bind_ip, cfg.shared_state_port, cfg.port_attempts)
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "cannot bind the shared-state listener from port {}: {e}",
+                    cfg.shared_state_port
+                ))
+            })?;
         let ss_port = ss_listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        let ss_listener = TcpListener::from_std(ss_listener)
-            .map_err(|e| Error::Internal(format!("shared-state listener: {e}")))?;
 
-        let mut stream = transport::dial(cfg.master_addr, cfg.connect_timeout, cfg.socket)
+        let mut stream = transport
+            .dial(cfg.master_addr, cfg.connect_timeout)
             .await
             .map_err(|e| {
                 Error::MasterConnectionFailed(format!(
@@ -259,10 +257,10 @@ impl Communicator {
             from: PeerId::default(),
             to: PeerId::default(),
         };
-        transport::write_hello(&mut stream, &hello)
+        net::write_hello(&mut stream, &hello)
             .await
             .map_err(|e| Error::MasterConnectionFailed(format!("greeting the master: {e}")))?;
-        let echo = transport::read_hello(&mut stream, cfg.connect_timeout)
+        let echo = net::read_hello(&mut stream, cfg.connect_timeout)
             .await
             .map_err(|e| {
                 Error::MasterConnectionFailed(format!("the master did not greet back: {e}"))
@@ -272,7 +270,7 @@ impl Communicator {
                 "unexpected greeting from the master".into(),
             ));
         }
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_halves();
         let ctl = Control::start(rd, wr, self.p2p.clone(), attempt.clone());
         let mut reg = ctl.wait(WaitKey::Register)?;
         let mut topo = ctl.wait(WaitKey::Topology)?;
@@ -1557,7 +1555,7 @@ impl Communicator {
         let server = self.ss.clone();
         let opts = crate::shared_state::TransferOpts {
             parallel: self.cfg.p2p_connection_pool_size.max(1) as usize,
-            tuning: self.cfg.socket,
+            net: Net::new(self.cfg.socket),
             timeout: self.cfg.connect_timeout,
             stall: self.cfg.shared_state_stall_timeout,
         };

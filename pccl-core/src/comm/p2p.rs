@@ -2,6 +2,9 @@
 //! left neighbours, the reader tasks that route received frames to running
 //! operations by op id, and the pools of outgoing connections to right
 //! neighbours over which operations stripe their frames.
+//!
+//! Generic over the [`Transport`] (by default [`Net`]): connections are
+//! dialed, accepted, framed and aborted through the `net` traits only.
 
 use std::collections::HashMap;
 use std::io;
@@ -10,16 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::bufpool::{BufPool, PooledBuf};
 use crate::collectives::Landing;
 use crate::error::{Error, Result};
-use crate::transport::{self, SocketTuning};
+use crate::net::{self, Conn, Net, NetSendHalf, SendHalf, Transport};
 use crate::wire::{ConnKind, DataHeader, Hello, PeerId};
 
 /// Capacity of an operation's inbound frame queue (backpressure on readers).
@@ -77,39 +78,40 @@ impl OpRoute {
     }
 }
 
+/// The send half of a connection of transport `T`.
+type SendHalfOf<T> = <<T as Transport>::Conn as Conn>::SendHalf;
+
 /// One outgoing data connection.
-pub struct OutConn {
+pub struct OutConn<W: SendHalf = NetSendHalf> {
     /// The peer at the other end.
     peer: PeerId,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
-    /// The socket, to shut it down synchronously when a frame is abandoned.
-    fd: std::os::fd::RawFd,
+    writer: tokio::sync::Mutex<W>,
     broken: AtomicBool,
     closed: CancellationToken,
 }
 
-/// Marks a connection broken if a frame write is abandoned half-way, so no
-/// later frame is written after a truncated one.
-struct WriteGuard<'a>(&'a OutConn, bool);
+/// Holds a connection's writer for one frame and marks the connection
+/// broken if the write is abandoned half-way, so no later frame is written
+/// after a truncated one.
+struct WriteGuard<'a, W: SendHalf> {
+    conn: &'a OutConn<W>,
+    writer: tokio::sync::MutexGuard<'a, W>,
+    done: bool,
+}
 
-impl Drop for WriteGuard<'_> {
+impl<W: SendHalf> Drop for WriteGuard<'_, W> {
     fn drop(&mut self) {
-        if !self.1 {
-            self.0.broken.store(true, Ordering::SeqCst);
-            self.0.closed.cancel();
+        if !self.done {
+            self.conn.broken.store(true, Ordering::SeqCst);
+            self.conn.closed.cancel();
             // The receiver must see the stream end now, not a truncated frame
             // followed by whatever the next op writes.
-            // SAFETY: the fd belongs to the write half still owned by this
-            // OutConn (we are inside its write), so it is open; shutdown does
-            // not close or invalidate it.
-            unsafe {
-                libc::shutdown(self.0.fd, libc::SHUT_RDWR);
-            }
+            self.writer.abort();
         }
     }
 }
 
-impl OutConn {
+impl<W: SendHalf> OutConn<W> {
     pub fn peer(&self) -> PeerId {
         self.peer
     }
@@ -121,99 +123,36 @@ impl OutConn {
     /// Writes one whole frame; the connection is shared frame by frame
     /// between concurrent operations.
     pub async fn write_frame(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
-        let w = self.writer.lock().await;
+        let writer = self.writer.lock().await;
         if self.is_broken() {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "connection marked broken",
             ));
         }
-        let mut guard = WriteGuard(self, false);
-        send_frame(w.as_ref(), self.fd, header, payload).await?;
-        guard.1 = true;
+        let mut guard = WriteGuard {
+            conn: self,
+            writer,
+            done: false,
+        };
+        guard.writer.send_frame(header, payload).await?;
+        guard.done = true;
         Ok(())
     }
 }
 
-/// Writes header and payload with as few `sendmsg` calls as the socket
-/// allows (one, normally), so a frame leaves as one stream of segments
-/// instead of a lone header segment and then the payload. `MSG_NOSIGNAL`,
-/// unlike a plain `writev`, never raises SIGPIPE, which would kill C host
-/// programs that do not ignore it.
-async fn send_frame(
-    stream: &tokio::net::TcpStream,
-    fd: std::os::fd::RawFd,
-    header: &[u8],
-    payload: &[u8],
-) -> io::Result<()> {
-    let total = header.len() + payload.len();
-    let mut done = 0;
-    while done < total {
-        stream.writable().await?;
-        match stream.try_io(tokio::io::Interest::WRITABLE, || {
-            sendmsg_from(fd, header, payload, done)
-        }) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// One non-blocking `sendmsg` of what is left of `header ++ payload` after
-/// the first `done` bytes.
-fn sendmsg_from(
-    fd: std::os::fd::RawFd,
-    header: &[u8],
-    payload: &[u8],
-    done: usize,
-) -> io::Result<usize> {
-    let parts: [&[u8]; 2] = if done < header.len() {
-        [&header[done..], payload]
-    } else {
-        [&payload[done - header.len()..], &[]]
-    };
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; 2];
-    let mut n = 0;
-    for part in parts.iter().filter(|p| !p.is_empty()) {
-        iov[n] = libc::iovec {
-            iov_base: part.as_ptr() as *mut libc::c_void,
-            iov_len: part.len(),
-        };
-        n += 1;
-    }
-    // SAFETY: an all-zero msghdr is a valid empty message.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = n as _;
-    // SAFETY: `fd` is the open socket of the stream the caller holds; the
-    // iovecs point into live slices that sendmsg only reads.
-    let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
 /// The pool of connections to one right neighbour.
-pub struct OutPool {
-    pub conns: Vec<Arc<OutConn>>,
+pub struct OutPool<W: SendHalf = NetSendHalf> {
+    pub conns: Vec<Arc<OutConn<W>>>,
 }
 
-impl OutPool {
+impl<W: SendHalf> OutPool<W> {
     pub fn healthy(&self) -> bool {
         !self.conns.is_empty() && self.conns.iter().all(|c| !c.is_broken())
     }
 }
 
-impl Drop for OutPool {
+impl<W: SendHalf> Drop for OutPool<W> {
     fn drop(&mut self) {
         for c in &self.conns {
             c.closed.cancel();
@@ -222,13 +161,14 @@ impl Drop for OutPool {
 }
 
 /// The data plane of one communicator.
-pub struct P2p {
+pub struct P2p<T: Transport = Net> {
     me: Mutex<PeerId>,
     pool_size: usize,
-    tuning: SocketTuning,
+    /// Dials the data connections (and carries their tuning).
+    net: T,
     connect_timeout: Duration,
     pub bufs: Arc<BufPool>,
-    out_pools: Mutex<HashMap<PeerId, Arc<OutPool>>>,
+    out_pools: Mutex<HashMap<PeerId, Arc<OutPool<SendHalfOf<T>>>>>,
     /// Serializes dialing so concurrent ops share one new pool.
     dial_lock: tokio::sync::Mutex<()>,
     ops: Mutex<HashMap<u64, Arc<OpRoute>>>,
@@ -242,17 +182,17 @@ pub struct P2p {
     pub(crate) rx_progress: Arc<super::liveness::RxProgress>,
 }
 
-impl P2p {
+impl<T: Transport> P2p<T> {
     pub fn new(
         pool_size: usize,
-        tuning: SocketTuning,
+        net: T,
         connect_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(P2p {
             me: Mutex::new(PeerId::default()),
             pool_size: pool_size.max(1),
-            tuning,
+            net,
             connect_timeout,
             bufs: BufPool::new(),
             out_pools: Mutex::new(HashMap::new()),
@@ -296,17 +236,21 @@ impl P2p {
     }
 
     /// Accepts ring connections until `stop`.
-    pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+    pub fn spawn_listener<L: net::Listener>(
+        self: &Arc<Self>,
+        listener: L,
+        stop: CancellationToken,
+    ) {
         let this = self.clone();
-        transport::spawn_accept_loop(listener, stop, "p2p", move |stream, remote| {
-            this.clone().accept_one(stream, remote)
+        net::spawn_accept_loop(listener, stop, "p2p", move |conn, remote| {
+            this.clone().accept_one(conn, remote)
         });
     }
 
-    async fn accept_one(self: Arc<Self>, mut stream: tokio::net::TcpStream, remote: SocketAddr) {
-        self.tuning.apply(&stream);
+    /// Greets an accepted connection (tuned by the listener) and reads its frames.
+    async fn accept_one<C: Conn>(self: Arc<Self>, mut stream: C, remote: SocketAddr) {
         let me = self.me();
-        let hello = match transport::read_hello(&mut stream, self.connect_timeout).await {
+        let hello = match net::read_hello(&mut stream, self.connect_timeout).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(peer = %me, %remote, "refusing p2p connection: {e}");
@@ -318,10 +262,10 @@ impl P2p {
                 "refusing p2p connection not meant for this peer");
             return;
         }
-        if transport::write_hello(&mut stream, &hello).await.is_err() {
+        if net::write_hello(&mut stream, &hello).await.is_err() {
             return;
         }
-        let (rd, _wr) = stream.into_split();
+        let (rd, _wr) = stream.into_halves();
         tracing::debug!(peer = %me, from = %hello.from, "accepted ring connection");
         let reason = self.clone().read_frames(rd, hello.from).await;
         tracing::debug!(peer = %me, from = %hello.from, "ring connection closed: {reason}");
@@ -332,7 +276,7 @@ impl P2p {
     }
 
     /// Reads frames until the connection ends; returns why it ended.
-    async fn read_frames(self: Arc<Self>, mut rd: OwnedReadHalf, from: PeerId) -> String {
+    async fn read_frames<R: AsyncRead + Unpin>(self: Arc<Self>, mut rd: R, from: PeerId) -> String {
         let me = self.me();
         loop {
             let mut hb = [0u8; DataHeader::LEN];
@@ -383,9 +327,9 @@ impl P2p {
     /// frame's range in the result buffer), straight into the op's buffer
     /// (raw) or into a pool buffer decoded there (quantized). `None` when
     /// the op ended while the frame was arriving.
-    async fn read_payload(
+    async fn read_payload<R: AsyncRead + Unpin>(
         &self,
-        rd: &mut OwnedReadHalf,
+        rd: &mut R,
         from: PeerId,
         header: DataHeader,
         landing: Option<(&Arc<Landing>, (usize, usize))>,
@@ -510,7 +454,7 @@ impl P2p {
         self: &Arc<Self>,
         peer: PeerId,
         addr: SocketAddr,
-    ) -> Result<Arc<OutPool>> {
+    ) -> Result<Arc<OutPool<SendHalfOf<T>>>> {
         self.ensure_pool_of(peer, addr, self.pool_size).await
     }
 
@@ -521,7 +465,7 @@ impl P2p {
         self: &Arc<Self>,
         peer: PeerId,
         addr: SocketAddr,
-    ) -> Result<Arc<OutPool>> {
+    ) -> Result<Arc<OutPool<SendHalfOf<T>>>> {
         self.ensure_pool_of(peer, addr, 1).await
     }
 
@@ -530,7 +474,7 @@ impl P2p {
         peer: PeerId,
         addr: SocketAddr,
         size: usize,
-    ) -> Result<Arc<OutPool>> {
+    ) -> Result<Arc<OutPool<SendHalfOf<T>>>> {
         if let Some(p) = self.healthy_pool(peer, size) {
             return Ok(p);
         }
@@ -555,7 +499,7 @@ impl P2p {
 
     /// A healthy pool of at least `size` connections to `peer` (a smaller
     /// one, dialed for a one-hop op, is replaced by a full one).
-    fn healthy_pool(&self, peer: PeerId, size: usize) -> Option<Arc<OutPool>> {
+    fn healthy_pool(&self, peer: PeerId, size: usize) -> Option<Arc<OutPool<SendHalfOf<T>>>> {
         let mut pools = self.out_pools.lock().ok()?;
         match pools.get(&peer) {
             Some(p) if p.healthy() && p.conns.len() >= size => Some(p.clone()),
@@ -568,12 +512,18 @@ impl P2p {
         }
     }
 
-    async fn dial_one(self: &Arc<Self>, peer: PeerId, addr: SocketAddr) -> Result<Arc<OutConn>> {
+    async fn dial_one(
+        self: &Arc<Self>,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<Arc<OutConn<SendHalfOf<T>>>> {
         let me = self.me();
         let fail = |e: String| {
             Error::RankConnectionFailed(format!("cannot connect to peer {peer} at {addr}: {e}"))
         };
-        let mut s = transport::dial(addr, self.connect_timeout, self.tuning)
+        let mut s = self
+            .net
+            .dial(addr, self.connect_timeout)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let hello = Hello {
@@ -581,22 +531,20 @@ impl P2p {
             from: me,
             to: peer,
         };
-        transport::write_hello(&mut s, &hello)
+        net::write_hello(&mut s, &hello)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let echo = transport::read_hello(&mut s, self.connect_timeout)
+        let echo = net::read_hello(&mut s, self.connect_timeout)
             .await
             .map_err(|e| fail(e.to_string()))?;
         if echo != hello {
             return Err(fail("peer answered with a different greeting".into()));
         }
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
-        let (mut rd, wr) = s.into_split();
+        let (mut rd, wr) = s.into_halves();
         let closed = self.shutdown.child_token();
         let conn = Arc::new(OutConn {
             peer,
             writer: tokio::sync::Mutex::new(wr),
-            fd,
             broken: AtomicBool::new(false),
             closed: closed.clone(),
         });
@@ -661,15 +609,15 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
 /// `off`. Each `recv` runs under the landing's lock; if the op closes its
 /// landing half-way, the rest of the payload is read and discarded so the
 /// stream stays framed. Returns whether the whole payload landed.
-async fn read_into_landing(
-    rd: &mut OwnedReadHalf,
+async fn read_into_landing<R: AsyncRead + Unpin>(
+    rd: &mut R,
     landing: &Landing,
     off: usize,
     len: usize,
     bufs: &Arc<BufPool>,
 ) -> io::Result<bool> {
     use std::task::Poll;
-    use tokio::io::{AsyncRead, ReadBuf};
+    use tokio::io::ReadBuf;
     let mut done = 0;
     while done < len {
         let step = std::future::poll_fn(|cx| {
@@ -700,4 +648,65 @@ async fn read_into_landing(
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::mem::Mem;
+    use crate::net::Listener;
+    use crate::wire::Encoding;
+
+    /// The data plane on a transport other than TCP: a pool dialed over
+    /// in-memory pipes carries a frame to the op it belongs to, and the
+    /// connection's end fails the op.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_reach_their_op_over_any_transport() {
+        let mem = Mem::default();
+        let stop = CancellationToken::new();
+        let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
+        let timeout = Duration::from_secs(5);
+        let sender = P2p::new(1, mem.clone(), timeout, stop.clone());
+        let receiver = P2p::new(1, mem.clone(), timeout, stop.clone());
+        sender.set_me(a);
+        receiver.set_me(b);
+        let l = mem.listen("127.0.0.1".parse().unwrap(), 0, 1).unwrap();
+        let addr = l.local_addr().unwrap();
+        receiver.spawn_listener(l, stop.clone());
+        let (tx, mut inbox) = mpsc::channel(INBOX_CAPACITY);
+        let route = Arc::new(OpRoute::new(vec![a], vec![], tx));
+        receiver.register_op(7, route.clone());
+
+        let pool = sender.ensure_pool(b, addr).await.unwrap();
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let header = DataHeader {
+            op_id: 7,
+            step: 0,
+            encoding: Encoding::Raw,
+            segment: 0,
+            chunk: 0,
+            elem_offset: 0,
+            elems: payload.len() as u32,
+            payload_len: payload.len() as u32,
+        };
+        pool.conns[0]
+            .write_frame(&header.encode(), &payload)
+            .await
+            .unwrap();
+        let f = tokio::time::timeout(timeout, inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.from, f.header, f.landed), (a, header, false));
+        assert!(f.payload[..] == payload[..]);
+
+        // Dropping the sender's pool closes the pipe: the op that takes
+        // frames from it fails.
+        sender.retain_pools(&[]);
+        drop(pool);
+        tokio::time::timeout(timeout, route.lost.cancelled())
+            .await
+            .expect("the op did not fail when its source's connection ended");
+        stop.cancel();
+    }
 }

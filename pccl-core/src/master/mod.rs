@@ -1,6 +1,7 @@
 //! The master (coordinator): a thin tokio driver around the sans-IO
 //! [`state::MasterState`]. It accepts control connections, turns bytes into
-//! events, and performs the actions the state machine returns.
+//! events, and performs the actions the state machine returns. Connections
+//! are accepted and framed through the [`crate::net`] traits.
 
 pub mod liveness;
 pub mod state;
@@ -11,12 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 
 use crate::error::{Error, Result};
-use crate::transport::{self, FrameError, SocketTuning};
+use crate::net::{self, Conn, FrameError, Listener, Net, NetListener, Transport};
 use crate::wire::{ConnKind, PeerId, PeerMsg};
 pub use liveness::{Eviction, LivenessStats};
 pub use state::{Action, ConnId, Event, MasterConfig, MasterState};
@@ -31,7 +31,7 @@ pub const TICK: Duration = Duration::from_millis(50);
 /// stop, and `await_termination` waits until it has.
 pub struct MasterNode {
     runtime: Option<tokio::runtime::Runtime>,
-    listener: Option<std::net::TcpListener>,
+    listener: Option<NetListener>,
     local_addr: SocketAddr,
     cfg: MasterConfig,
     stop: Arc<Notify>,
@@ -44,17 +44,35 @@ impl MasterNode {
     /// Binds the listening socket. Fails with `InvalidArgument` when the
     /// address is taken (e.g. a second master on the same port).
     pub fn bind(addr: SocketAddr, cfg: MasterConfig) -> Result<Self> {
-        let listener = transport::bind_one(addr)
-            .map_err(|e| Error::InvalidArgument(format!("master cannot listen on {addr}: {e}")))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| Error::Internal(format!("local_addr: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("pccl-master")
             .enable_all()
             .build()
             .map_err(|e| Error::Internal(format!("cannot start runtime: {e}")))?;
+        // Accepted control connections get the default tuning. The listener
+        // registers with this runtime, so it is bound within it.
+        let bound = {
+            let _guard = runtime.enter();
+            Net::default()
+                .listen_exact(addr)
+                .map_err(|e| Error::InvalidArgument(format!("master cannot listen on {addr}: {e}")))
+                .and_then(|l| {
+                    let local = l
+                        .local_addr()
+                        .map_err(|e| Error::Internal(format!("local_addr: {e}")))?;
+                    Ok((l, local))
+                })
+        };
+        let (listener, local_addr) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                // Not a plain drop: `bind` may be called from async code,
+                // where dropping a runtime panics.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(MasterNode {
             runtime: Some(runtime),
             listener: Some(listener),
@@ -88,9 +106,6 @@ impl MasterNode {
             .ok_or_else(|| Error::InvalidUsage("master was destroyed".into()))?;
         let cfg = self.cfg.clone();
         let stop = self.stop.clone();
-        let _guard = rt.enter();
-        let listener = TcpListener::from_std(listener)
-            .map_err(|e| Error::Internal(format!("listener: {e}")))?;
         tracing::info!(addr = %self.local_addr, "master listening");
         self.task = Some(rt.spawn(serve(listener, cfg, stop, self.liveness.clone())));
         Ok(())
@@ -154,8 +169,8 @@ struct ConnHandles {
     reader: AbortHandle,
 }
 
-async fn serve(
-    listener: TcpListener,
+async fn serve<L: Listener>(
+    listener: L,
     cfg: MasterConfig,
     stop: Arc<Notify>,
     liveness: Arc<Mutex<LivenessStats>>,
@@ -234,14 +249,14 @@ async fn serve(
 }
 
 /// Greets a new connection, then runs its reader and writer tasks.
-async fn handshake(
-    mut stream: tokio::net::TcpStream,
+/// The stream arrives tuned by the listener.
+async fn handshake<C: Conn>(
+    mut stream: C,
     remote: SocketAddr,
     conn: ConnId,
     tx: mpsc::UnboundedSender<DriverMsg>,
 ) {
-    SocketTuning::default().apply(&stream);
-    let hello = match transport::read_hello(&mut stream, HELLO_TIMEOUT).await {
+    let hello = match net::read_hello(&mut stream, HELLO_TIMEOUT).await {
         Ok(h) if h.kind == ConnKind::Control => h,
         Ok(h) => {
             tracing::warn!(%remote, kind = ?h.kind, "refusing non-control connection on the master port");
@@ -252,7 +267,7 @@ async fn handshake(
             return;
         }
     };
-    if let Err(e) = transport::write_hello(&mut stream, &hello).await {
+    if let Err(e) = net::write_hello(&mut stream, &hello).await {
         tracing::debug!(%remote, "greeting reply failed: {e}");
         return;
     }
@@ -260,7 +275,7 @@ async fn handshake(
         Ok(a) => a,
         Err(_) => return,
     };
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = stream.into_halves();
     let (wtx, mut wrx) = mpsc::unbounded_channel::<WriterCmd>();
     let ev_tx = tx.clone();
     // The reader starts only after NewConn is queued, so the state machine
@@ -271,7 +286,7 @@ async fn handshake(
             return;
         }
         loop {
-            match transport::read_control_frame(&mut rd).await {
+            match net::read_control_frame(&mut rd).await {
                 Ok(body) => match PeerMsg::decode(&body) {
                     Ok(msg) => {
                         if ev_tx
@@ -316,4 +331,53 @@ async fn handshake(
         reader: reader.abort_handle(),
     });
     let _ = go_tx.send(());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::mem::Mem;
+    use crate::wire::{Hello, MasterMsg};
+
+    /// The driver on a transport other than TCP: a peer greets and
+    /// registers over in-memory pipes and is acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_driver_registers_a_peer_over_any_transport() {
+        let mem = Mem::default();
+        let l = mem.listen("127.0.0.1".parse().unwrap(), 0, 1).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(serve(
+            l,
+            MasterConfig::default(),
+            stop.clone(),
+            Arc::default(),
+        ));
+        let timeout = Duration::from_secs(5);
+        let mut c = mem.dial(addr, timeout).await.unwrap();
+        let hello = Hello {
+            kind: ConnKind::Control,
+            from: PeerId::default(),
+            to: PeerId::default(),
+        };
+        net::write_hello(&mut c, &hello).await.unwrap();
+        let echo = net::read_hello(&mut c, timeout).await.unwrap();
+        assert_eq!(echo.kind, ConnKind::Control);
+        let register = PeerMsg::Register {
+            group: 0,
+            p2p_port: 1,
+            ss_port: 2,
+            bench_port: 0,
+            advertised_ip: None,
+        };
+        c.write_all(&register.to_frame()).await.unwrap();
+        let body = tokio::time::timeout(timeout, net::read_control_frame(&mut c))
+            .await
+            .unwrap()
+            .unwrap();
+        let ack = MasterMsg::decode(&body).unwrap();
+        assert!(matches!(ack, MasterMsg::RegisterAck { .. }), "{ack:?}");
+        stop.notify_one();
+        task.await.unwrap();
+    }
 }

@@ -6,8 +6,9 @@
 //! holder when one refuses, breaks or stalls; the tensors are verified
 //! against the elected hashes at the end.
 //!
-//! Imports `transport`, `hash`, `wire` and the shared items of [`super`];
-//! nothing of [`super::server`] (its tests run one as the holder).
+//! Imports `net` (connections are dialed through a [`Transport`]), `hash`,
+//! `wire` and the shared items of [`super`]; nothing of [`super::server`]
+//! (its tests run one as the holder).
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
@@ -17,12 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::{nanos, SharedState, SyncTimings, RANGE_BYTES};
 use crate::error::{Error, Result};
 use crate::hash;
-use crate::transport::{self, SocketTuning};
+use crate::net::{self, Net, Transport};
 use crate::wire::{ConnKind, Hello, PeerEntry, PeerId, TensorRequest, TensorResponseHead};
 
 /// Requests a fetching connection keeps outstanding: the next range is
@@ -54,7 +54,7 @@ struct Range {
     len: usize,
 }
 
-struct FetchJob {
+struct FetchJob<T: Transport> {
     me: PeerId,
     sync_id: u64,
     targets: Vec<Target>,
@@ -64,7 +64,8 @@ struct FetchJob {
     rx_bytes: AtomicU64,
     recv_ns: AtomicU64,
     hash_ns: AtomicU64,
-    tuning: SocketTuning,
+    /// Dials the sources (and carries the connections' tuning).
+    net: T,
     timeout: Duration,
     /// Progress deadline of a connection with requests outstanding (zero:
     /// none, wait for TCP to break the connection).
@@ -107,7 +108,7 @@ async fn progress<T>(
     }
 }
 
-impl FetchJob {
+impl<T: Transport> FetchJob<T> {
     fn next_source(&self, start: usize) -> Option<PeerEntry> {
         let failed = self.failed_sources.lock().ok()?;
         let n = self.sources.len();
@@ -127,22 +128,22 @@ impl FetchJob {
         self.queue.lock().ok().and_then(|mut q| q.pop_front())
     }
 
-    async fn connect(&self, src: &PeerEntry) -> io::Result<TcpStream> {
+    async fn connect(&self, src: &PeerEntry) -> io::Result<T::Conn> {
         let addr = SocketAddr::new(src.ip, src.ss_port);
-        let mut s = transport::dial(addr, self.timeout, self.tuning).await?;
+        let mut s = self.net.dial(addr, self.timeout).await?;
         let hello = Hello {
             kind: ConnKind::SharedState,
             from: self.me,
             to: src.id,
         };
-        transport::write_hello(&mut s, &hello).await?;
+        net::write_hello(&mut s, &hello).await?;
         // A frozen holder's kernel still completes the TCP handshake: its
         // missing echo is a stall like any other.
         let greet = match self.stall.is_zero() {
             true => self.timeout,
             false => self.timeout.min(self.stall),
         };
-        let echo = transport::read_hello(&mut s, greet)
+        let echo = net::read_hello(&mut s, greet)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
         if echo != hello {
@@ -151,7 +152,7 @@ impl FetchJob {
         Ok(s)
     }
 
-    async fn send_request(&self, s: &mut TcpStream, r: &Range) -> Result<(), RangeError> {
+    async fn send_request(&self, s: &mut T::Conn, r: &Range) -> Result<(), RangeError> {
         let t = &self.targets[r.target];
         let req = TensorRequest {
             sync_id: self.sync_id,
@@ -168,7 +169,7 @@ impl FetchJob {
     /// (while it is still in cache, and overlapped with the other
     /// connections' traffic). Only a range that arrived whole and from a
     /// source declaring the right content has its leaf hashes recorded.
-    async fn receive_range(&self, s: &mut TcpStream, r: &Range) -> Result<(), RangeError> {
+    async fn receive_range(&self, s: &mut T::Conn, r: &Range) -> Result<(), RangeError> {
         let t = &self.targets[r.target];
         let mut recv_ns = 0u64;
         let t0 = Instant::now();
@@ -254,7 +255,7 @@ impl FetchJob {
     /// to [`PIPELINE_DEPTH`] of them requested at its source, and when the
     /// source fails requests the ranges it holds again from the next one.
     async fn worker(self: Arc<Self>, start: usize) -> Result<()> {
-        let mut conn: Option<(PeerEntry, TcpStream)> = None;
+        let mut conn: Option<(PeerEntry, T::Conn)> = None;
         // Ranges this worker owns; the first `sent` are requested on `conn`.
         let mut mine: VecDeque<Range> = VecDeque::with_capacity(PIPELINE_DEPTH);
         let mut sent = 0usize;
@@ -327,11 +328,12 @@ impl FetchJob {
     }
 }
 
-/// How transfers connect: parallel connections, socket options, deadlines.
+/// How transfers connect: parallel connections, the transport (and its
+/// tuning), deadlines.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct TransferOpts {
+pub(crate) struct TransferOpts<T: Transport = Net> {
     pub parallel: usize,
-    pub tuning: SocketTuning,
+    pub net: T,
     /// Connect and greeting deadline.
     pub timeout: Duration,
     /// Progress deadline of a fetch connection ([`super::DEFAULT_STALL_TIMEOUT`]).
@@ -340,18 +342,18 @@ pub(crate) struct TransferOpts {
 
 /// Fetches `items` (name, expected hash) into `state`'s tensors from `sources`.
 /// Returns the bytes received.
-pub(crate) async fn fetch_tensors(
+pub(crate) async fn fetch_tensors<T: Transport>(
     me: PeerId,
     sync_id: u64,
     state: &SharedState<'_>,
     items: &[(String, u64)],
     sources: Vec<PeerEntry>,
-    opts: TransferOpts,
+    opts: TransferOpts<T>,
     timings: &mut SyncTimings,
 ) -> Result<u64> {
     let TransferOpts {
         parallel,
-        tuning,
+        net,
         timeout,
         stall,
     } = opts;
@@ -408,7 +410,7 @@ pub(crate) async fn fetch_tensors(
         rx_bytes: AtomicU64::new(0),
         recv_ns: AtomicU64::new(0),
         hash_ns: AtomicU64::new(0),
-        tuning,
+        net,
         timeout,
         stall,
     });
@@ -460,10 +462,17 @@ mod tests {
     use super::super::server::{ServedTensor, SharedStateServer};
     use super::super::SharedTensor;
     use super::*;
+    use crate::net::Listener;
     use crate::wire::TensorRequestHead;
     use std::collections::HashMap;
-    use tokio::net::TcpListener;
     use tokio_util::sync::CancellationToken;
+
+    /// A listener on a free loopback port.
+    fn listen() -> crate::net::NetListener {
+        Net::default()
+            .listen("127.0.0.1".parse().unwrap(), 0, 1)
+            .unwrap()
+    }
 
     fn peer(b: u8) -> PeerId {
         PeerId([b; 16])
@@ -478,13 +487,12 @@ mod tests {
     ) -> (Arc<SharedStateServer>, CancellationToken, PeerEntry) {
         let server = SharedStateServer::with_upload_limit(
             CancellationToken::new(),
-            SocketTuning::default(),
             Duration::from_secs(5),
             stall,
             None,
         );
         server.set_me(id);
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = listen();
         let port = l.local_addr().unwrap().port();
         server.spawn_listener(l, CancellationToken::new());
         let served = HashMap::from([(
@@ -515,7 +523,7 @@ mod tests {
     /// half the body, then goes silent with the connection open (what a
     /// SIGSTOPped peer looks like: its kernel still acknowledges).
     async fn frozen_holder(id: PeerId, data: Arc<Vec<u8>>) -> PeerEntry {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = listen();
         let port = l.local_addr().unwrap().port();
         tokio::spawn(async move {
             let mut conns = Vec::new();
@@ -523,10 +531,10 @@ mod tests {
                 let Ok((mut s, _)) = l.accept().await else {
                     return;
                 };
-                let hello = transport::read_hello(&mut s, Duration::from_secs(5))
+                let hello = net::read_hello(&mut s, Duration::from_secs(5))
                     .await
                     .unwrap();
-                transport::write_hello(&mut s, &hello).await.unwrap();
+                net::write_hello(&mut s, &hello).await.unwrap();
                 let mut head = [0u8; TensorRequestHead::LEN];
                 s.read_exact(&mut head).await.unwrap();
                 let head = TensorRequestHead::decode(&head).unwrap();
@@ -561,7 +569,7 @@ mod tests {
         let items = vec![("w".to_string(), hash::tensor_hash(&data))];
         let opts = TransferOpts {
             parallel: 1,
-            tuning: SocketTuning::default(),
+            net: Net::default(),
             timeout: Duration::from_secs(5),
             stall,
         };
@@ -599,7 +607,7 @@ mod tests {
         let items = vec![("w".to_string(), hash::tensor_hash(&data))];
         let opts = TransferOpts {
             parallel: 2,
-            tuning: SocketTuning::default(),
+            net: Net::default(),
             timeout: Duration::from_secs(5),
             stall,
         };

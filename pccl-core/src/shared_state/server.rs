@@ -5,8 +5,9 @@
 //! (`UploadLimiter`, [`super::UPLOAD_LIMIT_ENV`]). A sync makes its tensors
 //! available with `begin` before its vote and withdraws them with `end`.
 //!
-//! Imports `transport`, `wire` and the shared items of [`super`]; nothing of
-//! [`super::fetch`] (the fetching side).
+//! Imports `net`, `wire` and the shared items of [`super`]; nothing of
+//! [`super::fetch`] (the fetching side). Connections arrive through a
+//! [`Listener`] of any transport, tuned by it.
 
 use std::collections::HashMap;
 use std::io;
@@ -14,13 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use super::{nanos, parse_upload_limit, UPLOAD_LIMIT_ENV};
-use crate::transport::{self, SocketTuning};
+use crate::net::{self, Conn, Listener};
 use crate::wire::{ConnKind, PeerId, TensorRequest, TensorRequestHead, TensorResponseHead};
 
 /// How long a server waits for its own plan when a request arrives early.
@@ -84,7 +84,7 @@ impl UploadLimiter {
         start
     }
 
-    async fn write(&self, s: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+    async fn write<W: AsyncWrite + Unpin>(&self, s: &mut W, data: &[u8]) -> io::Result<()> {
         for piece in data.chunks(self.piece()) {
             tokio::time::sleep_until(self.reserve(piece.len()).into()).await;
             s.write_all(piece).await?;
@@ -98,7 +98,6 @@ pub(crate) struct SharedStateServer {
     current: watch::Sender<u64>,
     serving: RwLock<Option<Serving>>,
     shutdown: CancellationToken,
-    tuning: SocketTuning,
     timeout: Duration,
     /// Deadline for the small reads and writes around a range (the rest of
     /// a request, a refusal); zero: none. Ranges themselves are not under it
@@ -127,12 +126,7 @@ async fn within<T>(
 
 impl SharedStateServer {
     /// A server; its upload limit comes from [`UPLOAD_LIMIT_ENV`].
-    pub fn new(
-        shutdown: CancellationToken,
-        tuning: SocketTuning,
-        timeout: Duration,
-        stall: Duration,
-    ) -> Arc<Self> {
+    pub fn new(shutdown: CancellationToken, timeout: Duration, stall: Duration) -> Arc<Self> {
         let limit = match std::env::var(UPLOAD_LIMIT_ENV) {
             Ok(v) => parse_upload_limit(&v).unwrap_or_else(|e| {
                 tracing::warn!("ignoring {UPLOAD_LIMIT_ENV}: {e}");
@@ -140,13 +134,12 @@ impl SharedStateServer {
             }),
             Err(_) => None,
         };
-        Self::with_upload_limit(shutdown, tuning, timeout, stall, limit)
+        Self::with_upload_limit(shutdown, timeout, stall, limit)
     }
 
     /// A server uploading at most `bytes_per_sec` (None: unlimited).
     pub fn with_upload_limit(
         shutdown: CancellationToken,
-        tuning: SocketTuning,
         timeout: Duration,
         stall: Duration,
         bytes_per_sec: Option<u64>,
@@ -158,7 +151,6 @@ impl SharedStateServer {
             current: watch::channel(0).0,
             serving: RwLock::new(None),
             shutdown,
-            tuning,
             timeout,
             stall,
             me: Mutex::new(PeerId::default()),
@@ -177,9 +169,9 @@ impl SharedStateServer {
     }
 
     /// Serves fetch requests until `stop`.
-    pub fn spawn_listener(self: &Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+    pub fn spawn_listener<L: Listener>(self: &Arc<Self>, listener: L, stop: CancellationToken) {
         let this = self.clone();
-        transport::spawn_accept_loop(listener, stop, "shared-state", move |s, remote| {
+        net::spawn_accept_loop(listener, stop, "shared-state", move |s, remote| {
             let this = this.clone();
             async move {
                 let me = this.me();
@@ -221,17 +213,16 @@ impl SharedStateServer {
         *self.serving.write().await = None;
     }
 
-    async fn serve_conn(self: Arc<Self>, mut s: TcpStream) -> io::Result<()> {
-        self.tuning.apply(&s);
+    async fn serve_conn<C: Conn>(self: Arc<Self>, mut s: C) -> io::Result<()> {
         let me = self.me();
-        let hello = transport::read_hello(&mut s, self.timeout)
+        let hello = net::read_hello(&mut s, self.timeout)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
         if hello.kind != ConnKind::SharedState || hello.to != me {
             tracing::warn!(peer = %me, "refusing shared-state connection not meant for this peer");
             return Ok(());
         }
-        transport::write_hello(&mut s, &hello).await?;
+        net::write_hello(&mut s, &hello).await?;
         loop {
             let mut head = [0u8; TensorRequestHead::LEN];
             tokio::select! {
@@ -338,6 +329,8 @@ impl SharedStateServer {
 mod tests {
     use super::super::DEFAULT_STALL_TIMEOUT;
     use super::*;
+    use crate::net::tcp::SocketTuning;
+    use crate::net::{Net, Transport};
     use crate::wire::Hello;
 
     #[test]
@@ -378,15 +371,12 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn upload_limiter_holds_the_rate_on_a_socket() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let (mut s, mut r) = net::loopback_pair(&Net::default()).await;
         let reader = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
             let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await.unwrap();
+            r.read_to_end(&mut buf).await.unwrap();
             buf
         });
-        let mut s = TcpStream::connect(addr).await.unwrap();
         // 200 kB at 1 MB/s: at least ~190 ms (the first piece goes at once).
         let limiter = UploadLimiter::new(1_000_000);
         let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
@@ -410,13 +400,15 @@ mod tests {
         let data = vec![5u8; 64 << 20];
         let server = SharedStateServer::with_upload_limit(
             CancellationToken::new(),
-            tuning,
             Duration::from_secs(5),
             DEFAULT_STALL_TIMEOUT,
             None,
         );
         server.set_me(peer(2));
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // The holder's connections carry `tuning` (small buffers: it blocks
+        // sooner), and so does the fetching side's.
+        let net = Net::new(tuning);
+        let l = net.listen("127.0.0.1".parse().unwrap(), 0, 1).unwrap();
         let addr = l.local_addr().unwrap();
         server.spawn_listener(l, CancellationToken::new());
         let served = HashMap::from([(
@@ -429,21 +421,17 @@ mod tests {
         )]);
         let (cancel, tx, _) = server.begin(served).await;
         server.set_sync_id(7).await;
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        if let Some(n) = tuning.buffer_bytes {
-            sock.set_recv_buffer_size(n as u32).unwrap();
-        }
-        let mut s = sock.connect(addr).await.unwrap();
+        let mut s = net.dial(addr, Duration::from_secs(5)).await.unwrap();
         let hello = Hello {
             kind: ConnKind::SharedState,
             from: peer(0),
             to: peer(2),
         };
-        transport::write_hello(&mut s, &hello).await.unwrap();
-        transport::read_hello(&mut s, Duration::from_secs(5))
+        net::write_hello(&mut s, &hello).await.unwrap();
+        net::read_hello(&mut s, Duration::from_secs(5))
             .await
             .unwrap();
-        let (_rd, mut wr) = s.into_split();
+        let (_rd, mut wr) = s.into_halves();
         // Requests go out until the holder stops reading them.
         let writer = tokio::spawn(async move {
             for k in 0.. {
