@@ -192,7 +192,19 @@ typedef enum pcclDistributionHint_t {
     pcclDistributionUniform = 2
 } pcclDistributionHint_t;
 
-/** Quantization applied to all-reduce traffic. */
+/** Quantization applied to all-reduce traffic.
+ *
+ *  Accepted combinations (anything else is pcclInvalidArgument):
+ *  - source pcclFloat16, pcclBFloat16, pcclFloat or pcclDouble, quantized to
+ *    pcclUint8, pcclInt8, pcclUint16 or pcclInt16 strictly narrower than the
+ *    source (so 16-bit sources take 8-bit codes only), with pcclQuantMinMax
+ *    or pcclQuantZeroPointScale;
+ *  - as in PCCL 1.0, source pcclFloat or pcclDouble quantized to pcclUint32
+ *    or pcclUint64 with pcclQuantMinMax (even pcclUint64 codes of pcclFloat,
+ *    which are twice the source's size). These blocks are coded in double
+ *    precision: 2^32 - 1 steps for pcclUint32, 2^53 - 1 for pcclUint64 (a
+ *    double resolves no more), so they are nearly lossless.
+ *  The op must not be pcclProd. Every peer ends with bit-identical results. */
 typedef enum pcclQuantizationAlgorithm_t {
     /** No quantization; quantized_datatype is ignored. */
     pcclQuantNone = 0,
