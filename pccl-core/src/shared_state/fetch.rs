@@ -62,6 +62,8 @@ struct FetchJob {
     sources: Vec<PeerEntry>,
     failed_sources: Mutex<HashSet<PeerId>>,
     rx_bytes: AtomicU64,
+    /// Tensor bytes of the ranges received so far (progress reports).
+    received: Arc<AtomicU64>,
     recv_ns: AtomicU64,
     hash_ns: AtomicU64,
     tuning: SocketTuning,
@@ -238,6 +240,7 @@ impl FetchJob {
             r.len as u64 + TensorResponseHead::LEN as u64,
             Ordering::Relaxed,
         );
+        self.received.fetch_add(r.len as u64, Ordering::Relaxed);
         let first_leaf = r.offset / hash::LEAF_SIZE;
         if let Ok(mut all) = t.leaves.lock() {
             if let Some(slots) = all.get_mut(first_leaf..first_leaf + leaves.len()) {
@@ -327,8 +330,9 @@ impl FetchJob {
     }
 }
 
-/// How transfers connect: parallel connections, socket options, deadlines.
-#[derive(Debug, Clone, Copy)]
+/// How transfers connect: parallel connections, socket options, deadlines;
+/// and how a fetch reports its progress.
+#[derive(Debug, Clone)]
 pub(crate) struct TransferOpts {
     pub parallel: usize,
     pub tuning: SocketTuning,
@@ -336,6 +340,7 @@ pub(crate) struct TransferOpts {
     pub timeout: Duration,
     /// Progress deadline of a fetch connection ([`super::DEFAULT_STALL_TIMEOUT`]).
     pub stall: Duration,
+    pub progress: super::ProgressOpts,
 }
 
 /// Fetches `items` (name, expected hash) into `state`'s tensors from `sources`.
@@ -354,6 +359,7 @@ pub(crate) async fn fetch_tensors(
         tuning,
         timeout,
         stall,
+        progress,
     } = opts;
     if sources.is_empty() {
         return Err(Error::NoSharedStateAvailable(
@@ -396,6 +402,7 @@ pub(crate) async fn fetch_tensors(
             off += n;
         }
     }
+    let total: u64 = targets.iter().map(|t| t.len as u64).sum();
     let workers = parallel.clamp(1, 8).min(queue.len().max(1));
     timings.fetch_connections = workers;
     let job = Arc::new(FetchJob {
@@ -406,6 +413,7 @@ pub(crate) async fn fetch_tensors(
         sources,
         failed_sources: Mutex::new(HashSet::new()),
         rx_bytes: AtomicU64::new(0),
+        received: Arc::new(AtomicU64::new(0)),
         recv_ns: AtomicU64::new(0),
         hash_ns: AtomicU64::new(0),
         tuning,
@@ -418,6 +426,10 @@ pub(crate) async fn fetch_tensors(
     for w in 0..workers {
         set.spawn(job.clone().worker(spread + w));
     }
+    let started = Instant::now();
+    // Stops when dropped: at the end, or if this future is.
+    let reporter =
+        super::progress::Reporter::spawn(job.received.clone(), total, started, progress.clone());
     let mut result = Ok(());
     while let Some(r) = set.join_next().await {
         let r = match r {
@@ -434,7 +446,9 @@ pub(crate) async fn fetch_tensors(
     timings.fetch_recv = Duration::from_nanos(job.recv_ns.load(Ordering::Relaxed));
     timings.fetch_hash = Duration::from_nanos(job.hash_ns.load(Ordering::Relaxed));
     timings.failed_sources = job.failed_sources.lock().map(|f| f.len()).unwrap_or(0);
+    drop(reporter);
     result?;
+    super::progress::report_done(&job.received, total, started, &progress);
     let verify_start = Instant::now();
     for t in &job.targets {
         let leaves = t.leaves.lock().map(|l| l.clone()).unwrap_or_default();
@@ -564,6 +578,7 @@ mod tests {
             tuning: SocketTuning::default(),
             timeout: Duration::from_secs(5),
             stall,
+            progress: Default::default(),
         };
         let mut tm = SyncTimings::default();
         let t0 = Instant::now();
@@ -602,6 +617,7 @@ mod tests {
             tuning: SocketTuning::default(),
             timeout: Duration::from_secs(5),
             stall,
+            progress: Default::default(),
         };
         let mut tm = SyncTimings::default();
         let t0 = Instant::now();
