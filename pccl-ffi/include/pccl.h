@@ -465,7 +465,10 @@ PCCL_EXPORT pcclResult_t pcclDestroyCommunicator(pcclComm_t *communicator);
  * registered this peer and the already accepted peers have admitted it in a
  * pcclUpdateTopology call (the first peer of a run is accepted at once), with
  * all ring connections established. May block for a long time, depending on
- * how often the existing peers call pcclUpdateTopology.
+ * how often the existing peers call pcclUpdateTopology. Unless admitted at
+ * once, it says so on stderr at the default log level (one line naming the
+ * master and what it waits for, then one every 3 seconds, then one when
+ * admitted; PCCL_LOG=warn or pcclSetLogLevel(pcclLogWarn) silences them).
  *
  * On failure the communicator is left unconnected and pcclConnect may be
  * called again.
@@ -817,7 +820,10 @@ PCCL_EXPORT const char *pcclGetLastErrorString(void);
 
 /**
  * Extension. Sets the verbosity of the library's log (written to stderr),
- * process-wide. Overrides the PCCL_LOG / RUST_LOG environment variables.
+ * process-wide. Overrides the PCCL_LOG / RUST_LOG environment variables;
+ * without either, the log shows warnings plus the progress lines of long
+ * waits (admission in pcclConnect, long shared-state fetches). A level set
+ * here applies to those lines too (pcclLogWarn drops them).
  * Does not block; needs no pcclInit.
  *
  * @param level One of pcclLogOff ... pcclLogTrace.
