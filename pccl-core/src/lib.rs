@@ -29,7 +29,7 @@ pub use comm::{
     AsyncReduceHandle, Communicator, CommunicatorConfig, Element, RawReduceOp, ReduceBuffers,
 };
 pub use master::{MasterConfig, MasterNode};
-pub use shared_state::{SharedState, SharedTensor};
+pub use shared_state::{SharedState, SharedTensor, SyncProgress, SyncProgressCallback};
 
 /// Whether this build handles CUDA device buffers: `false` in every build.
 ///

@@ -443,6 +443,17 @@ fn peer_block(xs: &[f64], algo: QuantizationAlgorithm) -> Option<PeerBlock> {
 /// element") for a block of range at most `r` and magnitude at most `m`:
 /// Δ/2 + 8·ε_C·M + qmax·τ_C (+ ½ ulp_src(M + Δ) for 16-bit sources).
 fn quant_err(src: DataType, q: DataType, r: f64, m: f64) -> f64 {
+    if q.size() >= 4 {
+        // Wide codes (quant.rs, "Wide codes"): f64 arithmetic, qmax 2^32 − 1
+        // or 2^53 − 1, doubled for f32 sources by the rounding to f32.
+        let qmax = if q.size() == 4 {
+            u32::MAX as f64
+        } else {
+            ((1u64 << 53) - 1) as f64
+        };
+        let e = r / qmax / 2.0 + 8.0 * pow2(-53) * m + qmax * pow2(-1074);
+        return if src == DataType::F32 { 2.0 * e } else { e };
+    }
     let qmax = if q.size() == 1 { 255.0 } else { 65535.0 };
     let delta = r / qmax;
     let (eps, tau) = if src == DataType::F64 {
@@ -731,6 +742,18 @@ fn valid(src: DataType, q: DataType) -> bool {
     q.size() < src.size()
 }
 
+/// PCCL 1.0's extra combinations: MinMax from f32/f64 to u32/u64.
+const WIDE: [(DataType, DataType); 4] = [
+    (DataType::F32, DataType::U32),
+    (DataType::F32, DataType::U64),
+    (DataType::F64, DataType::U32),
+    (DataType::F64, DataType::U64),
+];
+
+fn wide_valid(algo: QuantizationAlgorithm, q: DataType, src: DataType) -> bool {
+    algo == QuantizationAlgorithm::MinMax && WIDE.contains(&(src, q))
+}
+
 /// All (algorithm, quantized type, source type) combinations, in a fixed order.
 fn matrix() -> Vec<(QuantizationAlgorithm, DataType, DataType)> {
     let mut v = Vec::new();
@@ -852,6 +875,48 @@ fn quantized_matrix_four_peers() {
     matrix_for_world(4);
 }
 
+/// MinMax to u32/u64 from f32/f64 (PCCL 1.0 accepts it) with 3 peers:
+/// the same checks as the matrix (bit-identical results on every peer,
+/// error within the documented bound, all-equal blocks exact, NaN blocks,
+/// wire volume) for every op and count.
+#[test]
+fn wide_minmax_codes_three_peers() {
+    let w = 3;
+    let m = master();
+    let peers = connect_peers(m.local_addr(), w, |_| 0);
+    let chunk_bytes = peers[0].config().chunk_bytes;
+    let mut stats = Stats::default();
+    for (idx, &(src, q)) in WIDE.iter().enumerate() {
+        for (oi, &op) in OPS.iter().enumerate() {
+            let seed = mix(1000 + idx as u64 * 31 + oi as u64, w as u64);
+            let mut counts = SMALL_COUNTS.to_vec();
+            counts.push(large_count(src, w, chunk_bytes));
+            for (ni, &n) in counts.iter().enumerate() {
+                let c = Case {
+                    src,
+                    q,
+                    algo: QuantizationAlgorithm::MinMax,
+                    op,
+                    n,
+                    seed: seed.wrapping_add(ni as u64),
+                    kind0: idx + oi + ni,
+                };
+                run_case(&peers, c, &mut stats);
+            }
+        }
+    }
+    println!(
+        "wide codes, world {w}: {} runs: {} blocks within bound (worst error {:.3} of the \
+         bound), {} all-equal blocks exact, {} NaN blocks",
+        stats.runs, stats.bounded_blocks, stats.worst_ratio, stats.exact_blocks, stats.nan_blocks
+    );
+    assert_eq!(
+        stats.runs,
+        WIDE.len() * OPS.len() * (SMALL_COUNTS.len() + 1)
+    );
+    assert!(stats.exact_blocks > 0 && stats.nan_blocks > 0 && stats.bounded_blocks > 0);
+}
+
 // ---------------------------------------------------------------------------
 // Refusals
 // ---------------------------------------------------------------------------
@@ -888,7 +953,9 @@ fn invalid_quantized_requests_are_refused() {
                         algorithm: algo,
                     };
                     let what = format!("{}->{} {algo:?} {op:?}", src.name(), q.name());
-                    let ok = src.is_float() && code && valid(src, q) && op != ReduceOp::Prod;
+                    let ok = ((src.is_float() && code && valid(src, q))
+                        || wide_valid(algo, q, src))
+                        && op != ReduceOp::Prod;
                     if !ok {
                         // Prod; integer sources; a quantized type that is not
                         // an 8/16-bit integer or not narrower than the source.
@@ -915,8 +982,36 @@ fn invalid_quantized_requests_are_refused() {
             }
         }
     }
-    // 2 algos × (12 q × 12 src × 5 ops) minus the 2 × 12 × 4 accepted ones.
-    assert_eq!(refused, 2 * (12 * 12 * 5 - 12 * 4));
+    // 2 algos × (12 q × 12 src × 5 ops) minus the 2 × 12 × 4 accepted ones
+    // and the 4 × 4 wide MinMax ones.
+    assert_eq!(refused, 2 * (12 * 12 * 5 - 12 * 4) - 4 * 4);
+    // Wide codes: Prod, ZeroPointScale, and the 16-bit sources are refused.
+    for (src, q) in WIDE {
+        let d = |op, algorithm| {
+            ReduceDescriptor::new(n, src, op).with_quantization(QuantizationOptions {
+                quantized_datatype: q,
+                algorithm,
+            })
+        };
+        assert_refused(
+            c,
+            &d(ReduceOp::Prod, QuantizationAlgorithm::MinMax),
+            "wide Prod",
+        );
+        assert_refused(
+            c,
+            &d(ReduceOp::Sum, QuantizationAlgorithm::ZeroPointScale),
+            "wide ZeroPointScale",
+        );
+    }
+    for src in [DataType::F16, DataType::BF16] {
+        let d =
+            ReduceDescriptor::new(n, src, ReduceOp::Sum).with_quantization(QuantizationOptions {
+                quantized_datatype: DataType::U32,
+                algorithm: QuantizationAlgorithm::MinMax,
+            });
+        assert_refused(c, &d, "u32 codes of a 16-bit source");
+    }
     // The refusals were local: the swarm still runs a quantized op.
     let mut stats = Stats::default();
     run_case(

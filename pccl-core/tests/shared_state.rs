@@ -409,3 +409,68 @@ fn newcomer_joins_a_running_group_of_three_and_gets_256_mib() {
     let served: u64 = results.iter().map(|r| r.0.tx_bytes).sum();
     assert_eq!(served, results[3].0.rx_bytes);
 }
+
+/// A newcomer's fetch reports its progress through
+/// `CommunicatorConfig::on_sync_progress`: while it runs, with received
+/// byte counts that never decrease, then once with `done` and every byte.
+#[test]
+fn fetch_progress_callback_reports_increasing_bytes() {
+    use pccl_core::{SyncProgress, SyncProgressCallback};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    let m = master();
+    let reports: Arc<Mutex<Vec<SyncProgress>>> = Arc::default();
+    let n = 96 << 20;
+    let mut peers: Vec<Arc<pccl_core::Communicator>> = Vec::new();
+    for i in 0..2 {
+        let mut cfg = config(m.local_addr());
+        if i == 1 {
+            let r = reports.clone();
+            cfg.progress_interval = Duration::from_millis(1);
+            cfg.on_sync_progress = Some(SyncProgressCallback::new(move |p| {
+                r.lock().unwrap().push(p);
+            }));
+        }
+        let joiner = std::thread::spawn(move || {
+            let c = pccl_core::Communicator::new(cfg).expect("new communicator");
+            c.connect().expect("connect");
+            Arc::new(c)
+        });
+        let target = i as u32 + 1;
+        on_all(&peers, move |_, c| admit_until(c, target));
+        peers.push(joiner.join().expect("connect thread"));
+    }
+    let results = on_all(&peers, move |i, c| {
+        let mut data = if i == 0 { bytes_of(5, n) } else { vec![0u8; n] };
+        let mut st = SharedState::new(
+            if i == 0 { 3 } else { 0 },
+            vec![SharedTensor::new("big", &mut data)],
+        );
+        let info = c
+            .sync_shared_state(&mut st, SyncStrategy::EnforcePopular)
+            .expect("sync");
+        drop(st);
+        (info, data)
+    });
+    assert!(results[1].1 == results[0].1, "the newcomer got the bytes");
+    let r = reports.lock().unwrap().clone();
+    assert!(r.len() >= 2, "{r:?}");
+    for w in r.windows(2) {
+        assert!(w[1].received_bytes >= w[0].received_bytes, "{r:?}");
+        assert!(w[1].elapsed >= w[0].elapsed, "{r:?}");
+    }
+    let last = r.last().unwrap();
+    assert!(last.done && last.received_bytes == n as u64 && last.total_bytes == n as u64);
+    assert_eq!(r.iter().filter(|p| p.done).count(), 1, "one final report");
+    assert!(
+        r.iter()
+            .any(|p| !p.done && p.received_bytes > 0 && p.received_bytes < n as u64),
+        "a report mid-transfer: {r:?}"
+    );
+    println!(
+        "{} progress reports over {:.0} ms",
+        r.len(),
+        last.elapsed.as_secs_f64() * 1e3
+    );
+}

@@ -192,7 +192,19 @@ typedef enum pcclDistributionHint_t {
     pcclDistributionUniform = 2
 } pcclDistributionHint_t;
 
-/** Quantization applied to all-reduce traffic. */
+/** Quantization applied to all-reduce traffic.
+ *
+ *  Accepted combinations (anything else is pcclInvalidArgument):
+ *  - source pcclFloat16, pcclBFloat16, pcclFloat or pcclDouble, quantized to
+ *    pcclUint8, pcclInt8, pcclUint16 or pcclInt16 strictly narrower than the
+ *    source (so 16-bit sources take 8-bit codes only), with pcclQuantMinMax
+ *    or pcclQuantZeroPointScale;
+ *  - as in PCCL 1.0, source pcclFloat or pcclDouble quantized to pcclUint32
+ *    or pcclUint64 with pcclQuantMinMax (even pcclUint64 codes of pcclFloat,
+ *    which are twice the source's size). These blocks are coded in double
+ *    precision: 2^32 - 1 steps for pcclUint32, 2^53 - 1 for pcclUint64 (a
+ *    double resolves no more), so they are nearly lossless.
+ *  The op must not be pcclProd. Every peer ends with bit-identical results. */
 typedef enum pcclQuantizationAlgorithm_t {
     /** No quantization; quantized_datatype is ignored. */
     pcclQuantNone = 0,
@@ -453,7 +465,10 @@ PCCL_EXPORT pcclResult_t pcclDestroyCommunicator(pcclComm_t *communicator);
  * registered this peer and the already accepted peers have admitted it in a
  * pcclUpdateTopology call (the first peer of a run is accepted at once), with
  * all ring connections established. May block for a long time, depending on
- * how often the existing peers call pcclUpdateTopology.
+ * how often the existing peers call pcclUpdateTopology. Unless admitted at
+ * once, it says so on stderr at the default log level (one line naming the
+ * master and what it waits for, then one every 3 seconds, then one when
+ * admitted; PCCL_LOG=warn or pcclSetLogLevel(pcclLogWarn) silences them).
  *
  * On failure the communicator is left unconnected and pcclConnect may be
  * called again.
@@ -805,7 +820,10 @@ PCCL_EXPORT const char *pcclGetLastErrorString(void);
 
 /**
  * Extension. Sets the verbosity of the library's log (written to stderr),
- * process-wide. Overrides the PCCL_LOG / RUST_LOG environment variables.
+ * process-wide. Overrides the PCCL_LOG / RUST_LOG environment variables;
+ * without either, the log shows warnings plus the progress lines of long
+ * waits (admission in pcclConnect, long shared-state fetches). A level set
+ * here applies to those lines too (pcclLogWarn drops them).
  * Does not block; needs no pcclInit.
  *
  * @param level One of pcclLogOff ... pcclLogTrace.

@@ -4,7 +4,8 @@
 //! See swarm.c's header comment for what each scenario checks; in short:
 //!
 //! - `all_reduce_suite_then_sigkill`: 3 peers; every dtype x op with exact
-//!   results, a large in-place sum, a quantized sum (bit-identical on all
+//!   results, a large in-place sum, quantized sums (u8, and the u32/u64
+//!   MinMax codes of f32/f64 that PCCL 1.0 accepts; bit-identical on all
 //!   peers), 4 async all-reduces with distinct tags, multiple-with-retry; then
 //!   one peer is SIGKILLed inside a pcclAllReduceMultipleWithRetry call and
 //!   the two survivors finish it and further calls with exact results.

@@ -21,7 +21,9 @@
 //! `docs/reliability.md`): e.g.
 //! `PCCL_LIVENESS_ELEMS=134217728 PCCL_LIVENESS_TENSORS=8 PCCL_LIVENESS_STEPS=4 PCCL_LIVENESS_WAIT_S=600
 //! cargo test --release -p pccl-stress --test liveness -- --nocapture`
-//! (512 MiB per step).
+//! (512 MiB per step). `PCCL_LIVENESS_MIN_S=600` keeps the steps before
+//! the freeze going for 10 minutes (the long form), checking for
+//! evictions after every step.
 
 mod common;
 
@@ -62,6 +64,9 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
     let steps_after = env_or("PCCL_LIVENESS_STEPS_AFTER", 2);
     // Deadline of each phase (the long form's steps take ~10 s each on 2 cores).
     let wait = Duration::from_secs(env_or("PCCL_LIVENESS_WAIT_S", 120) as u64);
+    // The long form's duration: steps go on under load (before the freeze)
+    // until this much time has passed (0: just `steps_before`).
+    let min_run = Duration::from_secs(env_or("PCCL_LIVENESS_MIN_S", 0) as u64);
     let busy = 2 * n_cores;
     let t0 = Instant::now();
 
@@ -92,6 +97,20 @@ fn busy_peers_are_not_evicted_and_a_frozen_one_is() {
         (elems * 4) >> 20
     );
     c.wait_steps(&ids, steps_before, wait);
+    let mut steps_before = steps_before;
+    while t0.elapsed() < min_run {
+        steps_before += 1;
+        c.wait_steps(&ids, steps_before, wait);
+        let l = c.master.liveness();
+        assert!(
+            l.evictions.is_empty(),
+            "busy peers were evicted after {:.0} s: {:?}\nmaster: {}\n{}",
+            t0.elapsed().as_secs_f64(),
+            l.evictions,
+            l.summary(),
+            c.diagnostics()
+        );
+    }
     println!(
         "{steps_before} steps under load after {:.1} s (load average {})",
         t0.elapsed().as_secs_f64(),

@@ -582,10 +582,14 @@ impl NativeCommunicator {
 #[pymethods]
 impl NativeCommunicator {
     /// `NativeCommunicator(master_addr, peer_group, p2p_connection_pool_size,
-    /// shared_state_port, p2p_port, benchmark_port, advertised_ip=None)`;
-    /// a port of 0 means "any free port".
+    /// shared_state_port, p2p_port, benchmark_port, advertised_ip=None,
+    /// on_sync_progress=None, progress_interval_s=None)`; a port of 0 means
+    /// "any free port". `on_sync_progress(received_bytes, total_bytes,
+    /// elapsed_s, done)` is called during shared-state fetches (see
+    /// `CommunicatorConfig::on_sync_progress`), from a library thread with
+    /// the GIL taken; an exception it raises is printed and ignored.
     #[new]
-    #[pyo3(signature = (master_addr, peer_group=0, p2p_connection_pool_size=0, shared_state_port=pccl_core::DEFAULT_SHARED_STATE_PORT, p2p_port=pccl_core::DEFAULT_P2P_PORT, benchmark_port=pccl_core::DEFAULT_BENCHMARK_PORT, advertised_ip=None))]
+    #[pyo3(signature = (master_addr, peer_group=0, p2p_connection_pool_size=0, shared_state_port=pccl_core::DEFAULT_SHARED_STATE_PORT, p2p_port=pccl_core::DEFAULT_P2P_PORT, benchmark_port=pccl_core::DEFAULT_BENCHMARK_PORT, advertised_ip=None, on_sync_progress=None, progress_interval_s=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -596,6 +600,8 @@ impl NativeCommunicator {
         p2p_port: u16,
         benchmark_port: u16,
         advertised_ip: Option<&str>,
+        on_sync_progress: Option<Py<PyAny>>,
+        progress_interval_s: Option<f64>,
     ) -> PyResult<Self> {
         let addr = resolve(py, master_addr)?;
         let mut cfg = CommunicatorConfig::new(addr);
@@ -608,6 +614,34 @@ impl NativeCommunicator {
             cfg.advertised_ip = Some(ip.parse().map_err(|e| {
                 PyValueError::new_err(format!("invalid advertised_ip {ip:?}: {e}"))
             })?);
+        }
+        if let Some(secs) = progress_interval_s {
+            if !(secs.is_finite() && secs >= 0.0) {
+                return Err(PyValueError::new_err(format!(
+                    "progress_interval_s must be a non-negative number of seconds, got {secs}"
+                )));
+            }
+            cfg.progress_interval = Duration::from_secs_f64(secs);
+        }
+        if let Some(cb) = on_sync_progress {
+            if !cb.bind(py).is_callable() {
+                return Err(PyValueError::new_err("on_sync_progress must be callable"));
+            }
+            cfg.on_sync_progress = Some(pccl_core::SyncProgressCallback::new(
+                move |p: pccl_core::SyncProgress| {
+                    Python::attach(|py| {
+                        let args = (
+                            p.received_bytes,
+                            p.total_bytes,
+                            p.elapsed.as_secs_f64(),
+                            p.done,
+                        );
+                        if let Err(e) = cb.bind(py).call1(args) {
+                            e.print(py);
+                        }
+                    })
+                },
+            ));
         }
         let comm =
             Communicator::new(cfg).map_err(|e| pccl_err(py, "pcclCreateCommunicator", &e))?;
@@ -1074,7 +1108,9 @@ impl NativeMaster {
 // Module
 // ---------------------------------------------------------------------------
 
-/// Installs the stderr logger (`PCCL_LOG`/`RUST_LOG`, default `warn`), or
+/// Installs the stderr logger (`PCCL_LOG`/`RUST_LOG`, default
+/// `pccl_core::logging::DEFAULT_FILTER`: `warn` plus the progress lines of
+/// long waits), or
 /// changes its level when `level` is given (`"info"`, `"pccl_core=debug"`...).
 #[pyfunction]
 #[pyo3(signature = (level=None))]

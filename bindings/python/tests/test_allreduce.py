@@ -90,3 +90,49 @@ def test_gil_held_past_the_timeout_is_not_an_eviction(launcher):
     for r in results:
         assert r["worlds"] == [world, world], r
         assert min(r["hogged"]) >= 4.0, r
+
+
+def test_minmax_to_uint32_and_uint64_is_accepted(master):
+    """PCCL 1.0 accepts MinMax quantization of float32/float64 to uint32 and
+    uint64; so does this package: nearly exact, identical on both peers."""
+    import threading
+
+    import pccl
+
+    np = numpy_or_skip()
+    errors = []
+    comms = [
+        pccl.Communicator(master.listen_address, shared_state_port=0, p2p_port=0, benchmark_port=0)
+        for _ in range(2)
+    ]
+    comms[0].connect()
+    t = threading.Thread(target=comms[1].connect)
+    t.start()
+    while comms[0].get_attribute(pccl.Attribute.GLOBAL_WORLD_SIZE) < 2:
+        if comms[0].are_peers_pending():
+            comms[0].update_topology()
+    t.join()
+    tag = 100
+    for dtype in (np.float32, np.float64):
+        for q in (pccl.DataType.UINT32, pccl.DataType.UINT64):
+            tag += 1
+            xs = [(np.arange(5000) % 100 / 100.0 * (r + 1)).astype(dtype) for r in range(2)]
+            outs = [np.zeros_like(x) for x in xs]
+            opts = pccl.QuantizationOptions(q, pccl.QuantizationAlgorithm.MIN_MAX)
+
+            def run(i, tag=tag, opts=opts, xs=xs, outs=outs):
+                try:
+                    comms[i].all_reduce(xs[i], outs[i], op=pccl.ReduceOp.SUM, tag=tag, quantization_options=opts)
+                except Exception as e:  # surfaced below
+                    errors.append(e)
+
+            th = threading.Thread(target=run, args=(1,))
+            th.start()
+            run(0)
+            th.join()
+            assert not errors, errors
+            exact = xs[0].astype(np.float64) + xs[1].astype(np.float64)
+            assert np.abs(outs[0].astype(np.float64) - exact).max() < 1e-5
+            assert outs[0].tobytes() == outs[1].tobytes()
+    for c in comms:
+        c.close()

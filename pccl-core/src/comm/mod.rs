@@ -13,7 +13,7 @@ pub(crate) mod p2p;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,10 @@ use crate::types::{
 use crate::wire::{CollectiveSpec, ConnKind, Hello, MasterMsg, PeerId, PeerMsg, WorldInfo};
 use control::{Control, Routed, WaitKey};
 use p2p::P2p;
+
+/// How long `connect()` waits for admission before it says so at the
+/// default log level (a peer admitted at once logs nothing there).
+const ADMISSION_QUIET: Duration = Duration::from_millis(200);
 
 /// How to create a [`Communicator`].
 #[derive(Debug, Clone)]
@@ -70,6 +74,20 @@ pub struct CommunicatorConfig {
     /// ask for the same, or the op fails with `InvalidUsage`. Defaults to
     /// `$PCCL_ALGORITHM` (auto, ring or direct).
     pub algorithm: Algorithm,
+    /// How often a long wait reports itself at the default log level
+    /// (target [`crate::logging::PROGRESS_TARGET`]): `connect()` waiting
+    /// for admission logs a line when it starts waiting and one per
+    /// interval after; a shared-state fetch logs bytes, rate and ETA once
+    /// per interval (so only fetches longer than it log anything) and calls
+    /// [`on_sync_progress`](Self::on_sync_progress). Default 3 s; zero
+    /// turns the periodic lines and callbacks off.
+    pub progress_interval: Duration,
+    /// Called with the progress of every shared-state fetch of this peer,
+    /// once per [`progress_interval`](Self::progress_interval) while it runs
+    /// and once when every byte has arrived (`done`); `None` (the default):
+    /// no callback. Runs on the communicator's runtime threads: it must
+    /// return quickly and must not call back into the communicator.
+    pub on_sync_progress: Option<crate::shared_state::SyncProgressCallback>,
 }
 
 impl CommunicatorConfig {
@@ -93,6 +111,8 @@ impl CommunicatorConfig {
                 ..SocketTuning::default()
             },
             algorithm: algorithm_from_env(),
+            progress_interval: Duration::from_secs(3),
+            on_sync_progress: None,
         }
     }
 
@@ -301,8 +321,47 @@ impl Communicator {
         self.ss.spawn_listener(ss_listener, attempt.clone());
         control::spawn_heartbeat(ctl.clone(), Duration::from_millis(hb.max(10) as u64));
         tracing::info!(peer = %id, master = %cfg.master_addr, p2p_port, "registered; waiting for admission");
-        match topo.recv().await? {
+        // A newcomer blocks here until the accepted peers call
+        // update_topology, which may take a while: unless it is admitted at
+        // once, say so at the default log level, then every interval.
+        let waiting = Instant::now();
+        let (answer, announced) = match tokio::time::timeout(ADMISSION_QUIET, topo.recv()).await {
+            Ok(m) => (m?, false),
+            Err(_) => {
+                tracing::info!(
+                    target: crate::logging::PROGRESS_TARGET,
+                    "peer {id}: registered with the master at {}; waiting for admission \
+                     (the peers already in the swarm admit newcomers when they call update_topology)",
+                    cfg.master_addr
+                );
+                let every = cfg.progress_interval;
+                let m = loop {
+                    if every.is_zero() {
+                        break topo.recv().await?;
+                    }
+                    tokio::select! {
+                        m = topo.recv() => break m?,
+                        _ = tokio::time::sleep(every) => tracing::info!(
+                            target: crate::logging::PROGRESS_TARGET,
+                            "peer {id}: still waiting for admission by the swarm at {} ({:.0} s so far)",
+                            cfg.master_addr,
+                            waiting.elapsed().as_secs_f64()
+                        ),
+                    }
+                };
+                (m, true)
+            }
+        };
+        match answer {
             Routed::Msg(MasterMsg::TopologyUpdated { .. }) => {
+                if announced {
+                    tracing::info!(
+                        target: crate::logging::PROGRESS_TARGET,
+                        "peer {id}: admitted after {:.1} s (world {})",
+                        waiting.elapsed().as_secs_f64(),
+                        ctl.world().global_world
+                    );
+                }
                 tracing::info!(peer = %id, world = ?ctl.world(), "accepted into the swarm");
                 Ok(ctl)
             }
@@ -1558,6 +1617,10 @@ impl Communicator {
             net: Net::new(self.cfg.socket),
             timeout: self.cfg.connect_timeout,
             stall: self.cfg.shared_state_stall_timeout,
+            progress: crate::shared_state::ProgressOpts {
+                interval: self.cfg.progress_interval,
+                callback: self.cfg.on_sync_progress.clone(),
+            },
         };
         self.block_on(crate::shared_state::run_sync(
             &ctl, &server, state, strategy, hashes, opts,

@@ -3,7 +3,8 @@
 //! A float tensor (`f16`, `bf16`, `f32`, `f64`) is cut into blocks of
 //! [`QUANT_BLOCK_ELEMS`] elements (the last block may be shorter); each block
 //! carries its own two metadata values and one integer code per element
-//! (`u8`/`i8`/`u16`/`i16`). [`quantize`] encodes, [`dequantize_into`] decodes
+//! (`u8`/`i8`/`u16`/`i16`; with MinMax from `f32`/`f64` also `u32`/`u64`,
+//! see "Wide codes"). [`quantize`] encodes, [`dequantize_into`] decodes
 //! and either overwrites or reduces into a destination. Decoding is a pure,
 //! deterministic function of the encoded bytes (plain IEEE-754 arithmetic, no
 //! FMA, no hardware-dependent conversions), so every peer decoding the same
@@ -95,6 +96,23 @@
 //! `f16`), so finite metadata always decodes to finite values. Decoding
 //! arbitrary bytes never panics.
 //!
+//! ## Wide codes (`u32`, `u64`)
+//!
+//! PCCL 1.0 accepts MinMax to `u32`/`u64` from `f32`/`f64` (even `u64`
+//! codes of `f32`, twice the source's size), so this module does too. The
+//! layout is the one above (metadata `lo`, `hi` in `C`, then 4- or 8-byte
+//! little-endian codes), but the block is encoded and decoded in `f64`
+//! whatever the source, by a scalar kernel (`wide.rs`): `qmax = 2^32 − 1`
+//! for `u32` and `qmax = 2^53 − 1` for `u64` (an `f64` cannot resolve more
+//! codes; a stored code above `qmax` decodes as `qmax`). Decoding is the
+//! MinMax formula above in `f64`, clamped to the source's finite range,
+//! then rounded to the source type. The bound is the one above with
+//! `ε = 2^-53`, `τ = 2^-1074`, and, for `f32` sources, the final rounding
+//! to `f32` (at most doubling it, since `x` itself is an `f32` candidate):
+//! `2·(Δ/2 + 8·2^-53·M + qmax·2^-1074)`. `f32` → `u32` therefore returns
+//! almost every value bit-exactly. ZeroPointScale and signed wide codes
+//! are refused, as in PCCL 1.0.
+//!
 //! ## Block size
 //!
 //! [`QUANT_BLOCK_ELEMS`] = 1024. The metadata then costs under 1 % of the
@@ -109,6 +127,7 @@ mod buffer;
 mod element;
 mod scalar;
 mod simd;
+mod wide;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -133,7 +152,8 @@ const B: usize = QUANT_BLOCK_ELEMS;
 /// is meaningful.
 ///
 /// Requirements: `src` is `f16`, `bf16`, `f32` or `f64`; `q` is `u8`, `i8`,
-/// `u16` or `i16` and strictly narrower than `src`; `algo` is not `None`;
+/// `u16` or `i16` and strictly narrower than `src`, or (MinMax only, as
+/// PCCL 1.0) `q` is `u32` or `u64` and `src` is `f32` or `f64`; `algo` is not `None`;
 /// `op` is not `Prod` (a product's relative error is unbounded once factors
 /// are quantized). `Sum`, `Avg`, `Max` and `Min` are accepted.
 pub fn validate(
@@ -164,12 +184,30 @@ fn check_combo(src: DataType, q: DataType, algo: QuantizationAlgorithm) -> Resul
             src.name()
         )));
     }
+    if wide::is_wide(q) {
+        // PCCL 1.0's MinMax accepts u32/u64 codes of f32/f64 sources (even
+        // u64 codes of f32, wider than the source); so do we.
+        if algo != QuantizationAlgorithm::MinMax {
+            return Err(Error::InvalidArgument(format!(
+                "quantized data type {} needs the MinMax algorithm (ZeroPointScale takes u8, i8, u16 or i16)",
+                q.name()
+            )));
+        }
+        if !matches!(src, DataType::F32 | DataType::F64) {
+            return Err(Error::InvalidArgument(format!(
+                "quantized data type {} needs an f32 or f64 source, got {}",
+                q.name(),
+                src.name()
+            )));
+        }
+        return Ok(());
+    }
     if !matches!(
         q,
         DataType::U8 | DataType::I8 | DataType::U16 | DataType::I16
     ) {
         return Err(Error::InvalidArgument(format!(
-            "quantized data type must be u8, i8, u16 or i16, got {}",
+            "quantized data type must be u8, i8, u16 or i16 (or u32/u64 with MinMax from f32/f64), got {}",
             q.name()
         )));
     }
@@ -242,6 +280,10 @@ pub fn quantize(
 ) -> Result<()> {
     check_combo(src_dtype, q, algo)?;
     checked_elems("quantize", src_dtype, q, algo, src.len(), out.len())?;
+    if wide::is_wide(q) {
+        wide::quantize(src_dtype, q, src, out);
+        return Ok(());
+    }
     let mask = sign_mask(q);
     by_types!(
         "quantize",
@@ -277,6 +319,10 @@ pub fn dequantize_into(
         None => check_combo(src_dtype, q, algo)?,
     }
     checked_elems("dequantize", src_dtype, q, algo, dst.len(), enc.len())?;
+    if wide::is_wide(q) {
+        wide::dequantize_into(src_dtype, q, op, enc, dst);
+        return Ok(());
+    }
     let mask = sign_mask(q);
     by_types!(
         "dequantize",
@@ -307,6 +353,10 @@ pub fn quantize_adopt(
 ) -> Result<()> {
     check_combo(src_dtype, q, algo)?;
     checked_elems("quantize_adopt", src_dtype, q, algo, data.len(), out.len())?;
+    if wide::is_wide(q) {
+        wide::quantize_adopt(src_dtype, q, data, out);
+        return Ok(());
+    }
     let mask = sign_mask(q);
     by_types!(
         "quantize_adopt",
@@ -354,6 +404,10 @@ pub fn dequantize_reduce_from(
         dst.len(),
         enc.len(),
     )?;
+    if wide::is_wide(q) {
+        wide::dequantize_reduce_from(src_dtype, q, op, a, enc, dst);
+        return Ok(());
+    }
     let mask = sign_mask(q);
     by_types!(
         "dequantize_reduce_from",

@@ -743,7 +743,7 @@ fn fused_bad_arguments_are_errors_and_write_nothing() {
     let cases: [(DataType, DataType, QuantizationAlgorithm, usize, usize); 6] = [
         (F32, U8, mm, 0, 1),
         (F32, U8, mm, 1, 0),
-        (F32, U32, mm, 0, 0),
+        (F32, I32, mm, 0, 0),
         (I32, U8, mm, 0, 0),
         (F16, U16, mm, 0, 0),
         (F32, U8, QuantizationAlgorithm::None, 0, 0),
@@ -795,9 +795,13 @@ fn validate_accepts_exactly_the_meaningful_combinations() {
         for q in DataType::ALL {
             for a in algos {
                 for op in ReduceOp::ALL {
+                    let narrow = CODES.contains(&q) && q.size() < s.size();
+                    // PCCL 1.0's extra combinations: MinMax, f32/f64 -> u32/u64.
+                    let wide = WIDE_CODES.contains(&q)
+                        && matches!(s, DataType::F32 | DataType::F64)
+                        && a == QuantizationAlgorithm::MinMax;
                     let expect = s.is_float()
-                        && CODES.contains(&q)
-                        && q.size() < s.size()
+                        && (narrow || wide)
                         && a != QuantizationAlgorithm::None
                         && op != ReduceOp::Prod;
                     let got = validate(s, q, a, op);
@@ -819,8 +823,10 @@ fn validate_accepts_exactly_the_meaningful_combinations() {
             }
         }
     }
-    // f16, bf16: u8, i8; f32, f64: u8, i8, u16, i16 -> 12 x 2 algos x 4 ops.
-    assert_eq!(accepted, 12 * 2 * 4);
+    // f16, bf16: u8, i8; f32, f64: u8, i8, u16, i16 -> 12 x 2 algos x 4 ops;
+    // plus f32, f64 -> u32, u64 with MinMax: 4 x 4 ops.
+    assert_eq!(accepted, 12 * 2 * 4 + 4 * 4);
+    assert_eq!(wide_combos().len(), 4);
     assert_eq!(combos().len(), 24);
 }
 
@@ -1194,7 +1200,16 @@ fn bad_arguments_are_errors_not_panics() {
     // Source not a whole number of elements.
     assert!(quantize(F32, U8, mm, &src[1..], &mut out).is_err());
     // Invalid combinations.
-    assert!(quantize(F32, U32, mm, &src, &mut out).is_err());
+    assert!(quantize(F32, I32, mm, &src, &mut out).is_err());
+    assert!(quantize(
+        F32,
+        U32,
+        QuantizationAlgorithm::ZeroPointScale,
+        &src,
+        &mut out
+    )
+    .is_err());
+    assert!(quantize(F16, U32, mm, &src[..20], &mut out).is_err());
     assert!(quantize(I32, U8, mm, &src, &mut out).is_err());
     assert!(quantize(F16, U16, mm, &src[..20], &mut out).is_err());
     assert!(quantize(F32, U8, QuantizationAlgorithm::None, &src, &mut out).is_err());
@@ -1207,4 +1222,216 @@ fn bad_arguments_are_errors_not_panics() {
     // Empty input is fine.
     assert!(quantize(F32, U8, mm, &[], &mut []).is_ok());
     assert!(dequantize_into(F32, U8, mm, Some(ReduceOp::Sum), &[], &mut []).is_ok());
+}
+
+// ---------------------------------------------------------------------------
+// Wide codes: MinMax, f32/f64 -> u32/u64 (PCCL 1.0's extra combinations)
+// ---------------------------------------------------------------------------
+
+const WIDE_CODES: [DataType; 2] = [DataType::U32, DataType::U64];
+
+/// Every valid wide (source, code) combination.
+fn wide_combos() -> Vec<(DataType, DataType)> {
+    let mut v = Vec::new();
+    for s in [DataType::F32, DataType::F64] {
+        for q in WIDE_CODES {
+            v.push((s, q));
+        }
+    }
+    v
+}
+
+fn wide_qmax(q: DataType) -> f64 {
+    match q {
+        DataType::U32 => u32::MAX as f64,
+        _ => ((1u64 << 53) - 1) as f64,
+    }
+}
+
+/// The documented per-element bound of a wide block (module docs, "Wide
+/// codes"): `Δ/2 + 8·2^-53·M + qmax·2^-1074`, doubled for `f32` sources
+/// (the final rounding to `f32`).
+fn wide_block_bound(s: DataType, q: DataType, xs: &[f64]) -> f64 {
+    let lo = xs.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let qmax = wide_qmax(q);
+    let delta = hi / qmax - lo / qmax;
+    let m = lo.abs().max(hi.abs());
+    let e = delta / 2.0 + 8.0 * 2f64.powi(-53) * m + qmax * f64::from_bits(1);
+    if s == DataType::F32 {
+        2.0 * e
+    } else {
+        e
+    }
+}
+
+const MM: QuantizationAlgorithm = QuantizationAlgorithm::MinMax;
+
+#[test]
+fn wide_roundtrip_error_within_documented_bound() {
+    let mut worst: f64 = 0.0;
+    let mut exact = 0usize;
+    let mut total = 0usize;
+    for (ci, (s, q)) in wide_combos().into_iter().enumerate() {
+        for seed in 0..60u64 {
+            let dist = (seed % 6) as u8;
+            let n = [0, 1, 5, 1023, 1024, 1025, 3000][(seed % 7) as usize];
+            let xs = gen_data(s, dist, n, seed * 16 + ci as u64);
+            let src = to_src(s, &xs);
+            let (enc, dec) = roundtrip(s, q, MM, &src);
+            assert_eq!(enc.len(), encoded_len(s, q, MM, n));
+            let ys = from_src(s, &dec);
+            for (xb, yb) in xs.chunks(B).zip(ys.chunks(B)) {
+                let bound = wide_block_bound(s, q, xb);
+                for (&x, &y) in xb.iter().zip(yb) {
+                    let err = (y - x).abs();
+                    assert!(
+                        err <= bound,
+                        "{}->{} seed {seed}: x={x:e} y={y:e} err={err:e} bound={bound:e}",
+                        s.name(),
+                        q.name()
+                    );
+                    if bound > 0.0 {
+                        worst = worst.max(err / bound);
+                    }
+                    exact += (err == 0.0) as usize;
+                    total += 1;
+                }
+            }
+            if dist == 4 {
+                assert_eq!(dec, src, "all-equal blocks decode bit-exactly");
+            }
+            // quantize_adopt = quantize + dequantize, bit for bit.
+            check_adopt(s, q, MM, &src, 0, 0);
+            check_adopt(s, q, MM, &src, 3, 1);
+        }
+    }
+    assert!(worst <= 1.0);
+    // f32 -> u32 / u64 and f64 -> u64 return most values exactly.
+    assert!(exact * 2 > total, "{exact} of {total} exact");
+}
+
+#[test]
+fn wide_explicit_layout_f32_u32_and_f64_u64() {
+    // f32 -> u32: lo, hi as f32 LE, then u32 LE codes; lo -> 0, hi -> qmax.
+    let xs = [1.0f64, -2.0, 0.5, 4.0];
+    let src = to_src(DataType::F32, &xs);
+    let (enc, dec) = roundtrip(DataType::F32, DataType::U32, MM, &src);
+    assert_eq!(enc.len(), 8 + 4 * 4);
+    assert_eq!(&enc[0..4], &(-2.0f32).to_le_bytes());
+    assert_eq!(&enc[4..8], &4.0f32.to_le_bytes());
+    let code = |i: usize| u32::from_le_bytes(enc[8 + 4 * i..12 + 4 * i].try_into().unwrap());
+    assert_eq!(code(1), 0);
+    assert_eq!(code(3), u32::MAX);
+    // 1.0 is half-way: (1 - -2) / 6 * (2^32 - 1) = 2147483647.5 (give or
+    // take the rounding of the step).
+    assert!((2_147_483_647..=2_147_483_648).contains(&code(0)));
+    assert_eq!(dec, src, "f32 -> u32 is exact on these values");
+    // f64 -> u64: 16 bytes of metadata, codes below 2^53.
+    let xs = [0.1f64, 0.2, 0.3];
+    let src = to_src(DataType::F64, &xs);
+    let (enc, dec) = roundtrip(DataType::F64, DataType::U64, MM, &src);
+    assert_eq!(enc.len(), 16 + 3 * 8);
+    assert_eq!(&enc[0..8], &0.1f64.to_le_bytes());
+    assert_eq!(&enc[8..16], &0.3f64.to_le_bytes());
+    let code = |i: usize| u64::from_le_bytes(enc[16 + 8 * i..24 + 8 * i].try_into().unwrap());
+    assert_eq!((code(0), code(2)), (0, (1 << 53) - 1));
+    let ys = from_src(DataType::F64, &dec);
+    assert!((ys[1] - 0.2).abs() <= 4.0 * f64::EPSILON);
+    // A stored code above qmax decodes as qmax (the block maximum).
+    let mut bad = enc.clone();
+    bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut out = vec![0u8; src.len()];
+    dequantize_into(DataType::F64, DataType::U64, MM, None, &bad, &mut out).unwrap();
+    assert_eq!(from_src(DataType::F64, &out)[0], 0.3);
+    // u64 codes of f32: twice the source's size, still exact metadata.
+    assert_eq!(
+        encoded_len(DataType::F32, DataType::U64, MM, 1025),
+        2 * 8 + 1025 * 8
+    );
+}
+
+#[test]
+fn wide_non_finite_blocks_are_canonical_nan_and_others_untouched() {
+    for (s, q) in wide_combos() {
+        let mut xs = gen_data(s, 0, 3 * B, 7);
+        xs[B + 17] = f64::NAN;
+        xs[2 * B + 5] = f64::INFINITY;
+        let src = to_src(s, &xs);
+        let (_, dec) = roundtrip(s, q, MM, &src);
+        let nan: &[u8] = match s {
+            DataType::F32 => &0x7fc0_0000u32.to_ne_bytes(),
+            _ => &0x7ff8_0000_0000_0000u64.to_ne_bytes(),
+        };
+        for (i, y) in dec.chunks(s.size()).enumerate() {
+            assert_eq!(y == nan, i >= B, "{}->{} element {i}", s.name(), q.name());
+        }
+        check_bound_wide(s, q, &xs[..B], &from_src(s, &dec[..B * s.size()]));
+    }
+}
+
+fn check_bound_wide(s: DataType, q: DataType, xs: &[f64], ys: &[f64]) {
+    let bound = wide_block_bound(s, q, xs);
+    for (&x, &y) in xs.iter().zip(ys) {
+        assert!((y - x).abs() <= bound, "{x:e} {y:e} {bound:e}");
+    }
+}
+
+#[test]
+fn wide_extreme_ranges_do_not_overflow() {
+    for (s, q) in wide_combos() {
+        let max = if s == DataType::F32 {
+            f32::MAX as f64
+        } else {
+            f64::MAX
+        };
+        let xs = [-max, max, 0.0, max / 3.0, -max / 7.0, -0.0];
+        let src = to_src(s, &xs);
+        let (_, dec) = roundtrip(s, q, MM, &src);
+        let ys = from_src(s, &dec);
+        assert!(ys.iter().all(|y| y.is_finite()));
+        assert_eq!((ys[0], ys[1]), (-max, max));
+        check_bound_wide(s, q, &xs, &ys);
+    }
+}
+
+#[test]
+fn wide_reducing_decoders_match_decode_then_reduce() {
+    for (s, q) in wide_combos() {
+        for seed in 0..6u64 {
+            let n = [1, 1024, 2500][(seed % 3) as usize];
+            let a = to_src(s, &gen_data(s, seed as u8, n, seed + 100));
+            let b = to_src(s, &gen_data(s, seed as u8 + 1, n, seed + 200));
+            let (enc, dec) = roundtrip(s, q, MM, &b);
+            for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+                // dequantize_into(Some(op)) == decode + reduce_into.
+                let mut want = a.clone();
+                reduce_into(s, op, &mut want, &dec);
+                let mut got = a.clone();
+                dequantize_into(s, q, MM, Some(op), &enc, &mut got).unwrap();
+                assert_eq!(got, want, "{}->{} {op:?}", s.name(), q.name());
+                // dequantize_reduce_from == copy + dequantize_into(Some(op)).
+                check_reduce_from(s, q, MM, op, &a, &enc, 0, 0);
+                check_reduce_from(s, q, MM, op, &a, &enc, 1, 3);
+            }
+            assert!(dequantize_into(s, q, MM, Some(ReduceOp::Prod), &enc, &mut a.clone()).is_err());
+        }
+    }
+}
+
+#[test]
+fn wide_decoding_arbitrary_bytes_is_total_and_deterministic() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (s, q) in wide_combos() {
+        for n in [0usize, 1, 7, 1024, 1500] {
+            let enc: Vec<u8> = (0..encoded_len(s, q, MM, n)).map(|_| rng.gen()).collect();
+            let mut d1 = vec![0u8; n * s.size() + 1];
+            dequantize_into(s, q, MM, None, &enc, &mut d1[1..]).unwrap();
+            let mut d2 = vec![0u8; n * s.size()];
+            dequantize_into(s, q, MM, None, &enc, &mut d2).unwrap();
+            assert_eq!(&d1[1..], &d2[..]);
+            let mut d3 = d2.clone();
+            dequantize_into(s, q, MM, Some(ReduceOp::Max), &enc, &mut d3).unwrap();
+        }
+    }
 }

@@ -62,6 +62,8 @@ struct FetchJob<T: Transport> {
     sources: Vec<PeerEntry>,
     failed_sources: Mutex<HashSet<PeerId>>,
     rx_bytes: AtomicU64,
+    /// Tensor bytes of the ranges received so far (progress reports).
+    received: Arc<AtomicU64>,
     recv_ns: AtomicU64,
     hash_ns: AtomicU64,
     /// Dials the sources (and carries the connections' tuning).
@@ -239,6 +241,7 @@ impl<T: Transport> FetchJob<T> {
             r.len as u64 + TensorResponseHead::LEN as u64,
             Ordering::Relaxed,
         );
+        self.received.fetch_add(r.len as u64, Ordering::Relaxed);
         let first_leaf = r.offset / hash::LEAF_SIZE;
         if let Ok(mut all) = t.leaves.lock() {
             if let Some(slots) = all.get_mut(first_leaf..first_leaf + leaves.len()) {
@@ -329,8 +332,8 @@ impl<T: Transport> FetchJob<T> {
 }
 
 /// How transfers connect: parallel connections, the transport (and its
-/// tuning), deadlines.
-#[derive(Debug, Clone, Copy)]
+/// tuning), deadlines; and how a fetch reports its progress.
+#[derive(Debug, Clone)]
 pub(crate) struct TransferOpts<T: Transport = Net> {
     pub parallel: usize,
     pub net: T,
@@ -338,6 +341,7 @@ pub(crate) struct TransferOpts<T: Transport = Net> {
     pub timeout: Duration,
     /// Progress deadline of a fetch connection ([`super::DEFAULT_STALL_TIMEOUT`]).
     pub stall: Duration,
+    pub progress: super::ProgressOpts,
 }
 
 /// Fetches `items` (name, expected hash) into `state`'s tensors from `sources`.
@@ -356,6 +360,7 @@ pub(crate) async fn fetch_tensors<T: Transport>(
         net,
         timeout,
         stall,
+        progress,
     } = opts;
     if sources.is_empty() {
         return Err(Error::NoSharedStateAvailable(
@@ -398,6 +403,7 @@ pub(crate) async fn fetch_tensors<T: Transport>(
             off += n;
         }
     }
+    let total: u64 = targets.iter().map(|t| t.len as u64).sum();
     let workers = parallel.clamp(1, 8).min(queue.len().max(1));
     timings.fetch_connections = workers;
     let job = Arc::new(FetchJob {
@@ -408,6 +414,7 @@ pub(crate) async fn fetch_tensors<T: Transport>(
         sources,
         failed_sources: Mutex::new(HashSet::new()),
         rx_bytes: AtomicU64::new(0),
+        received: Arc::new(AtomicU64::new(0)),
         recv_ns: AtomicU64::new(0),
         hash_ns: AtomicU64::new(0),
         net,
@@ -420,6 +427,10 @@ pub(crate) async fn fetch_tensors<T: Transport>(
     for w in 0..workers {
         set.spawn(job.clone().worker(spread + w));
     }
+    let started = Instant::now();
+    // Stops when dropped: at the end, or if this future is.
+    let reporter =
+        super::progress::Reporter::spawn(job.received.clone(), total, started, progress.clone());
     let mut result = Ok(());
     while let Some(r) = set.join_next().await {
         let r = match r {
@@ -436,7 +447,9 @@ pub(crate) async fn fetch_tensors<T: Transport>(
     timings.fetch_recv = Duration::from_nanos(job.recv_ns.load(Ordering::Relaxed));
     timings.fetch_hash = Duration::from_nanos(job.hash_ns.load(Ordering::Relaxed));
     timings.failed_sources = job.failed_sources.lock().map(|f| f.len()).unwrap_or(0);
+    drop(reporter);
     result?;
+    super::progress::report_done(&job.received, total, started, &progress);
     let verify_start = Instant::now();
     for t in &job.targets {
         let leaves = t.leaves.lock().map(|l| l.clone()).unwrap_or_default();
@@ -572,6 +585,7 @@ mod tests {
             net: Net::default(),
             timeout: Duration::from_secs(5),
             stall,
+            progress: Default::default(),
         };
         let mut tm = SyncTimings::default();
         let t0 = Instant::now();
@@ -610,6 +624,7 @@ mod tests {
             net: Net::default(),
             timeout: Duration::from_secs(5),
             stall,
+            progress: Default::default(),
         };
         let mut tm = SyncTimings::default();
         let t0 = Instant::now();

@@ -10,6 +10,7 @@
 //! request and response bytes they exchange are in [`crate::wire`].
 
 mod fetch;
+mod progress;
 mod server;
 
 use std::collections::HashMap;
@@ -25,6 +26,8 @@ use crate::types::{DataType, DeviceType};
 
 use fetch::fetch_tensors;
 pub(crate) use fetch::TransferOpts;
+pub(crate) use progress::ProgressOpts;
+pub use progress::{SyncProgress, SyncProgressCallback};
 use server::ServedTensor;
 pub(crate) use server::SharedStateServer;
 

@@ -35,7 +35,8 @@
  * The all-reduce suite: every data type x every reduction op with exact
  * expected values (counts 1 to 4099), a large in-place float sum, a
  * quantized (min-max to uint8) sum whose bytes the driver compares across
- * peers, four async all-reduces with distinct tags in flight at once (with
+ * peers, min-max sums of float/double to uint32/uint64 (accepted as by PCCL
+ * 1.0, nearly exact, bytes compared across peers too), four async all-reduces with distinct tags in flight at once (with
  * the in-flight rules checked), and pcclAllReduceMultipleWithRetry.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -256,6 +257,59 @@ static uint64_t quantized(pcclComm_t *comm, int world, uint64_t h) {
     return h;
 }
 
+/* MinMax to 32/64-bit codes from float/double, which PCCL 1.0 accepts: each
+ * combination is accepted, nearly exact, and bit-identical on every peer
+ * (the results go into the suite's checksum). */
+static uint64_t quantized_wide(pcclComm_t *comm, int world, uint64_t h) {
+    static const pcclDataType_t srcs[2] = {pcclFloat, pcclDouble};
+    static const pcclDataType_t codes[2] = {pcclUint32, pcclUint64};
+    const size_t count = 5000;
+    double exact, got, err, max_err;
+    size_t j;
+    int s, q, id;
+    for (s = 0; s < 2; s++) {
+        for (q = 0; q < 2; q++) {
+            size_t es = dtype_size(srcs[s]);
+            void *send = xmalloc(count * es);
+            void *recv = xmalloc(count * es);
+            pcclReduceDescriptor_t d = reduce_descriptor(count, pcclSum, g_tag++, srcs[s]);
+            d.quantization_options.algorithm = pcclQuantMinMax;
+            d.quantization_options.quantized_datatype = codes[q];
+            for (j = 0; j < count; j++) {
+                double v = (double)(g_id + 1) * (double)(j % 100) / 100.0;
+                if (srcs[s] == pcclFloat) {
+                    ((float *)send)[j] = (float)v;
+                } else {
+                    ((double *)send)[j] = v;
+                }
+            }
+            MUST(pcclAllReduce(send, recv, &d, comm, NULL), pcclSuccess);
+            max_err = 0.0;
+            for (j = 0; j < count; j++) {
+                exact = 0.0;
+                for (id = 0; id < world; id++) {
+                    double v = (double)(id + 1) * (double)(j % 100) / 100.0;
+                    exact += srcs[s] == pcclFloat ? (double)(float)v : v;
+                }
+                got = srcs[s] == pcclFloat ? (double)((float *)recv)[j] : ((double *)recv)[j];
+                err = fabs(got - exact);
+                max_err = err > max_err ? err : max_err;
+            }
+            /* the range is about 6: 32-bit steps are about 1.4e-9, and an
+             * f32 result rounds at about 5e-7 */
+            if (max_err > 1e-5) {
+                fprintf(stderr, "peer %d: wide quantized all-reduce (%d, %d) error %g\n", g_id,
+                        (int)srcs[s], (int)codes[q], max_err);
+                MUST_TRUE(max_err <= 1e-5);
+            }
+            h = fnv1a(h, recv, count * es);
+            free(send);
+            free(recv);
+        }
+    }
+    return h;
+}
+
 static uint64_t async_ops(pcclComm_t *comm, int world, uint64_t h) {
     enum { N = 4 };
     static const pcclDataType_t types[N] = {pcclFloat, pcclInt32, pcclDouble, pcclBFloat16};
@@ -342,6 +396,7 @@ static uint64_t suite(pcclComm_t *comm, int world, size_t big_count) {
     h = typed_all_reduces(comm, world, h);
     h = big_in_place(comm, world, big_count, h);
     h = quantized(comm, world, h);
+    h = quantized_wide(comm, world, h);
     h = async_ops(comm, world, h);
     h = multiple(comm, world, h);
     return h;

@@ -21,7 +21,9 @@ Minimal use::
     info = comm.all_reduce(x, x, op=pccl.ReduceOp.SUM)
 
 Logging goes to stderr; ``PCCL_LOG`` (or ``RUST_LOG``) sets the level
-(``warn`` by default), and :func:`set_log_level` changes it at run time.
+(``warn`` by default, plus progress lines while ``connect()`` waits for
+admission and during long shared-state fetches: ``warn,pccl::progress=info``),
+and :func:`set_log_level` changes it at run time.
 """
 
 from . import _cuda, _native, cuda
@@ -38,6 +40,7 @@ from ._api import (
     ReduceOperandDescriptor,
     SharedState,
     SharedStateSyncInfo,
+    SyncProgress,
     TensorInfo,
 )
 from ._enums import (
@@ -108,6 +111,7 @@ __all__ = [
     "ReduceOperandDescriptor",
     "Result",
     "SharedState",
+    "SyncProgress",
     "SharedStateSyncInfo",
     "SharedStateSyncStrategy",
     "TensorInfo",

@@ -43,6 +43,7 @@ __all__ = [
     "ReduceOpDescriptor",
     "TensorInfo",
     "SharedState",
+    "SyncProgress",
 ]
 
 _log = logging.getLogger("pccl")
@@ -554,6 +555,52 @@ def _port_defaults() -> Tuple[int, int, int]:
     return (b, b + 1, b + 2)
 
 
+class SyncProgress:
+    """Progress of a shared-state fetch, passed to ``on_sync_progress``
+    (extension). ``received_bytes`` of ``total_bytes`` arrived after
+    ``elapsed_s`` seconds; ``done`` is true in the last report, once every
+    byte has arrived (the tensors are then verified by hash)."""
+
+    __slots__ = ("received_bytes", "total_bytes", "elapsed_s", "done")
+
+    def __init__(self, received_bytes: int, total_bytes: int, elapsed_s: float, done: bool) -> None:
+        self.received_bytes = received_bytes
+        self.total_bytes = total_bytes
+        self.elapsed_s = elapsed_s
+        self.done = done
+
+    @property
+    def bytes_per_sec(self) -> float:
+        """Average rate since the fetch started."""
+        return self.received_bytes / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> Optional[float]:
+        """Seconds left at the average rate so far (``None`` before any byte came)."""
+        rate = self.bytes_per_sec
+        if rate <= 0:
+            return None
+        return max(self.total_bytes - self.received_bytes, 0) / rate
+
+    def __repr__(self) -> str:
+        return (
+            f"SyncProgress(received_bytes={self.received_bytes}, total_bytes={self.total_bytes}, "
+            f"elapsed_s={self.elapsed_s:.3f}, done={self.done})"
+        )
+
+
+def _progress_adapter(callback: Any) -> Any:
+    if callback is None:
+        return None
+    if not callable(callback):
+        raise TypeError(f"on_sync_progress must be callable, got {type(callback).__name__}")
+
+    def call(received: int, total: int, elapsed_s: float, done: bool) -> None:
+        callback(SyncProgress(received, total, elapsed_s, done))
+
+    return call
+
+
 class Communicator:
     """A peer of the swarm.
 
@@ -567,7 +614,12 @@ class Communicator:
     (0 = any free port; by default 48149/48150/48151, or taken from the
     ``PCCL_PEER_PORT_BASE`` environment variable: 0 for any free port, N for
     N, N+1, N+2); ``advertised_ip`` is the address other peers should dial
-    (behind NAT).
+    (behind NAT); ``on_sync_progress`` is called with a :class:`SyncProgress`
+    every ``progress_interval_s`` seconds (default 3) during a shared-state
+    fetch and once when its bytes have all arrived, from a library thread
+    (an exception it raises is printed and ignored). The same interval paces
+    the progress lines logged at the default level while ``connect()`` waits
+    for admission and while a long fetch runs.
 
     Every blocking method releases the GIL; Ctrl-C raises
     ``KeyboardInterrupt`` within a fraction of a second and closes the
@@ -584,6 +636,8 @@ class Communicator:
         p2p_port: Optional[int] = None,
         benchmark_port: Optional[int] = None,
         advertised_ip: Optional[str] = None,
+        on_sync_progress: Optional[Any] = None,
+        progress_interval_s: Optional[float] = None,
     ) -> None:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError(f"Invalid address: {address!r}, expected format: ip:port")
@@ -596,6 +650,8 @@ class Communicator:
             _int_arg("p2p_port", p2p if p2p_port is None else p2p_port, 0, 65535),
             _int_arg("benchmark_port", bench if benchmark_port is None else benchmark_port, 0, 65535),
             advertised_ip,
+            _progress_adapter(on_sync_progress),
+            None if progress_interval_s is None else float(progress_interval_s),
         )
         self.address = address
         self.peer_group = peer_group
