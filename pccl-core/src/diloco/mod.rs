@@ -333,9 +333,13 @@ struct AsyncOutcome {
 fn join_async(h: std::thread::JoinHandle<AsyncOutcome>) -> AsyncOutcome {
     h.join().unwrap_or_else(|_| AsyncOutcome {
         state: None,
-        sync: Err(Error::Internal("the DiLoCo background task panicked".into())),
+        sync: Err(Error::Internal(
+            "the DiLoCo background task panicked".into(),
+        )),
         bufs: Vec::new(),
-        reduce: Err(Error::Internal("the DiLoCo background task panicked".into())),
+        reduce: Err(Error::Internal(
+            "the DiLoCo background task panicked".into(),
+        )),
         pending: Ok(false),
         took: Duration::ZERO,
     })
