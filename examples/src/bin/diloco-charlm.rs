@@ -413,15 +413,22 @@ fn peer(args: &Args) -> Result<(), String> {
     let (mut sent, t0) = (0u64, Instant::now());
     let mut window = Instant::now();
     let mut windows = Vec::new();
-    while d.outer_step() < args.outer_steps {
+    // Streaming counts one outer step per fragment: train as many inner
+    // steps as the other modes (outer_steps × H).
+    let per_period = match cfg.mode {
+        Mode::Streaming { fragments, .. } => fragments as u64,
+        _ => 1,
+    };
+    let mut eval = Duration::ZERO;
+    while d.outer_step() < args.outer_steps * per_period {
         tr.gradients();
         tr.adam.step(&mut tr.model, &tr.grads);
         let report = d
             .step(&mut params(&mut tr.model))
             .map_err(|e| format!("outer step: {e}"))?;
         if let Some(r) = report.filter(|r| r.applied) {
+            let te = Instant::now();
             sent += r.tx_bytes;
-            windows.push(window.elapsed());
             // The shared model: the outer parameters (in async mode the local
             // model starts the next window from them plus its own eager step).
             emit(format!(
@@ -436,8 +443,13 @@ fn peer(args: &Args) -> Result<(), String> {
                 t0.elapsed().as_secs_f64(),
                 d.state_hash()
             ));
-            // Windows are timed without this evaluation and printing.
+            eval += te.elapsed();
+        }
+        if d.inner_step().is_multiple_of(args.sync_every) {
+            // Windows of H inner steps, timed without evaluation and printing.
+            windows.push(window.elapsed().saturating_sub(eval));
             window = Instant::now();
+            eval = Duration::ZERO;
         }
     }
     emit(format!(
