@@ -182,6 +182,16 @@ impl Swarm {
         });
     }
 
+    /// The highest outer step worker `id` has reported (0: none yet).
+    fn last_outer(&self, id: usize) -> u64 {
+        self.lines[id]
+            .iter()
+            .filter(|l| l.kind == "OUTER")
+            .map(|l| l.u64("outer"))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// SIGKILLs `victim` right after it announces a step call that runs an
     /// outer event (its all-reduce).
     fn kill_mid_allreduce(&mut self, victim: usize, sync_every: u64) {
@@ -275,12 +285,7 @@ fn churn(mode_args: &[&str], freeze: bool) {
     // SIGKILL one founder while its outer event (the all-reduce) runs.
     s.kill_mid_allreduce(founders[0], H);
     let survivors = [founders[1], founders[2], founders[3]];
-    let after_kill = s.lines[founders[1]]
-        .iter()
-        .filter(|l| l.kind == "OUTER")
-        .map(|l| l.u64("outer"))
-        .max()
-        .unwrap_or(0);
+    let after_kill = s.last_outer(founders[1]);
     s.wait_outer(&survivors, after_kill + 3, Duration::from_secs(60));
     let world_after_kill = s.lines[founders[1]]
         .iter()
@@ -310,12 +315,7 @@ fn churn(mode_args: &[&str], freeze: bool) {
         id == founders[1] && l.kind == "BYE"
     });
     alive.retain(|&i| i != founders[1]);
-    let now = s.lines[joiner]
-        .iter()
-        .filter(|l| l.kind == "OUTER")
-        .map(|l| l.u64("outer"))
-        .max()
-        .unwrap_or(0);
+    let now = s.last_outer(joiner);
     s.wait_outer(&alive, now + 3, Duration::from_secs(60));
 
     if freeze {
@@ -323,12 +323,7 @@ fn churn(mode_args: &[&str], freeze: bool) {
         let frozen = founders[2];
         s.procs.signal(frozen, libc::SIGSTOP).expect("sigstop");
         let others = [founders[3], joiner];
-        let now = s.lines[joiner]
-            .iter()
-            .filter(|l| l.kind == "OUTER")
-            .map(|l| l.u64("outer"))
-            .max()
-            .unwrap_or(0);
+        let now = s.last_outer(joiner);
         s.wait_outer(&others, now + 4, Duration::from_secs(60));
         s.procs.signal(frozen, libc::SIGCONT).expect("sigcont");
         s.wait_for(
@@ -336,12 +331,7 @@ fn churn(mode_args: &[&str], freeze: bool) {
             Duration::from_secs(60),
             |id, l| id == frozen && l.kind == "OUTER" && l.get("rejoined") == "1",
         );
-        let now = s.lines[frozen]
-            .iter()
-            .filter(|l| l.kind == "OUTER")
-            .map(|l| l.u64("outer"))
-            .max()
-            .unwrap_or(0);
+        let now = s.last_outer(frozen);
         s.wait_outer(&alive, now + 3, Duration::from_secs(60));
     }
 
@@ -454,12 +444,7 @@ fn bad_input_gets_a_clear_error_and_the_group_goes_on() {
     assert_eq!(f.get("err"), "InvalidArgument");
     assert!(f.get("msg").contains("outer_lr"), "{:?}", f.fields);
 
-    let now = s.lines[group[0]]
-        .iter()
-        .filter(|l| l.kind == "OUTER")
-        .map(|l| l.u64("outer"))
-        .max()
-        .unwrap_or(0);
+    let now = s.last_outer(group[0]);
     s.wait_outer(&group, now + 3, Duration::from_secs(60));
     let last_world = s.lines[group[0]]
         .iter()
