@@ -37,6 +37,7 @@ declare -A flags=(
     [async-u8]="--mode async --quant minmax --error-feedback"
     [streaming-fp32]="--mode streaming"
     [streaming-u8]="--mode streaming --quant minmax --error-feedback"
+    [streaming9-fp32]="--mode streaming --delay 9"
 )
 order=${CONFIGS:-no-comm sync-fp32 sync-u8 async-fp32 async-u8 streaming-fp32 streaming-u8 ddp-fp32 ddp-u8}
 

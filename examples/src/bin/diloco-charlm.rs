@@ -48,6 +48,9 @@ struct Args {
     /// none, minmax or zps (pseudo-gradients to u8 on the wire).
     #[arg(long, default_value = "none")]
     quant: String,
+    /// Streaming: τ, inner steps a fragment's all-reduce overlaps (default H/4).
+    #[arg(long)]
+    delay: Option<u64>,
     /// With --quant: keep each peer's quantization residual.
     #[arg(long)]
     error_feedback: bool,
@@ -299,9 +302,11 @@ fn diloco_config(args: &Args) -> Result<DiLoCoConfig, String> {
         "async" => Mode::Async,
         "streaming" => Mode::Streaming {
             fragments: 2,
-            delay: (args.sync_every / 4)
-                .max(1)
-                .min(args.sync_every.saturating_sub(1) / 2),
+            delay: args.delay.unwrap_or_else(|| {
+                (args.sync_every / 4)
+                    .max(1)
+                    .min(args.sync_every.saturating_sub(1) / 2)
+            }),
             alpha: 0.5,
         },
         m => return Err(format!("unknown mode '{m}' (sync, async, streaming)")),
@@ -584,6 +589,7 @@ fn parent(args: &Args) -> Result<(), String> {
         cmd.args(["--role", "peer", "--master"])
             .arg(master.local_addr().to_string())
             .args(["--mode", &args.mode, "--quant", &args.quant])
+            .args(args.delay.map(|d| format!("--delay={d}")))
             .args(["--sync-every", &args.sync_every.to_string()])
             .args(["--outer-steps", &args.outer_steps.to_string()])
             .args([

@@ -310,14 +310,6 @@ impl OuterReport {
     }
 }
 
-/// Buffers and the outcome of a background all-reduce.
-type ReduceOutcome = (Vec<Vec<f32>>, Result<ReduceInfo>, Duration);
-
-enum Work {
-    Thread(std::thread::JoinHandle<ReduceOutcome>),
-    Ready(ReduceOutcome),
-}
-
 /// What async mode's background task hands back: the outer state after its
 /// sync (when one was due), the averaged pseudo-gradient, and the answer of
 /// the are-peers-pending vote that followed.
@@ -345,10 +337,10 @@ fn join_async(h: std::thread::JoinHandle<AsyncOutcome>) -> AsyncOutcome {
     })
 }
 
+/// Streaming: the fragment whose background task runs, and when it started.
 struct InFlight {
     fragment: usize,
     launched_at: u64,
-    work: Work,
 }
 
 /// Errors after which this peer is out of step with the group's sequence of
@@ -382,8 +374,12 @@ pub struct DiLoCo {
     /// Revision of this session's last successful sync (`None`: none yet).
     revision: Option<u64>,
     inflight: Option<InFlight>,
-    /// Async mode: the background task of the last window.
+    /// Async and streaming modes: the background task (sync of the last
+    /// applied state, all-reduce, pending vote) of the last launch.
     async_task: Option<std::thread::JoinHandle<AsyncOutcome>>,
+    /// Streaming: the last applied state still waits for its sync (which the
+    /// next launch's background task runs).
+    needs_sync: bool,
     rejoins: u32,
 }
 
@@ -433,6 +429,7 @@ impl DiLoCo {
             revision: None,
             inflight: None,
             async_task: None,
+            needs_sync: false,
             rejoins: 0,
         };
         let mut rep = OuterReport::default();
@@ -605,29 +602,11 @@ impl DiLoCo {
         let all = 0..self.specs.len();
         let mut delta = self.pseudo_gradients_from_start(params);
         let residual = self.error_feedback(&mut delta, all.clone());
-        let pending = if let Some(task) = self.async_task.take() {
-            let t = Instant::now();
-            let out = join_async(task);
-            let waited = t.elapsed();
-            if let Some(st) = out.state {
-                // The state as synced one window ago (repaired if this peer's
-                // differed); the schedule clock is this peer's own.
-                let inner = self.meta[META_INNER_STEP];
-                self.outer = st.outer;
-                self.momentum = st.momentum;
-                self.meta = st.meta;
-                self.meta[META_INNER_STEP] = inner;
-                self.revision = st.revision;
-            }
-            if let Some(info) = out.sync.map_err(|e| (e, true))? {
-                rep.tx_bytes += info.tx_bytes;
-                rep.rx_bytes += info.rx_bytes;
-            }
-            let info = out.reduce.map_err(|e| (e, false))?;
-            note(rep, &info, out.took, waited);
-            self.apply(all.clone(), &out.bufs);
+        let pending = if self.async_task.is_some() {
+            let (g, pending) = self.take_background(rep)?;
+            self.apply(all.clone(), &g);
             rep.applied = true;
-            out.pending.map_err(|e| (e, false))?
+            pending
         } else {
             let t = Instant::now();
             let p = self.comm.are_peers_pending().map_err(|e| (e, false))?;
@@ -658,7 +637,7 @@ impl DiLoCo {
                 meta: self.meta,
                 revision: self.revision,
             });
-            self.launch_async(state, delta);
+            self.launch_async(state, delta, 0);
         }
         for (p, s) in params.iter_mut().zip(&self.start) {
             p.reset_to(s);
@@ -668,7 +647,47 @@ impl DiLoCo {
 
     /// Starts async mode's background task: sync `state` (if given), average
     /// `delta`, then vote on pending peers, all off the training thread.
-    fn launch_async(&mut self, state: Option<OuterState>, mut delta: Vec<Vec<f32>>) {
+    /// Joins the background task: adopts the state it synced, accounts its
+    /// traffic and time, and returns the averaged buffers and the vote.
+    fn take_background(
+        &mut self,
+        rep: &mut OuterReport,
+    ) -> std::result::Result<(Vec<Vec<f32>>, bool), (Error, bool)> {
+        let Some(task) = self.async_task.take() else {
+            return Err((
+                Error::Internal("no DiLoCo background task to join".into()),
+                false,
+            ));
+        };
+        let t = Instant::now();
+        let out = join_async(task);
+        let waited = t.elapsed();
+        if let Some(st) = out.state {
+            // The state as synced at launch (repaired if this peer's
+            // differed); the schedule clock is this peer's own.
+            let inner = self.meta[META_INNER_STEP];
+            self.outer = st.outer;
+            self.momentum = st.momentum;
+            self.meta = st.meta;
+            self.meta[META_INNER_STEP] = inner;
+            self.revision = st.revision;
+        }
+        if let Some(info) = out.sync.map_err(|e| (e, true))? {
+            rep.tx_bytes += info.tx_bytes;
+            rep.rx_bytes += info.rx_bytes;
+        }
+        let info = out.reduce.map_err(|e| (e, false))?;
+        note(rep, &info, out.took, waited);
+        let pending = out.pending.map_err(|e| (e, false))?;
+        Ok((out.bufs, pending))
+    }
+
+    fn launch_async(
+        &mut self,
+        state: Option<OuterState>,
+        mut delta: Vec<Vec<f32>>,
+        tag_base: usize,
+    ) {
         let comm = self.comm.clone();
         let cfg = self.cfg;
         let specs = self.specs.clone();
@@ -682,7 +701,7 @@ impl DiLoCo {
                     None => Ok(None),
                 };
                 let (reduce, pending) = if sync.is_ok() {
-                    let (info, r) = reduce_now(&comm, &mut delta, 0, &cfg);
+                    let (info, r) = reduce_now(&comm, &mut delta, tag_base, &cfg);
                     let pending = if r.is_ok() {
                         comm.are_peers_pending()
                     } else {
@@ -759,17 +778,24 @@ impl DiLoCo {
             return Ok(());
         };
         let s = self.inner_step();
-        if self
-            .inflight
-            .as_ref()
-            .is_some_and(|f| s >= f.launched_at + delay)
-        {
-            if let Some(inf) = self.inflight.take() {
-                let t = Instant::now();
-                let (g, info, took) = finish(inf.work);
-                let info = info.map_err(|e| (e, false))?;
-                note(rep, &info, took, t.elapsed());
-                self.complete_fragment(inf.fragment, &g, params, alpha, rep)?;
+        if let Some(inf) = self.inflight.take_if(|f| s >= f.launched_at + delay) {
+            let (g, pending) = self.take_background(rep)?;
+            let range = self.fragments[inf.fragment].clone();
+            self.apply(range.clone(), &g);
+            rep.applied = true;
+            rep.fragment = Some(inf.fragment);
+            if pending {
+                // Nothing is in flight now: admit, and sync so the newcomer
+                // receives the state.
+                self.update_topology(rep);
+                self.sync(rep).map_err(|e| (e, true))?;
+                self.needs_sync = false;
+            } else {
+                // Synced in the background at the next launch.
+                self.needs_sync = true;
+            }
+            for i in range {
+                params[i].lerp_to(&self.outer[i], alpha);
             }
         }
         if let Some(f) = outer::launching_fragment(s, fragments, self.cfg.sync_every) {
@@ -777,6 +803,9 @@ impl DiLoCo {
             let mut delta = self.pseudo_gradients(params, range.clone());
             let residual = self.error_feedback(&mut delta, range.clone());
             if delay == 0 {
+                if std::mem::take(&mut self.needs_sync) {
+                    self.sync(rep).map_err(|e| (e, true))?;
+                }
                 let t = Instant::now();
                 let (info, r) = reduce_now(&self.comm, &mut delta, range.start, &self.cfg);
                 r.map_err(|e| (e, false))?;
@@ -784,8 +813,18 @@ impl DiLoCo {
                 self.commit_residual(residual, range);
                 self.complete_fragment(f, &delta, params, alpha, rep)?;
             } else {
-                self.commit_residual(residual, range);
-                self.launch(f, delta);
+                self.commit_residual(residual, range.clone());
+                let state = std::mem::take(&mut self.needs_sync).then(|| OuterState {
+                    outer: self.outer.clone(),
+                    momentum: self.momentum.clone(),
+                    meta: self.meta,
+                    revision: self.revision,
+                });
+                self.launch_async(state, delta, range.start);
+                self.inflight = Some(InFlight {
+                    fragment: f,
+                    launched_at: s,
+                });
             }
         }
         Ok(())
@@ -889,34 +928,6 @@ impl DiLoCo {
         self.meta[META_OUTER_STEP] += 1;
     }
 
-    fn launch(&mut self, fragment: usize, mut delta: Vec<Vec<f32>>) {
-        let comm = self.comm.clone();
-        let cfg = self.cfg;
-        let tag_base = self.fragments[fragment].start;
-        let spawned = std::thread::Builder::new()
-            .name("pccl-diloco-reduce".into())
-            .spawn(move || {
-                let t = Instant::now();
-                let (info, r) = reduce_now(&comm, &mut delta, tag_base, &cfg);
-                (delta, r.map(|_| info), t.elapsed())
-            });
-        let work = match spawned {
-            Ok(h) => Work::Thread(h),
-            Err(e) => Work::Ready((
-                Vec::new(),
-                Err(Error::Internal(format!(
-                    "cannot start the reduce thread: {e}"
-                ))),
-                Duration::ZERO,
-            )),
-        };
-        self.inflight = Some(InFlight {
-            fragment,
-            launched_at: self.inner_step(),
-            work,
-        });
-    }
-
     fn update_topology(&mut self, rep: &mut OuterReport) {
         let t = Instant::now();
         if let Err(e) = self.comm.update_topology() {
@@ -963,6 +974,7 @@ impl DiLoCo {
     /// right after admitting), the founding wait for `min_world`, and the
     /// reset of the model to the outer parameters.
     fn join(&mut self, params: &mut [ParamMut<'_>], rep: &mut OuterReport) -> Result<()> {
+        self.needs_sync = false;
         self.sync(rep)?;
         let mut announced = Instant::now() - Duration::from_secs(60);
         while self.inner_step() == 0 && self.comm.world()?.group_world < self.cfg.min_world {
@@ -1000,9 +1012,7 @@ impl DiLoCo {
 
     /// Drops the communicator and joins the group again as a newcomer.
     fn rejoin(&mut self, params: &mut [ParamMut<'_>], rep: &mut OuterReport) -> Result<()> {
-        if let Some(inf) = self.inflight.take() {
-            let _ = finish(inf.work);
-        }
+        self.inflight = None;
         if let Some(t) = self.async_task.take() {
             let _ = join_async(t);
         }
@@ -1043,9 +1053,7 @@ impl DiLoCo {
 
 impl Drop for DiLoCo {
     fn drop(&mut self) {
-        if let Some(inf) = self.inflight.take() {
-            let _ = finish(inf.work);
-        }
+        self.inflight = None;
         if let Some(t) = self.async_task.take() {
             let _ = join_async(t);
         }
@@ -1182,19 +1190,6 @@ fn reduce_now(
         // or the group's average for tensors that completed) is the average.
         Err(Error::TooFewPeers(_)) => (alone, Ok(())),
         Err(e) => (alone, Err(e)),
-    }
-}
-
-fn finish(work: Work) -> ReduceOutcome {
-    match work {
-        Work::Ready(r) => r,
-        Work::Thread(h) => h.join().unwrap_or_else(|_| {
-            (
-                Vec::new(),
-                Err(Error::Internal("the reduce thread panicked".into())),
-                Duration::ZERO,
-            )
-        }),
     }
 }
 
