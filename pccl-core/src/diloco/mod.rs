@@ -343,6 +343,10 @@ struct InFlight {
     launched_at: u64,
 }
 
+/// An event's outcome: on failure the error and whether it came from this
+/// peer's own sync (which decides whether it must join again).
+type EventResult<T> = std::result::Result<T, (Error, bool)>;
+
 /// Errors after which this peer is out of step with the group's sequence of
 /// collectives and must join again as a newcomer.
 fn needs_rejoin(e: &Error, during_sync: bool) -> bool {
@@ -645,14 +649,9 @@ impl DiLoCo {
         Ok(())
     }
 
-    /// Starts async mode's background task: sync `state` (if given), average
-    /// `delta`, then vote on pending peers, all off the training thread.
     /// Joins the background task: adopts the state it synced, accounts its
     /// traffic and time, and returns the averaged buffers and the vote.
-    fn take_background(
-        &mut self,
-        rep: &mut OuterReport,
-    ) -> std::result::Result<(Vec<Vec<f32>>, bool), (Error, bool)> {
+    fn take_background(&mut self, rep: &mut OuterReport) -> EventResult<(Vec<Vec<f32>>, bool)> {
         let Some(task) = self.async_task.take() else {
             return Err((
                 Error::Internal("no DiLoCo background task to join".into()),
@@ -682,6 +681,9 @@ impl DiLoCo {
         Ok((out.bufs, pending))
     }
 
+    /// Starts the background task (async mode, and streaming fragments):
+    /// sync `state` (if given), average `delta` (tags from `tag_base`), then
+    /// vote on pending peers, all off the training thread.
     fn launch_async(
         &mut self,
         state: Option<OuterState>,
