@@ -5,8 +5,6 @@
 //! momentum must equal the reference bit for bit. Also: configuration and
 //! argument errors, refused before anything connects.
 
-use std::time::Duration;
-
 use pccl_core::diloco::{outer, DiLoCo, DiLoCoConfig, Mode, ParamMut};
 use pccl_core::{
     CommunicatorConfig, DataType, Error, MasterConfig, MasterNode, QuantizationAlgorithm,
@@ -86,7 +84,6 @@ fn two_peer_sync_diloco_equals_the_reference_bit_for_bit() {
     let addr = master.local_addr();
     const STEPS: u64 = 5;
     let a = std::thread::spawn(move || run_peer(addr, 0, STEPS));
-    std::thread::sleep(Duration::from_millis(50));
     let b = std::thread::spawn(move || run_peer(addr, 1, STEPS));
     let (oa, ma, ha) = a.join().expect("peer 0");
     let (ob, mb, hb) = b.join().expect("peer 1");

@@ -572,7 +572,7 @@ impl DiLoCo {
         rep: &mut OuterReport,
     ) -> std::result::Result<(), (Error, bool)> {
         let all = 0..self.specs.len();
-        let mut delta = self.pseudo_gradients(params, all.clone());
+        let mut delta = Self::pseudo_gradients(params, &self.outer, all.clone());
         let residual = self.error_feedback(&mut delta, all.clone());
         let t = Instant::now();
         let (info, r) = reduce_now(&self.comm, &mut delta, all.start, &self.cfg);
@@ -604,7 +604,7 @@ impl DiLoCo {
         rep: &mut OuterReport,
     ) -> std::result::Result<(), (Error, bool)> {
         let all = 0..self.specs.len();
-        let mut delta = self.pseudo_gradients_from_start(params);
+        let mut delta = Self::pseudo_gradients(params, &self.start, all.clone());
         let residual = self.error_feedback(&mut delta, all.clone());
         let pending = if self.async_task.is_some() {
             let (g, pending) = self.take_background(rep)?;
@@ -635,12 +635,7 @@ impl DiLoCo {
             self.start = self.eager_start(&delta);
             // The sync of the state just applied runs in the background too,
             // before the all-reduce (every peer runs the same sequence).
-            let state = rep.applied.then(|| OuterState {
-                outer: self.outer.clone(),
-                momentum: self.momentum.clone(),
-                meta: self.meta,
-                revision: self.revision,
-            });
+            let state = rep.applied.then(|| self.snapshot());
             self.launch_async(state, delta, 0);
         }
         for (p, s) in params.iter_mut().zip(&self.start) {
@@ -754,18 +749,6 @@ impl DiLoCo {
             .collect()
     }
 
-    fn pseudo_gradients_from_start(&self, params: &[ParamMut<'_>]) -> Vec<Vec<f32>> {
-        params
-            .iter()
-            .zip(&self.start)
-            .map(|(p, s)| {
-                let mut d = vec![0.0f32; s.len()];
-                p.pseudo_gradient(s, &mut d);
-                d
-            })
-            .collect()
-    }
-
     fn streaming_event(
         &mut self,
         params: &mut [ParamMut<'_>],
@@ -802,7 +785,7 @@ impl DiLoCo {
         }
         if let Some(f) = outer::launching_fragment(s, fragments, self.cfg.sync_every) {
             let range = self.fragments[f].clone();
-            let mut delta = self.pseudo_gradients(params, range.clone());
+            let mut delta = Self::pseudo_gradients(params, &self.outer, range.clone());
             let residual = self.error_feedback(&mut delta, range.clone());
             if delay == 0 {
                 if std::mem::take(&mut self.needs_sync) {
@@ -816,12 +799,7 @@ impl DiLoCo {
                 self.complete_fragment(f, &delta, params, alpha, rep)?;
             } else {
                 self.commit_residual(residual, range.clone());
-                let state = std::mem::take(&mut self.needs_sync).then(|| OuterState {
-                    outer: self.outer.clone(),
-                    momentum: self.momentum.clone(),
-                    meta: self.meta,
-                    revision: self.revision,
-                });
+                let state = std::mem::take(&mut self.needs_sync).then(|| self.snapshot());
                 self.launch_async(state, delta, range.start);
                 self.inflight = Some(InFlight {
                     fragment: f,
@@ -853,18 +831,30 @@ impl DiLoCo {
 
     // ---- pieces -------------------------------------------------------
 
+    /// The pseudo-gradients of the tensors in `range`, measured from `base`
+    /// (indexed like the parameters: the outer state, or async's starts).
     fn pseudo_gradients(
-        &self,
         params: &[ParamMut<'_>],
+        base: &[Vec<f32>],
         range: std::ops::Range<usize>,
     ) -> Vec<Vec<f32>> {
         range
             .map(|i| {
-                let mut d = vec![0.0f32; self.specs[i].len];
-                params[i].pseudo_gradient(&self.outer[i], &mut d);
+                let mut d = vec![0.0f32; base[i].len()];
+                params[i].pseudo_gradient(&base[i], &mut d);
                 d
             })
             .collect()
+    }
+
+    /// A copy of the outer state for a background sync.
+    fn snapshot(&self) -> OuterState {
+        OuterState {
+            outer: self.outer.clone(),
+            momentum: self.momentum.clone(),
+            meta: self.meta,
+            revision: self.revision,
+        }
     }
 
     /// Adds the residuals to `delta` and returns the new residuals (what
