@@ -385,6 +385,8 @@ pub struct DiLoCo {
     /// next launch's background task runs).
     needs_sync: bool,
     rejoins: u32,
+    /// Between-steps all-reduces running (0 or 1).
+    side_in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl DiLoCo {
@@ -435,6 +437,7 @@ impl DiLoCo {
             async_task: None,
             needs_sync: false,
             rejoins: 0,
+            side_in_flight: Arc::default(),
         };
         let mut rep = OuterReport::default();
         d.join(params, &mut rep)?;
@@ -511,6 +514,16 @@ impl DiLoCo {
     /// newcomer, up to `max_rejoins` times, and adopt the group's state.
     pub fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<Option<OuterReport>> {
         self.check_same_params(params)?;
+        if self
+            .side_in_flight
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+        {
+            return Err(Error::InvalidUsage(
+                "a between-steps all-reduce is still running; wait for its handle before step()"
+                    .into(),
+            ));
+        }
         self.meta[META_INNER_STEP] += 1;
         let mut rep = OuterReport::default();
         let event = match self.cfg.mode {
@@ -553,6 +566,73 @@ impl DiLoCo {
         rep.inner_step = self.inner_step();
         rep.revision = self.revision;
         Ok(Some(rep))
+    }
+
+    /// All-reduces `data` in place across the group between two `step`
+    /// calls: small per-step statistics, such as a mixture-of-experts
+    /// model's expert counts. Tiny buffers ride the master's relay (one
+    /// round trip). Alone in the group, `data` is left as it is (world 1).
+    ///
+    /// Every peer of the group must make the same between-steps calls, in
+    /// the same order, between the same two steps (the inner-step schedule
+    /// is the group's, so a newcomer is in step from its first call). A
+    /// peer that dies mid-op is dropped and the op retried with the others.
+    /// On error `data` is as it was; the outer state is untouched either
+    /// way, and a broken connection is repaired by the next outer event.
+    pub fn all_reduce_between_steps<T: crate::Element>(
+        &self,
+        data: &mut [T],
+        op: ReduceOp,
+    ) -> Result<SideReduceInfo> {
+        if self
+            .side_in_flight
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+        {
+            return Err(Error::InvalidUsage(
+                "a between-steps all-reduce is still running; wait for it first".into(),
+            ));
+        }
+        side_reduce(&self.comm, data, op)
+    }
+
+    /// Starts [`all_reduce_between_steps`](Self::all_reduce_between_steps)
+    /// on a background thread, so it overlaps compute. Wait for the handle
+    /// before the next [`step`](Self::step) (which otherwise refuses with
+    /// `InvalidUsage`) or the next between-steps call.
+    pub fn start_between_steps<T: crate::Element + Send + 'static>(
+        &self,
+        mut data: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<SideReduce<T>> {
+        use std::sync::atomic::Ordering;
+        if self
+            .side_in_flight
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(Error::InvalidUsage(
+                "a between-steps all-reduce is still running; wait for it first".into(),
+            ));
+        }
+        let comm = self.comm.clone();
+        let in_flight = self.side_in_flight.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pccl-diloco-side".into())
+            .spawn(move || {
+                let r = side_reduce(&comm, &mut data, op);
+                in_flight.store(0, Ordering::Release);
+                (data, r)
+            });
+        match spawned {
+            Ok(join) => Ok(SideReduce { join }),
+            Err(e) => {
+                self.side_in_flight.store(0, Ordering::Release);
+                Err(Error::Internal(format!(
+                    "cannot start the between-steps all-reduce thread: {e}"
+                )))
+            }
+        }
     }
 
     /// Waits for an all-reduce still in flight (this peer's contribution is
@@ -1182,6 +1262,83 @@ fn reduce_now(
         // or the group's average for tensors that completed) is the average.
         Err(Error::TooFewPeers(_)) => (alone, Ok(())),
         Err(e) => (alone, Err(e)),
+    }
+}
+
+/// Tag of between-steps all-reduces: far from the outer steps' tags (the
+/// parameter indices), and one at a time, so it can be reused.
+const SIDE_TAG: u64 = 1 << 62;
+
+/// What a between-steps all-reduce did.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SideReduceInfo {
+    /// Peers whose buffers were reduced (1: alone, `data` unchanged).
+    pub world: u32,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    /// Wall time of the call (retries included).
+    pub took: Duration,
+}
+
+/// A between-steps all-reduce running on a background thread.
+pub struct SideReduce<T> {
+    join: std::thread::JoinHandle<(Vec<T>, Result<SideReduceInfo>)>,
+}
+
+impl<T> SideReduce<T> {
+    /// Waits for the all-reduce; gives the buffer back with the outcome.
+    pub fn wait(self) -> (Vec<T>, Result<SideReduceInfo>) {
+        match self.join.join() {
+            Ok(r) => r,
+            Err(_) => (
+                Vec::new(),
+                Err(Error::Internal(
+                    "the between-steps all-reduce thread panicked".into(),
+                )),
+            ),
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+}
+
+fn side_reduce<T: crate::Element>(
+    comm: &Communicator,
+    data: &mut [T],
+    op: ReduceOp,
+) -> Result<SideReduceInfo> {
+    let started = Instant::now();
+    let alone = |started: Instant| SideReduceInfo {
+        world: 1,
+        took: started.elapsed(),
+        ..SideReduceInfo::default()
+    };
+    if comm.world()?.group_world < 2 || data.is_empty() {
+        return Ok(alone(started));
+    }
+    let original = data.to_vec();
+    let r = {
+        let mut ops = [ReduceBuffers::new(&original, data, op, SIDE_TAG)];
+        comm.all_reduce_multiple_with_retry(&mut ops, 1)
+    };
+    match r {
+        Ok(info) => Ok(SideReduceInfo {
+            world: info.local_world_size.max(1),
+            tx_bytes: info.tx_bytes,
+            rx_bytes: info.rx_bytes,
+            took: started.elapsed(),
+        }),
+        Err(e) => {
+            // Everybody else left (TooFewPeers) or the op failed: this peer's
+            // own values are the answer, or the error is.
+            data.copy_from_slice(&original);
+            match e {
+                Error::TooFewPeers(_) => Ok(alone(started)),
+                e => Err(e),
+            }
+        }
     }
 }
 
