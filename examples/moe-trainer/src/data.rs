@@ -596,7 +596,11 @@ mod tests {
     fn vocabulary_is_small_and_unique() {
         assert!(Vocab::size() <= 64);
         for (i, &b) in SYMBOLS.iter().enumerate() {
-            assert_eq!(ENCODE_TABLE[b as usize] as usize, i, "duplicate {:?}", b as char);
+            assert_eq!(
+                ENCODE_TABLE[b as usize] as usize, i,
+                "duplicate {:?}",
+                b as char
+            );
         }
         assert!(!SYMBOLS.contains(&b'?'));
     }
@@ -856,7 +860,10 @@ mod tests {
             assert!(b.domains.iter().all(|&d| d == 2));
             for k in 0..b.batch {
                 assert_eq!(&b.inputs[k * 10..(k + 1) * 10], &val[s * 10..s * 10 + 10]);
-                assert_eq!(&b.targets[k * 10..(k + 1) * 10], &val[s * 10 + 1..s * 10 + 11]);
+                assert_eq!(
+                    &b.targets[k * 10..(k + 1) * 10],
+                    &val[s * 10 + 1..s * 10 + 11]
+                );
                 s += 1;
             }
         }

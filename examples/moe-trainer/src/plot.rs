@@ -93,12 +93,23 @@ fn fit(s: &str, scale: i32, max_px: i32) -> String {
 }
 
 fn glyph(c: char) -> [u8; 8] {
-    let i = if c.is_ascii() { c as usize } else { '?' as usize };
+    let i = if c.is_ascii() {
+        c as usize
+    } else {
+        '?' as usize
+    };
     BASIC_LEGACY[i]
 }
 
 /// Draws `s` with its top-left corner at (x, y). Each glyph row is a byte, bit 0 leftmost.
-fn draw_text(area: &Area, x: i32, y: i32, s: &str, scale: i32, color: &RGBColor) -> Result<(), String> {
+fn draw_text(
+    area: &Area,
+    x: i32,
+    y: i32,
+    s: &str,
+    scale: i32,
+    color: &RGBColor,
+) -> Result<(), String> {
     for (i, c) in s.chars().enumerate() {
         let g = glyph(c);
         let gx = x + i as i32 * GLYPH * scale;
@@ -157,8 +168,11 @@ fn draw_err<E: std::fmt::Display>(e: E) -> String {
 }
 
 fn fill_rect(area: &Area, r: Rect, color: &RGBColor) -> Result<(), String> {
-    area.draw(&Rectangle::new([(r.x, r.y), (r.x + r.w, r.y + r.h)], color.filled()))
-        .map_err(draw_err)
+    area.draw(&Rectangle::new(
+        [(r.x, r.y), (r.x + r.w, r.y + r.h)],
+        color.filled(),
+    ))
+    .map_err(draw_err)
 }
 
 fn line(area: &Area, pts: Vec<(i32, i32)>, color: &RGBColor, width: u32) -> Result<(), String> {
@@ -222,7 +236,15 @@ impl Axis {
                     format!("{v:.decimals$}")
                 }
             })
-            .collect();
+            .collect::<Vec<String>>();
+        // extreme magnitudes or tiny steps: scientific notation keeps the labels short
+        let labels = if labels.iter().any(|l| l.len() > 9) {
+            (0..=n)
+                .map(|i| format!("{:.2e}", lo + i as f64 * step))
+                .collect()
+        } else {
+            labels
+        };
         Axis {
             lo,
             hi,
@@ -284,7 +306,9 @@ struct HeatLayout {
     cells_x: i32,
     cells_y: i32,
     cell_w: i32,
-    label_scale: i32,
+    /// Width of the heatmap's slot in the grid (its title may use all of it).
+    slot_w: i32,
+    /// Text scale of the values (None: cells too narrow to print them).
     value_scale: Option<i32>,
 }
 
@@ -333,11 +357,11 @@ fn panel_layout(panel: &LinePanel, x: i32, y: i32, w: i32) -> PanelLayout {
         .max()
         .unwrap_or(0);
     let plot_x = x + LINE_H + 10 + tick_w + 10;
-    let plot_w = x + w - 12 - plot_x;
+    let plot_w = (x + w - 12 - plot_x).max(40);
     let x_axis = Axis::fitting(xmin, xmax, plot_w, |l| text_width(l, TEXT_SCALE));
     let plot = Rect {
         x: plot_x,
-        y: y + LINE_H + 12,
+        y: y + LINE_H + 18,
         w: plot_w,
         h: PLOT_H,
     };
@@ -354,7 +378,7 @@ fn panel_layout(panel: &LinePanel, x: i32, y: i32, w: i32) -> PanelLayout {
             ly += LEGEND_ROW_H;
         }
         legend.push((i, label, lx, ly));
-        lx += entry_w + 20;
+        lx += entry_w + 36;
     }
     let bottom = legend.last().map_or(legend_top, |l| l.3 + LEGEND_ROW_H);
     PanelLayout {
@@ -380,16 +404,20 @@ fn row_label_width(h: &Heatmap) -> i32 {
         + 12
 }
 
-/// Cell width that fits "0.00" at text scale 2.
-const VALUE_CELL_W: i32 = 4 * GLYPH * TEXT_SCALE + 8;
+/// Cell width that fits "0.00" at text scale 2 with some air.
+const VALUE_CELL_W: i32 = 4 * GLYPH * TEXT_SCALE + 12;
 
 fn heat_layout(h: &Heatmap, x: i32, y: i32, w: i32) -> HeatLayout {
     let cols = h.col_labels.len().max(1) as i32;
     let label_w = row_label_width(h);
     let cell_w = ((w - label_w) / cols).clamp(1, MAX_CELL_W);
-    let scale = if cell_w >= VALUE_CELL_W { TEXT_SCALE } else { 1 };
+    let scale = if cell_w >= VALUE_CELL_W {
+        TEXT_SCALE
+    } else {
+        1
+    };
     let value_scale = (cell_w >= 4 * GLYPH * scale + 4).then_some(scale);
-    let cells_y = y + LINE_H + 10 + GLYPH * scale + 6;
+    let cells_y = y + LINE_H + 10 + LINE_H + 6;
     HeatLayout {
         frame: Rect {
             x,
@@ -400,7 +428,7 @@ fn heat_layout(h: &Heatmap, x: i32, y: i32, w: i32) -> HeatLayout {
         cells_x: x + label_w,
         cells_y,
         cell_w,
-        label_scale: scale,
+        slot_w: w,
         value_scale,
     }
 }
@@ -476,7 +504,10 @@ fn validate(path: &Path, panels: &[LinePanel], heatmaps: &[Heatmap]) -> Result<(
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if !is_png {
-        return Err(format!("{}: the file name must end in .png", path.display()));
+        return Err(format!(
+            "{}: the file name must end in .png",
+            path.display()
+        ));
     }
     for p in panels {
         for c in &p.curves {
@@ -568,8 +599,10 @@ fn draw_panel(area: &Area, p: &LinePanel, l: &PanelLayout) -> Result<(), String>
     let py = |y: f64| plot.y + plot.h - (l.y_axis.frac(y) * plot.h as f64).round() as i32;
 
     let title = fit(&p.title, TEXT_SCALE, l.frame.w);
-    let tx = plot.x + (plot.w - text_width(&title, TEXT_SCALE)) / 2;
-    draw_text(area, tx.max(l.frame.x), l.frame.y, &title, TEXT_SCALE, &INK)?;
+    // centred over the plot, but never past the panel's edges
+    let tw = text_width(&title, TEXT_SCALE);
+    let tx = (plot.x + (plot.w - tw) / 2).clamp(l.frame.x, l.frame.x + l.frame.w - tw);
+    draw_text(area, tx, l.frame.y, &title, TEXT_SCALE, &INK)?;
 
     // grid lines and tick labels
     for (v, label) in l.y_axis.ticks() {
@@ -577,20 +610,38 @@ fn draw_panel(area: &Area, p: &LinePanel, l: &PanelLayout) -> Result<(), String>
         line(area, vec![(plot.x, y), (plot.x + plot.w, y)], &GRID, 1)?;
         line(area, vec![(plot.x - 5, y), (plot.x, y)], &FRAME, 1)?;
         let w = text_width(label, TEXT_SCALE);
-        draw_text(area, plot.x - 8 - w, y - LINE_H / 2, label, TEXT_SCALE, &MUTED)?;
+        draw_text(
+            area,
+            plot.x - 8 - w,
+            y - LINE_H / 2,
+            label,
+            TEXT_SCALE,
+            &MUTED,
+        )?;
     }
     for (v, label) in l.x_axis.ticks() {
         let x = px(v);
         line(area, vec![(x, plot.y), (x, plot.y + plot.h)], &GRID, 1)?;
-        line(area, vec![(x, plot.y + plot.h), (x, plot.y + plot.h + 5)], &FRAME, 1)?;
+        line(
+            area,
+            vec![(x, plot.y + plot.h), (x, plot.y + plot.h + 5)],
+            &FRAME,
+            1,
+        )?;
         let w = text_width(label, TEXT_SCALE);
-        let lx = (x - w / 2).clamp(plot.x - 8, plot.x + plot.w + 10 - w);
+        let lx = (x - w / 2).min(plot.x + plot.w + 10 - w).max(plot.x - 8);
         draw_text(area, lx, plot.y + plot.h + 8, label, TEXT_SCALE, &MUTED)?;
     }
     let (r, b) = (plot.x + plot.w, plot.y + plot.h);
     line(
         area,
-        vec![(plot.x, plot.y), (r, plot.y), (r, b), (plot.x, b), (plot.x, plot.y)],
+        vec![
+            (plot.x, plot.y),
+            (r, plot.y),
+            (r, b),
+            (plot.x, b),
+            (plot.x, plot.y),
+        ],
         &FRAME,
         1,
     )?;
@@ -619,7 +670,16 @@ fn draw_panel(area: &Area, p: &LinePanel, l: &PanelLayout) -> Result<(), String>
         }
         if pts.len() <= 40 {
             for &(x, y) in &pts {
-                fill_rect(area, Rect { x: x - 2, y: y - 2, w: 4, h: 4 }, &color)?;
+                fill_rect(
+                    area,
+                    Rect {
+                        x: x - 2,
+                        y: y - 2,
+                        w: 4,
+                        h: 4,
+                    },
+                    &color,
+                )?;
             }
         }
     }
@@ -652,14 +712,26 @@ fn heat_color(v: f64) -> RGBColor {
 }
 
 fn draw_heatmap(area: &Area, h: &Heatmap, l: &HeatLayout) -> Result<(), String> {
-    let title = fit(&h.title, TEXT_SCALE, l.frame.w.max(CONTENT_W / 3));
+    let title = fit(&h.title, TEXT_SCALE, l.slot_w);
     draw_text(area, l.frame.x, l.frame.y, &title, TEXT_SCALE, &INK)?;
-    let s = l.label_scale;
     for (c, label) in h.col_labels.iter().enumerate() {
         let cell = l.cell(0, c);
-        let label = fit(label, s, cell.w - 2);
+        // the normal size when the label fits the cell, else the small one (cut if need be)
+        let s = if text_width(label, TEXT_SCALE) <= cell.w - 4 {
+            TEXT_SCALE
+        } else {
+            1
+        };
+        let label = fit(label, s, cell.w - 4);
         let x = cell.x + (cell.w - text_width(&label, s)) / 2;
-        draw_text(area, x, l.cells_y - GLYPH * s - 5, &label, s, &MUTED)?;
+        draw_text(
+            area,
+            x,
+            l.cells_y - LINE_H - 6 + (LINE_H - GLYPH * s),
+            &label,
+            s,
+            &MUTED,
+        )?;
     }
     for (r, row) in h.values.iter().enumerate() {
         let cell = l.cell(r, 0);
@@ -703,10 +775,8 @@ mod tests {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos();
-            let dir = std::env::temp_dir().join(format!(
-                "moe-plot-{name}-{}-{nanos}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir()
+                .join(format!("moe-plot-{name}-{}-{nanos}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             TempDir(dir)
         }
@@ -751,7 +821,10 @@ mod tests {
                 title: "MI(domain; expert)".into(),
                 x_label: "step".into(),
                 y_label: "bits".into(),
-                curves: vec![curve("layer 0", |x| 0.01 * x, 120), curve("single", |_| 0.4, 1)],
+                curves: vec![
+                    curve("layer 0", |x| 0.01 * x, 120),
+                    curve("single", |_| 0.4, 1),
+                ],
             },
         ]
     }
@@ -860,7 +933,16 @@ mod tests {
             col_labels: (0..16).map(|e| format!("expert{e}")).collect(),
             values: vec![(0..16).map(|e| e as f64 / 15.0).collect()],
         };
-        render_png(&c, "edge", &[empty], &[wide]).unwrap();
+        let huge = LinePanel {
+            title: "huge values".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            curves: vec![Curve {
+                label: "big".into(),
+                points: vec![(0.0, 1e25), (1e22, -1e25), (2e22, 3.0)],
+            }],
+        };
+        render_png(&c, "edge", &[empty, huge], &[wide]).unwrap();
         decode(&c);
     }
 
@@ -878,7 +960,9 @@ mod tests {
 
         let mut labels = heatmaps();
         labels[0].row_labels.pop();
-        assert!(render_png(&ok, "t", &[], &labels).unwrap_err().contains("row labels"));
+        assert!(render_png(&ok, "t", &[], &labels)
+            .unwrap_err()
+            .contains("row labels"));
 
         let mut nan = panels();
         nan[1].curves[2].points[3].1 = f64::NAN;
@@ -886,7 +970,9 @@ mod tests {
         assert!(e.contains("non-finite") && e.contains("'text'"), "{e}");
         let mut inf = heatmaps();
         inf[0].values[0][0] = f64::INFINITY;
-        assert!(render_png(&ok, "t", &[], &inf).unwrap_err().contains("non-finite"));
+        assert!(render_png(&ok, "t", &[], &inf)
+            .unwrap_err()
+            .contains("non-finite"));
 
         // a parent "directory" that is a regular file cannot be created
         let file = dir.0.join("file");
@@ -919,6 +1005,10 @@ mod tests {
         assert!(a.lo < 0.4 && a.hi > 0.4);
         let a = Axis::new(-0.3, 0.3, 6);
         assert!(a.labels.contains(&"0.0".to_string()));
+        let a = Axis::new(0.0, 3e20, 5);
+        assert!(a.labels.iter().all(|l| l.len() <= 9), "{:?}", a.labels);
+        let a = Axis::new(1.0, 1.0 + 1e-9, 5);
+        assert!(a.labels.iter().all(|l| l.len() <= 9), "{:?}", a.labels);
     }
 
     #[test]
@@ -936,8 +1026,41 @@ mod tests {
     #[test]
     #[ignore]
     fn demo() {
-        let path = std::env::var("MOE_PLOT_DEMO").unwrap_or_else(|_| "/tmp/moe-plot-demo.png".into());
-        render_png(Path::new(&path), "moe-trainer: 3 peers, skew 0.8", &panels(), &heatmaps())
-            .unwrap();
+        let path =
+            std::env::var("MOE_PLOT_DEMO").unwrap_or_else(|_| "/tmp/moe-plot-demo.png".into());
+        render_png(
+            Path::new(&path),
+            "moe-trainer: 3 peers, skew 0.8",
+            &panels(),
+            &heatmaps(),
+        )
+        .unwrap();
+        // edge cases: an empty panel, a lone panel and a 16-expert heatmap with long labels
+        let empty = LinePanel {
+            title: "no points yet".into(),
+            x_label: "outer step".into(),
+            y_label: "loss".into(),
+            curves: vec![],
+        };
+        let wide = Heatmap {
+            title: "layer 3: a 16-expert layer with a long title".into(),
+            row_labels: vec!["arithmetic-domain".into(), "code".into()],
+            col_labels: (0..16).map(|e| format!("expert{e}")).collect(),
+            values: vec![
+                (0..16).map(|e| e as f64 / 15.0).collect(),
+                (0..16).map(|e| 1.0 - e as f64 / 15.0).collect(),
+            ],
+        };
+        let mut lone = panels();
+        lone.truncate(1);
+        lone[0].curves.push(curve("flat", |_| 2.0, 100));
+        let edge = path.replace(".png", "-edge.png");
+        render_png(
+            Path::new(&edge),
+            "edge cases",
+            &[empty, lone.remove(0)],
+            &[wide, heatmaps().remove(0)],
+        )
+        .unwrap();
     }
 }

@@ -40,7 +40,10 @@ pub fn mutual_information(counts: &DomainExpertCounts) -> f64 {
         return 0.0;
     }
     let n = total as f64;
-    let domain_totals: Vec<f64> = counts.iter().map(|r| r.iter().sum::<u64>() as f64).collect();
+    let domain_totals: Vec<f64> = counts
+        .iter()
+        .map(|r| r.iter().sum::<u64>() as f64)
+        .collect();
     let expert_totals: Vec<f64> = (0..experts)
         .map(|e| counts.iter().filter_map(|r| r.get(e)).sum::<u64>() as f64)
         .collect();
