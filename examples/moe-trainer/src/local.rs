@@ -459,14 +459,20 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
             "outer" => {
                 let outer_step = v["outer_step"].as_u64().unwrap_or(0);
                 let hash = v["hash"].as_str().unwrap_or("").to_string();
-                outer_hashes
-                    .entry(outer_step)
-                    .or_default()
-                    .push(hash.clone());
+                // An event that applied nothing (async mode: a newcomer's
+                // first launch) holds an older step's state.
+                if v["applied"].as_bool() != Some(false) {
+                    outer_hashes
+                        .entry(outer_step)
+                        .or_default()
+                        .push(hash.clone());
+                }
                 if let Some(tx) = v["tx"].as_u64() {
                     last_tx.insert(id, tx);
                 }
-                if Some(id) == reporter {
+                if Some(id) == reporter
+                    && res.outer.last().is_none_or(|o| o.outer_step < outer_step)
+                {
                     let val: Vec<f64> = v["val"]
                         .as_array()
                         .map(|a| a.iter().filter_map(Value::as_f64).collect())
@@ -561,7 +567,7 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
 /// The side-by-side summary of finished runs.
 pub fn summary(runs: &[RunResult]) -> String {
     let mut s = String::new();
-    let w = 14;
+    let w = 18;
     let row = |s: &mut String, label: &str, cells: Vec<String>| {
         s.push_str(&format!("{label:<34}"));
         for c in cells {

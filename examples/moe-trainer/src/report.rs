@@ -90,7 +90,7 @@ pub fn write(
     }
     crate::plot::render_png(
         &png,
-        "MoE trainer: global vs micro load balancing over a churning PCCL-rs swarm",
+        "MoE trainer: load balancing over a churning swarm",
         &panels,
         &heatmaps,
     )?;
