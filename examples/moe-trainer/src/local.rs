@@ -64,6 +64,9 @@ pub struct OuterRecord {
 pub struct RunResult {
     pub name: String,
     pub lbl: String,
+    /// Peers share a model (false: `--mode none`, the no-communication
+    /// baseline, where every peer trains alone).
+    pub shared: bool,
     pub steps: Vec<StepRecord>,
     pub outer: Vec<OuterRecord>,
     /// (peer index, final state hash) of every peer that finished.
@@ -133,6 +136,7 @@ impl RunResult {
         json!({
             "name": self.name,
             "lbl": self.lbl,
+            "shared": self.shared,
             "wall_s": self.wall_s,
             "steps": self.steps.iter().map(|s| json!({
                 "step": s.step, "world": s.world, "loss": s.loss, "lbl": s.lbl,
@@ -293,6 +297,7 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
     let mut res = RunResult {
         name: plan.name.clone(),
         lbl: plan.peer.lbl.name().into(),
+        shared: plan.peer.mode != crate::peer::OuterMode::None,
         ..RunResult::default()
     };
     let mut alive: Vec<bool> = vec![true; plan.peers];
@@ -513,7 +518,7 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
                     if let Some(spec) = spec {
                         if res.spec.is_empty() {
                             res.spec = spec;
-                        } else if res.spec != spec {
+                        } else if res.shared && res.spec != spec {
                             failures.push(format!(
                                 "peer {index}'s expert selections on the final model differ"
                             ));
@@ -699,12 +704,10 @@ pub fn summary(runs: &[RunResult]) -> String {
         &mut s,
         "weights bit-identical across peers",
         runs.iter()
-            .map(|r| {
-                if r.hashes_identical() {
-                    "yes".into()
-                } else {
-                    "NO".into()
-                }
+            .map(|r| match (r.shared, r.hashes_identical()) {
+                (false, _) => "n/a (alone)".into(),
+                (true, true) => "yes".into(),
+                (true, false) => "NO".into(),
             })
             .collect(),
     );

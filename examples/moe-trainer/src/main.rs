@@ -124,7 +124,7 @@ fn local_mode(cli: &Cli) -> Result<(), String> {
         .iter()
         .filter_map(|r| {
             let mut why = Vec::new();
-            if !r.hashes_identical() {
+            if r.shared && !r.hashes_identical() {
                 why.push("the peers' final states differ".to_string());
             }
             if !r.counts_mismatches.is_empty() {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use candle_nn::Optimizer;
-use pccl_core::diloco::{DiLoCo, DiLoCoConfig, Mode, ParamMut};
+use pccl_core::diloco::{DiLoCo, DiLoCoConfig, Mode, OuterReport, ParamMut};
 use pccl_core::{CommunicatorConfig, DataType, QuantizationAlgorithm, QuantizationOptions};
 use serde_json::json;
 
@@ -27,6 +27,9 @@ pub enum OuterMode {
     #[default]
     Sync,
     Async,
+    /// No communication at all: every peer trains alone (the baseline for
+    /// step-time comparisons; there is no shared model).
+    None,
 }
 
 /// Wire format of the pseudo-gradients.
@@ -129,7 +132,7 @@ impl PeerConfig {
     pub fn diloco(&self) -> DiLoCoConfig {
         DiLoCoConfig {
             mode: match self.mode {
-                OuterMode::Sync => Mode::Sync,
+                OuterMode::Sync | OuterMode::None => Mode::Sync,
                 OuterMode::Async => Mode::Async,
             },
             sync_every: self.sync_every,
@@ -172,6 +175,85 @@ fn emit(out: Output, v: serde_json::Value, human: impl FnOnce() -> String) {
     let _ = o.flush();
 }
 
+/// The outer loop: the swarm's DiLoCo driver, or nothing (`--mode none`).
+enum Outer {
+    Swarm(Box<DiLoCo>),
+    Alone { inner: u64, sync_every: u64 },
+}
+
+impl Outer {
+    fn diloco(&self) -> Option<&DiLoCo> {
+        match self {
+            Outer::Swarm(d) => Some(d),
+            Outer::Alone { .. } => None,
+        }
+    }
+
+    fn inner_step(&self) -> u64 {
+        match self {
+            Outer::Swarm(d) => d.inner_step(),
+            Outer::Alone { inner, .. } => *inner,
+        }
+    }
+
+    fn outer_step(&self) -> u64 {
+        match self {
+            Outer::Swarm(d) => d.outer_step(),
+            Outer::Alone { inner, sync_every } => inner / sync_every,
+        }
+    }
+
+    fn world(&self) -> u32 {
+        self.diloco()
+            .and_then(|d| d.communicator().world().ok())
+            .map_or(1, |w| w.group_world)
+    }
+
+    /// Hash of the shared state (alone: of this peer's own parameters).
+    fn state_hash(&self, local: &[Vec<f32>]) -> u64 {
+        match self {
+            Outer::Swarm(d) => d.state_hash(),
+            Outer::Alone { .. } => {
+                let bytes: Vec<Vec<u8>> = local
+                    .iter()
+                    .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                    .collect();
+                let slices: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+                let total = slices.iter().map(|s| s.len() as u64).sum();
+                pccl_core::hash::root_hash(&pccl_core::hash::tensor_hashes(&slices), total)
+            }
+        }
+    }
+
+    /// The model validation runs on: the outer parameters (alone: own).
+    fn outer_params<'a>(&'a self, local: &'a [Vec<f32>]) -> &'a [Vec<f32>] {
+        match self {
+            Outer::Swarm(d) => d.outer_params(),
+            Outer::Alone { .. } => local,
+        }
+    }
+
+    fn step(&mut self, values: &mut [Vec<f32>]) -> pccl_core::Result<Option<OuterReport>> {
+        match self {
+            Outer::Swarm(d) => {
+                let mut views: Vec<ParamMut<'_>> =
+                    values.iter_mut().map(|v| v.as_mut_slice().into()).collect();
+                d.step(&mut views)
+            }
+            Outer::Alone { inner, sync_every } => {
+                *inner += 1;
+                Ok(inner.is_multiple_of(*sync_every).then(|| OuterReport {
+                    outer_step: *inner / *sync_every,
+                    inner_step: *inner,
+                    world: 1,
+                    applied: true,
+                    ..OuterReport::default()
+                }))
+            }
+        }
+    }
+}
+
 /// Runs one peer to the end of the schedule (or an error).
 pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
     cfg.validate()?;
@@ -195,24 +277,30 @@ pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
     let mut comm_cfg = CommunicatorConfig::new(cfg.master).with_ephemeral_ports();
     comm_cfg.bind_ip = cfg.bind_ip;
     let t_connect = Instant::now();
-    let mut diloco = {
+    let mut diloco = if cfg.mode == OuterMode::None {
+        Outer::Alone {
+            inner: 0,
+            sync_every: cfg.sync_every,
+        }
+    } else {
         let mut views: Vec<ParamMut<'_>> =
             values.iter_mut().map(|v| v.as_mut_slice().into()).collect();
-        DiLoCo::connect(comm_cfg, &names, &mut views, cfg.diloco())
-            .map_err(|e| format!("joining the swarm at {}: {e}", cfg.master))?
+        Outer::Swarm(Box::new(
+            DiLoCo::connect(comm_cfg, &names, &mut views, cfg.diloco())
+                .map_err(|e| format!("joining the swarm at {}: {e}", cfg.master))?,
+        ))
     };
     params.set_from(&values).map_err(|e| e.to_string())?;
-    let peer = diloco.communicator().peer_id().to_string();
-    let world = diloco
-        .communicator()
-        .world()
-        .map(|w| w.group_world)
-        .unwrap_or(1);
+    let peer = diloco.diloco().map_or_else(
+        || format!("alone{}", cfg.peer_index),
+        |d| d.communicator().peer_id().to_string(),
+    );
+    let world = diloco.world();
     emit(
         out,
         json!({"ev": "joined", "peer": cfg.peer_index, "id": peer, "world": world,
                "inner_step": diloco.inner_step(), "outer_step": diloco.outer_step(),
-               "hash": format!("{:016x}", diloco.state_hash()),
+               "hash": format!("{:016x}", diloco.state_hash(&values)),
                "wait_ms": t_connect.elapsed().as_millis() as u64,
                "params": cfg.model.param_count(), "home": DOMAINS[cfg.home_domain]}),
         || {
@@ -256,17 +344,20 @@ pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
         let mut side: Option<GlobalCounts> = None;
         let mut pending = None;
         let mut exposed = Duration::ZERO;
-        let global_for_loss: Option<Vec<Vec<u32>>> = match (cfg.lbl, cfg.lbl_sync) {
-            (Balance::Global, LblSync::Fresh) => {
+        let global_for_loss: Option<Vec<Vec<u32>>> = match (cfg.lbl, cfg.lbl_sync, diloco.diloco())
+        {
+            // Alone, the global counts are the local ones.
+            (Balance::Global, _, None) => Some(local.clone()),
+            (Balance::Global, LblSync::Fresh, Some(d)) => {
                 let t = Instant::now();
-                let g = balance::reduce_now(&diloco, &local);
+                let g = balance::reduce_now(d, &local);
                 exposed = t.elapsed();
                 let counts = g.counts.clone();
                 side = Some(g);
                 Some(counts)
             }
-            (Balance::Global, LblSync::Stale) => {
-                pending = Some(balance::start(&diloco, &local)?);
+            (Balance::Global, LblSync::Stale, Some(d)) => {
+                pending = Some(balance::start(d, &local)?);
                 Some(prev_global.clone().unwrap_or_else(|| local.clone()))
             }
             _ => None,
@@ -316,13 +407,9 @@ pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
         }
 
         values = params.to_vecs().map_err(|e| e.to_string())?;
-        let report = {
-            let mut views: Vec<ParamMut<'_>> =
-                values.iter_mut().map(|v| v.as_mut_slice().into()).collect();
-            diloco
-                .step(&mut views)
-                .map_err(|e| format!("outer step at inner step {step}: {e}"))?
-        };
+        let report = diloco
+            .step(&mut values)
+            .map_err(|e| format!("outer step at inner step {step}: {e}"))?;
         if report.is_some() {
             params.set_from(&values).map_err(|e| e.to_string())?;
         }
@@ -330,11 +417,7 @@ pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
             std::thread::sleep(cfg.step_delay);
         }
         let step_ms = t_step.elapsed().as_secs_f64() * 1e3;
-        let world = diloco
-            .communicator()
-            .world()
-            .map(|w| w.group_world)
-            .unwrap_or(1);
+        let world = diloco.world();
         let hidden = cfg.lbl_sync == LblSync::Stale && side.is_some();
         emit(
             out,
@@ -364,13 +447,14 @@ pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
         if let Some(rep) = report {
             tx_total += rep.tx_bytes;
             rx_total += rep.rx_bytes;
-            let outer_tensors = model::tensors_from(&params.shapes, diloco.outer_params(), &device)
-                .map_err(|e| e.to_string())?;
+            let outer_tensors =
+                model::tensors_from(&params.shapes, diloco.outer_params(&values), &device)
+                    .map_err(|e| e.to_string())?;
             let val_loss: Vec<f32> = val
                 .iter()
                 .map(|batches| evaluate(&cfg.model, &outer_tensors, batches, &device))
                 .collect::<Result<_, _>>()?;
-            let hash = format!("{:016x}", diloco.state_hash());
+            let hash = format!("{:016x}", diloco.state_hash(&values));
             emit(
                 out,
                 json!({"ev": "outer", "peer": cfg.peer_index, "outer_step": rep.outer_step,
@@ -399,15 +483,15 @@ pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
         }
     }
     // Expert selections of the final outer model on each domain's validation data.
-    let outer_tensors = model::tensors_from(&params.shapes, diloco.outer_params(), &device)
+    let outer_tensors = model::tensors_from(&params.shapes, diloco.outer_params(&values), &device)
         .map_err(|e| e.to_string())?;
     let spec = selections(&cfg.model, &outer_tensors, &val, &device)?;
-    let hash = format!("{:016x}", diloco.state_hash());
+    let hash = format!("{:016x}", diloco.state_hash(&values));
     emit(
         out,
         json!({"ev": "done", "peer": cfg.peer_index, "hash": hash,
                "inner_step": diloco.inner_step(), "outer_step": diloco.outer_step(),
-               "rejoins": diloco.rejoins(), "tx": tx_total, "rx": rx_total, "spec": spec}),
+               "rejoins": diloco.diloco().map_or(0, DiLoCo::rejoins), "tx": tx_total, "rx": rx_total, "spec": spec}),
         || {
             let mut s = format!(
                 "peer {} done at outer step {}: state {hash}, sent {}\n",
@@ -425,7 +509,9 @@ pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
             s
         },
     );
-    diloco.close();
+    if let Outer::Swarm(d) = diloco {
+        d.close();
+    }
     Ok(())
 }
 
