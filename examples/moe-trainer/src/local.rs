@@ -713,3 +713,53 @@ pub fn summary(runs: &[RunResult]) -> String {
     );
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rep(
+        peer: usize,
+        local: Vec<Vec<u64>>,
+        global: Option<Vec<Vec<u64>>>,
+        w: u64,
+    ) -> CountReport {
+        CountReport {
+            peer,
+            local,
+            global,
+            count_world: w,
+        }
+    }
+
+    #[test]
+    fn count_check_sums_exactly_and_skips_incomplete_steps() {
+        let g = Some(vec![vec![3, 5], vec![4, 4]]);
+        let ok = [
+            rep(0, vec![vec![1, 2], vec![3, 0]], g.clone(), 2),
+            rep(1, vec![vec![2, 3], vec![1, 4]], g.clone(), 2),
+        ];
+        assert_eq!(check_step(1, &ok), Some(Ok(())));
+        // One count off.
+        let bad = [
+            rep(0, vec![vec![1, 2], vec![3, 0]], g.clone(), 2),
+            rep(1, vec![vec![2, 3], vec![1, 3]], g.clone(), 2),
+        ];
+        assert!(check_step(2, &bad).is_some_and(|r| r.is_err()));
+        // Peers that disagree on the global counts.
+        let split = [
+            rep(0, vec![vec![1, 2], vec![3, 0]], g.clone(), 2),
+            rep(
+                1,
+                vec![vec![2, 3], vec![1, 4]],
+                Some(vec![vec![0, 0], vec![0, 0]]),
+                2,
+            ),
+        ];
+        assert!(check_step(3, &split).is_some_and(|r| r.is_err()));
+        // A peer of the all-reduce died before reporting: not checkable.
+        assert_eq!(check_step(4, &ok[..1]), None);
+        // No all-reduce ran.
+        assert_eq!(check_step(5, &[rep(0, vec![vec![1]], None, 0)]), None);
+    }
+}

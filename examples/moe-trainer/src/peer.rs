@@ -90,6 +90,12 @@ impl PeerConfig {
                 DOMAINS.len()
             ));
         }
+        if !(0.0..=1.0).contains(&self.domain_skew) {
+            return Err(format!(
+                "--domain-skew must be in [0, 1], got {}",
+                self.domain_skew
+            ));
+        }
         if self.batch == 0 {
             return Err("--batch must be at least 1".into());
         }
