@@ -217,3 +217,80 @@ fn bad_parameter_lists_are_refused() {
     let r = DiLoCo::connect(comm_cfg, &["w"], &mut [ParamMut::F32(&mut empty)], cfg);
     assert!(matches!(r, Err(Error::InvalidArgument(m)) if m.contains("empty")));
 }
+
+/// Between-steps all-reduces: exact sums every inner step (blocking and in
+/// the background), `step` refused while a background one is unawaited, and
+/// a lone peer's data left as it is.
+#[test]
+fn between_steps_all_reduces_sum_exactly_and_guard_step() {
+    let mut master = MasterNode::bind("127.0.0.1:0".parse().unwrap(), MasterConfig::default())
+        .expect("bind master");
+    master.run().expect("run master");
+    let addr = master.local_addr();
+    let peer = move |p: usize| {
+        let mut model: Vec<Vec<f32>> = LENS
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| (0..n).map(|k| init(p, t, k)).collect())
+            .collect();
+        let cfg = DiLoCoConfig {
+            sync_every: H,
+            min_world: 2,
+            ..DiLoCoConfig::default()
+        };
+        let comm_cfg = CommunicatorConfig::new(addr).with_ephemeral_ports();
+        let mut d = DiLoCo::connect(comm_cfg, &["a", "b", "c"], &mut params(&mut model), cfg)
+            .expect("connect");
+        let mut sums = Vec::new();
+        for s in 0..2 * H {
+            inner_step(&mut model, p);
+            // Peer p contributes [p+1, 10·(p+1), s]: the sums are known.
+            let mut counts = vec![p as u32 + 1, 10 * (p as u32 + 1), s as u32];
+            let info = d
+                .all_reduce_between_steps(&mut counts, pccl_core::ReduceOp::Sum)
+                .expect("blocking between-steps all-reduce");
+            assert_eq!(info.world, 2);
+            sums.push(counts);
+            let h = d
+                .start_between_steps(vec![p as u64 + 1; 3], pccl_core::ReduceOp::Sum)
+                .expect("start");
+            match d.step(&mut params(&mut model)) {
+                Err(Error::InvalidUsage(m)) => assert!(m.contains("wait for its handle"), "{m}"),
+                other => panic!("step with a background op pending: {other:?}"),
+            }
+            let (bg, r) = h.wait();
+            assert_eq!(r.expect("background between-steps all-reduce").world, 2);
+            assert_eq!(bg, vec![3u64; 3]);
+            d.step(&mut params(&mut model)).expect("step");
+        }
+        let hash = d.state_hash();
+        d.close();
+        (sums, hash)
+    };
+    let a = std::thread::spawn(move || peer(0));
+    let b = std::thread::spawn(move || peer(1));
+    let (sa, ha) = a.join().expect("peer 0");
+    let (sb, hb) = b.join().expect("peer 1");
+    assert_eq!(ha, hb);
+    assert_eq!(sa, sb);
+    for (s, c) in sa.iter().enumerate() {
+        assert_eq!(c, &vec![3, 30, 2 * s as u32]);
+    }
+
+    // Alone in its group: data untouched, world 1.
+    let mut model: Vec<Vec<f32>> = LENS.iter().map(|&n| vec![0.5; n]).collect();
+    let comm_cfg = CommunicatorConfig::new(addr).with_ephemeral_ports();
+    let d = DiLoCo::connect(
+        comm_cfg,
+        &["a", "b", "c"],
+        &mut params(&mut model),
+        DiLoCoConfig::default(),
+    )
+    .expect("connect alone");
+    let mut v = vec![7u32, 8];
+    let info = d
+        .all_reduce_between_steps(&mut v, pccl_core::ReduceOp::Sum)
+        .expect("alone");
+    assert_eq!((info.world, v), (1, vec![7, 8]));
+    d.close();
+}

@@ -53,10 +53,10 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Quant::Fp32)]
     pub quant: Quant,
     /// H: inner steps per outer step.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     pub sync_every: u64,
     /// Inner steps of the whole run (a multiple of H).
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 400)]
     pub inner_steps: u64,
     #[arg(long, default_value_t = 3e-3)]
     pub inner_lr: f64,
