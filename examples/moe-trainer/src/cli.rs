@@ -120,6 +120,15 @@ pub struct Cli {
     /// default: 60% of the run).
     #[arg(long)]
     pub join_at: Option<u64>,
+    /// Local mode: peer --leave-peer leaves the swarm gracefully after this
+    /// inner step (compare mode: none unless given).
+    #[arg(long)]
+    pub leave_at: Option<u64>,
+    #[arg(long, default_value_t = 2)]
+    pub leave_peer: usize,
+    /// Peer mode: leave the swarm gracefully after this inner step.
+    #[arg(long)]
+    pub leave_after: Option<u64>,
     /// Local mode: no kill and no join.
     #[arg(long)]
     pub no_churn: bool,
@@ -194,6 +203,7 @@ impl Cli {
             train_tokens: self.train_tokens,
             val_tokens: self.val_tokens,
             step_delay: Duration::from_millis(self.step_delay_ms),
+            leave_after: self.leave_after,
         }
     }
 }
@@ -239,6 +249,9 @@ pub fn child_args(cfg: &PeerConfig) -> Vec<String> {
     ];
     if m.shared_expert {
         a.push("--shared-expert".into());
+    }
+    if let Some(s) = cfg.leave_after {
+        a.push(format!("--leave-after={s}"));
     }
     a
 }

@@ -31,6 +31,8 @@ pub struct RunPlan {
     pub kill: Option<(u64, usize)>,
     /// Inner step at which a peer starts late (the killed one again, if any).
     pub join_at: Option<u64>,
+    /// (inner step, peer index) after which a peer leaves gracefully.
+    pub leave: Option<(u64, usize)>,
     pub peer: PeerConfig,
     pub timeout: Duration,
 }
@@ -84,6 +86,7 @@ pub struct RunResult {
     pub side_hidden: usize,
     pub killed: Vec<usize>,
     pub joined: Vec<usize>,
+    pub left: Vec<usize>,
     /// The late joiner received the group's state: its hash on joining
     /// equals the others' after the same outer step.
     pub joiner_got_state: Option<bool>,
@@ -158,6 +161,7 @@ impl RunResult {
             "side_hidden": self.side_hidden,
             "side_total": self.side_ms.len(),
             "killed": self.killed,
+            "left": self.left,
             "joined": self.joined,
             "joiner_got_state": self.joiner_got_state,
             "outer_agreed": self.outer_agreed,
@@ -238,6 +242,20 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
             ));
         }
     }
+    if let Some((at, who)) = plan.leave {
+        if who >= plan.peers || plan.kill.is_some_and(|(_, v)| v == who) {
+            return Err(format!(
+                "--leave-peer {who} must be one of the {} founding peers and not the killed one",
+                plan.peers
+            ));
+        }
+        if at == 0 || at >= plan.peer.inner_steps {
+            return Err(format!(
+                "--leave-at {at} must be inside the run (1..{})",
+                plan.peer.inner_steps
+            ));
+        }
+    }
     if let Some(at) = plan.join_at {
         if at >= plan.peer.inner_steps.saturating_sub(plan.peer.sync_every) {
             return Err(format!(
@@ -266,6 +284,10 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
         cfg.peer_index = index;
         cfg.home_domain = index % DOMAINS.len();
         cfg.min_world = min_world;
+        cfg.leave_after = plan
+            .leave
+            .filter(|&(_, who)| who == index && min_world > 1)
+            .map(|(at, _)| at);
         let mut cmd = Command::new(exe);
         cmd.args(child_args(&cfg))
             .env("RAYON_NUM_THREADS", "1")
@@ -277,7 +299,7 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
         Ok::<usize, String>(id)
     };
     println!(
-        "[{}] {} peers, balance {}, DiLoCo {:?} H={} over {} inner steps{}{}",
+        "[{}] {} peers, balance {}, DiLoCo {:?} H={} over {} inner steps{}{}{}",
         plan.name,
         plan.peers,
         plan.peer.lbl.name(),
@@ -289,6 +311,9 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
         )),
         plan.join_at
             .map_or(String::new(), |s| format!(", a peer joins at step {s}")),
+        plan.leave.map_or(String::new(), |(s, i)| format!(
+            ", peer {i} leaves after step {s}"
+        )),
     );
     for i in 0..plan.peers {
         spawn(&mut procs, &mut index_of, i, plan.peers as u32)?;
@@ -526,6 +551,14 @@ pub fn run(plan: &RunPlan, exe: &Path) -> Result<RunResult, String> {
                     }
                 }
             }
+            "left" => {
+                done[id] = true;
+                res.left.push(index);
+                println!(
+                    "[{}] peer {index} left gracefully after step {}",
+                    plan.name, v["step"]
+                );
+            }
             "fatal" => failures.push(format!("peer {index}: {}", v["error"])),
             _ => {}
         }
@@ -679,9 +712,9 @@ pub fn summary(runs: &[RunResult]) -> String {
     );
     row(
         &mut s,
-        "peers killed / joined",
+        "peers killed / joined / left",
         runs.iter()
-            .map(|r| format!("{} / {}", r.killed.len(), r.joined.len()))
+            .map(|r| format!("{} / {} / {}", r.killed.len(), r.joined.len(), r.left.len()))
             .collect(),
     );
     row(

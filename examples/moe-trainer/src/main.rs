@@ -83,6 +83,11 @@ fn local_mode(cli: &Cli) -> Result<(), String> {
             peers,
             kill: kill_at.map(|s| (s, cli.kill_peer)),
             join_at,
+            leave: if cli.no_churn {
+                None
+            } else {
+                cli.leave_at.map(|s| (s, cli.leave_peer))
+            },
             peer: cfg,
             timeout: Duration::from_secs(cli.timeout_s),
         };

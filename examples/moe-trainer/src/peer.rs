@@ -70,6 +70,8 @@ pub struct PeerConfig {
     pub val_tokens: usize,
     /// Sleep this long after each inner step (a slower machine; 0: none).
     pub step_delay: Duration,
+    /// Leave the swarm gracefully after this inner step (`None`: stay).
+    pub leave_after: Option<u64>,
 }
 
 impl PeerConfig {
@@ -486,6 +488,19 @@ pub fn run(cfg: &PeerConfig, out: Output) -> Result<(), String> {
                     )
                 },
             );
+        }
+        if cfg.leave_after == Some(step) {
+            let hash = format!("{:016x}", diloco.state_hash(&values));
+            emit(
+                out,
+                json!({"ev": "left", "peer": cfg.peer_index, "step": step, "hash": hash,
+                       "tx": tx_total, "rx": rx_total}),
+                || format!("peer {} leaves the swarm after step {step}", cfg.peer_index),
+            );
+            if let Outer::Swarm(d) = diloco {
+                d.close();
+            }
+            return Ok(());
         }
     }
     // Expert selections of the final outer model on each domain's validation data.

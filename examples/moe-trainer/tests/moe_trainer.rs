@@ -77,7 +77,7 @@ fn run_json(args: &[&str], tag: &str) -> (Value, String) {
 }
 
 /// What every churned run must show.
-fn check_churned_run(r: &Value, peers: usize) {
+fn check_churned_run(r: &Value, finishers: usize) {
     let name = r["name"].as_str().unwrap_or("?");
     let first = r["first_loss"].as_f64().expect("first loss");
     let last = r["last_loss"].as_f64().expect("last loss");
@@ -87,7 +87,7 @@ fn check_churned_run(r: &Value, peers: usize) {
     );
     // Two founding survivors and the restarted peer finished, all alike.
     let hashes = r["final_hashes"].as_array().expect("hashes");
-    assert_eq!(hashes.len(), peers, "{name}: {hashes:?}");
+    assert_eq!(hashes.len(), finishers, "{name}: {hashes:?}");
     let h0 = &hashes[0][1];
     assert!(
         hashes.iter().all(|h| &h[1] == h0),
@@ -119,13 +119,17 @@ fn global_balancing_with_a_kill_and_a_restart() {
             "--inner-steps=80",
             "--kill-at=15",
             "--join-at=25",
+            "--leave-at=45",
+            "--leave-peer=2",
             // Slow enough that the restarted peer is admitted with 50 steps to go.
             "--step-delay-ms=20",
         ],
         "global",
     );
     let r = &doc["runs"][0];
-    check_churned_run(r, 3);
+    // Peer 2 left gracefully; peer 0 and the restarted peer 1 finished.
+    check_churned_run(r, 2);
+    assert_eq!(r["left"], serde_json::json!([2]));
     // Every step's all-reduced expert counts are exactly the sum of the
     // local counts of the peers that took part (checked by the driver).
     let checked = r["counts_checked"].as_u64().unwrap_or(0);
