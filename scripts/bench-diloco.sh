@@ -41,29 +41,8 @@ declare -A flags=(
 )
 order=${CONFIGS:-no-comm sync-fp32 sync-u8 async-fp32 async-u8 streaming-fp32 streaming-u8 ddp-fp32 ddp-u8}
 
-wan=""
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [[ -n "$wan" ]] && "$wan" down >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-where="loopback"
-if [[ "${WAN:-0}" == 1 ]]; then
-    wan=${WAN_EMU:-$(pwd)/../shared/wan-emu}/wan.sh
-    wan_opts=${WAN_OPTS:---delay 50ms --loss 0.01% --rate 100mbit --tcp-mem 64M}
-    # shellcheck disable=SC2086
-    "$wan" up "$n" $wan_opts >"$log_dir/wan-up.log" 2>&1 || { cat "$log_dir/wan-up.log" >&2; exit 1; }
-    where="wan-emu ($wan_opts)"
-fi
-in_host() { # host-index command...
-    local i=$1
-    shift
-    if [[ -n "$wan" ]]; then "$wan" exec "h$i" "$@"; else "$@"; fi
-}
-host_ip() { if [[ -n "$wan" ]]; then "$wan" ip "h$1"; else echo 127.0.0.1; fi; }
-free_port() { in_host 0 python3 -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib-wan.sh
+source scripts/lib-wan.sh
 
 echo "# $(date -u +%FT%TZ) bench-diloco: $n peers on $where; ${common[*]}; nproc $(nproc)"
 printf '%-16s %9s %12s %8s %10s\n' config val_loss tx/peer wall_s window_ms
