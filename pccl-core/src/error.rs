@@ -20,6 +20,11 @@ pub enum Error {
     RankConnectionFailed(String),
     #[error("rank connection lost: {0}")]
     RankConnectionLost(String),
+    /// An in-place all-reduce failed after it had overwritten part of its
+    /// buffer, with restore-on-failure off: the input is gone, so the op
+    /// must not be retried. Reported to C as `pcclRankConnectionLost`.
+    #[error("rank connection lost, in-place input lost: {0}")]
+    InPlaceInputLost(String),
     #[error("no shared state available: {0}")]
     NoSharedStateAvailable(String),
     #[error("pending async ops: {0}")]
@@ -41,7 +46,7 @@ impl Error {
             Error::TooFewPeers(_) => 5,
             Error::MasterConnectionFailed(_) => 6,
             Error::RankConnectionFailed(_) => 7,
-            Error::RankConnectionLost(_) => 8,
+            Error::RankConnectionLost(_) | Error::InPlaceInputLost(_) => 8,
             Error::NoSharedStateAvailable(_) => 9,
             Error::PendingAsyncOps(_) => 10,
             Error::UpdateTopologyFailed(_) => 11,
@@ -80,6 +85,7 @@ impl Error {
             | Error::MasterConnectionFailed(m)
             | Error::RankConnectionFailed(m)
             | Error::RankConnectionLost(m)
+            | Error::InPlaceInputLost(m)
             | Error::NoSharedStateAvailable(m)
             | Error::PendingAsyncOps(m)
             | Error::UpdateTopologyFailed(m)

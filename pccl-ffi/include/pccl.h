@@ -559,9 +559,17 @@ PCCL_EXPORT pcclResult_t pcclOptimizeTopology(const pcclComm_t *communicator);
  * tell a device pointer from a host pointer here, because a raw buffer
  * carries no device type: passing one is undefined behaviour (it would be
  * read as host memory), not an error code. sendbuff == recvbuff (in place)
- * is allowed; other overlap is not. On failure the contents of recvbuff are unspecified
- * (for an in-place call: the input is lost); sendbuff is never written unless
- * it is recvbuff.
+ * is allowed; other overlap is not. sendbuff is never written unless it is
+ * recvbuff. On failure a separate recvbuff has unspecified contents. An
+ * in-place buffer is restored on failure: it holds the input again, byte for
+ * byte, so a retry reduces the original data. The operation saves each range
+ * right before it first overwrites it, so restoring costs up to one more copy
+ * of the buffer by the end of the operation, and nothing for ranges not yet
+ * written. With the environment variable PCCL_IN_PLACE_RESTORE=0 (read when
+ * the communicator is created) nothing is saved: peak memory is the buffer
+ * itself plus the sub-chunks in flight, and an in-place operation that fails
+ * after it began writing returns pcclRankConnectionLost with the buffer's
+ * contents unspecified (one that fails before returns it untouched).
  *
  * @param sendbuff Input, count elements; must not be NULL.
  * @param recvbuff Output, count elements; must not be NULL.
@@ -626,7 +634,12 @@ PCCL_EXPORT pcclResult_t pcclAllReduceAsync(const void *sendbuff, void *recvbuff
  * than two peers remain. Blocks until then.
  *
  * Tags must be distinct. In-place descriptors (sendbuf == recvbuf) are
- * supported: a retried operation always reduces the original input.
+ * supported: a retried operation always reduces the original input (a
+ * failed in-place operation restores its buffer first, see pcclAllReduce).
+ * With PCCL_IN_PLACE_RESTORE=0 an in-place operation that failed after it
+ * began writing cannot be retried: the call then stops and returns
+ * pcclRankConnectionLost, every operation awaited, and the buffers of the
+ * operations that did not succeed have unspecified contents.
  *
  * @param descriptors Array of count descriptors; must not be NULL.
  * @param count Number of descriptors; > 0.

@@ -786,6 +786,7 @@ mod tests {
             ),
             (Error::RankConnectionFailed(m()), pcclRankConnectionFailed),
             (Error::RankConnectionLost(m()), pcclRankConnectionLost),
+            (Error::InPlaceInputLost(m()), pcclRankConnectionLost),
             (
                 Error::NoSharedStateAvailable(m()),
                 pcclNoSharedStateAvailable,

@@ -270,3 +270,55 @@ fn direct_is_refused_for_other_collectives() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("direct is for all-reduce only"), "{err}");
 }
+
+/// `inplace-bench` (in place with and without restore against out of
+/// place, issue #18) at a tiny size: every peer verifies every element of
+/// every step itself and fails otherwise; the launcher prints one summary
+/// per mode.
+#[test]
+fn inplace_bench_verifies_all_three_modes() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inplace-bench"))
+        .args([
+            "--tensors",
+            "3",
+            "--mib",
+            "1",
+            "--pool",
+            "2",
+            "--rounds",
+            "3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn inplace-bench");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().expect("output");
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "inplace-bench failed\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for mode in ["in-place", "in-place-norestore", "out-of-place"] {
+        // 2 peers x 3 rounds, one step of each mode per round.
+        let steps = out
+            .lines()
+            .filter(|l| l.starts_with("RESULT") && l.contains(&format!("mode={mode} ")))
+            .count();
+        assert_eq!(steps, 6, "{mode}: {steps} verified steps\n{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("SUMMARY {mode}:"))),
+            "no summary for {mode}\n{out}"
+        );
+    }
+}

@@ -45,10 +45,12 @@ fn sigkill_mid_allreduce_with(n: usize) {
     let _g = serial();
     let mut c = Cluster::new(5_000);
     let min_world = n.to_string();
-    // 4M f32 (16 MiB) per all-reduce: the ring transfer dominates each step.
+    // 8M f32 (32 MiB) per all-reduce: the ring transfer dominates each step,
+    // and an op lasts long enough (tens of ms in place) for the kill to land
+    // inside it on a loaded machine.
     let args = [
         "--elems",
-        "4194304",
+        "8388608",
         "--state-mib",
         "1",
         "--min-world",
@@ -106,6 +108,61 @@ fn sigkill_mid_allreduce_with(n: usize) {
     println!(
         "hashes agree on {common} common steps of the survivors ({before} with the victim before it died)"
     );
+}
+
+/// With restore-on-failure off (`PCCL_IN_PLACE_RESTORE=0`: no saved copy,
+/// peak memory the tensor itself), a survivor whose in-place buffer was
+/// already partly overwritten gets `InPlaceInputLost`, and one whose buffer
+/// was not yet written gets `RankConnectionLost` with its input intact.
+/// Either way it refills and retries, and the group steps on exactly.
+#[test]
+fn sigkill_mid_allreduce_without_restore() {
+    let _g = serial();
+    let mut c = Cluster::new(5_000);
+    let args = [
+        "--elems",
+        "8388608",
+        "--state-mib",
+        "1",
+        "--min-world",
+        "3",
+        "--trace",
+    ];
+    let env = [("PCCL_IN_PLACE_RESTORE", "0")];
+    let ids: Vec<usize> = (0..3).map(|_| c.spawn_with_env(&args, &env)).collect();
+    c.wait_steps(&ids, 3, Duration::from_secs(40));
+    let (victim, survivors) = (ids[2], ids[..2].to_vec());
+    // Aimed late, where every buffer is being written (the all-gather).
+    let (aim, _) = c.kill_mid_allreduce_at(&ids, victim, 0.6);
+    let recovered = c.wait_recovered(&survivors, 2, aim);
+    let mut lost = 0;
+    for (&s, (r, st)) in &recovered {
+        println!(
+            "w{s}: RETRY step={} err={} restored={}; recovered at step {} (world {})",
+            r.step, r.err, r.restored, st.step, st.world
+        );
+        match r.err.as_str() {
+            "InPlaceInputLost" => lost += 1,
+            "RankConnectionLost" => assert!(
+                r.restored,
+                "w{s}: a plain RankConnectionLost must leave the buffer as it was"
+            ),
+            other => panic!("w{s}: unexpected error {other}"),
+        }
+        assert!(st.allreduce_exact, "inexact result after recovery");
+    }
+    println!("{lost} of 2 survivors reported InPlaceInputLost");
+    c.wait_steps(
+        &survivors,
+        c.step_count(survivors[0]) + 2,
+        Duration::from_secs(30),
+    );
+    for &s in &survivors {
+        for st in c.steps(s).values() {
+            assert!(st.allreduce_exact, "w{s} step {} inexact", st.step);
+        }
+    }
+    c.assert_same_hashes(survivors[0], survivors[1]);
 }
 
 #[test]

@@ -73,6 +73,87 @@ impl RawBuf {
     }
 }
 
+/// What an in-place all-reduce (one buffer that is input and result at
+/// once) keeps about the caller's buffer while the ring runs in it.
+///
+/// The ring reads every input range before it first writes that range
+/// (`before_write` is called right before each first write, each range
+/// once), so no copy of the input is needed to compute the result. With
+/// `restore` on, `before_write` saves the bytes it is about to overwrite,
+/// and a failed op writes them back: the buffer is then exactly the input
+/// again, and a retry reduces the original data. The saved bytes grow with
+/// what the op has overwritten, so a failure early in the op costs little,
+/// and nothing is copied for ranges never written. With `restore` off
+/// nothing is saved (peak memory: the tensor plus the in-flight sub-chunks),
+/// and a failure after the first write is reported as
+/// [`Error::InPlaceInputLost`] so that nobody retries on half-reduced data.
+pub(crate) struct InPlace {
+    buf: RawBuf,
+    restore: bool,
+    dirty: std::sync::atomic::AtomicBool,
+    /// (offset, bytes) of every range saved so far. Plain vectors, not
+    /// pool buffers: they are written once, never zero-filled first.
+    saved: std::sync::Mutex<Vec<(usize, Vec<u8>)>>,
+}
+
+impl InPlace {
+    pub(crate) fn new(buf: RawBuf, restore: bool) -> Arc<Self> {
+        Arc::new(InPlace {
+            buf,
+            restore,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            saved: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Called by the one task about to write `len` bytes at `off` for the
+    /// first time (the range is its alone: see [`Landing`]).
+    pub(crate) fn before_write(&self, off: usize, len: usize) {
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        if !self.restore {
+            return;
+        }
+        // SAFETY: the caller owns the range until it writes it; the op keeps
+        // the buffer valid while it runs.
+        let copy = unsafe { self.buf.slice(off, len) }.to_vec();
+        if let Ok(mut saved) = self.saved.lock() {
+            saved.push((off, copy));
+        }
+    }
+
+    /// Whether any byte of the buffer was written.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.dirty.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// After a failure, with every task of the op joined: writes the saved
+    /// bytes back, one saved range at a time with a yield in between (a
+    /// large restore must not hold a runtime worker). Returns whether the
+    /// buffer holds the input again.
+    ///
+    /// # Safety
+    /// No task of the op may still access the buffer.
+    pub(crate) async unsafe fn restore(&self) -> bool {
+        if !self.is_dirty() {
+            return true;
+        }
+        if !self.restore {
+            return false;
+        }
+        let saved = match self.saved.lock() {
+            Ok(mut saved) => std::mem::take(&mut *saved),
+            Err(_) => return false,
+        };
+        for (off, bytes) in saved {
+            // SAFETY: the op is over (the caller's contract) and `off..+len`
+            // was a range of the buffer when it was saved.
+            unsafe { self.buf.slice_mut(off, bytes.len()) }.copy_from_slice(&bytes);
+            tokio::task::yield_now().await;
+        }
+        true
+    }
+}
+
 pub(crate) enum Payload {
     /// Bytes of a caller buffer (the input or the result).
     Borrowed {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{join_all, sender_task, Payload, RawBuf, SendItem};
+use super::{join_all, sender_task, InPlace, Payload, RawBuf, SendItem};
 use crate::bufpool::BufPool;
 use crate::comm::p2p::{Frame, OpRoute, OutPool};
 use crate::error::{Error, Result};
@@ -140,7 +140,10 @@ impl RingParams {
 /// segments this peer does not own, which nothing else writes or reads
 /// while the op runs (reduce-scatter keeps its partial sums in pool buffers
 /// and reads only the input buffer), and each (step, chunk) slot is claimed
-/// once. Readers write only while holding `open`'s lock, one `recv` at a
+/// once. In place (the input is the result buffer), a chunk is only landed
+/// once this peer has read its input there (`input_read`): an honest ring
+/// cannot deliver a chunk's final value before this peer contributed to
+/// it, so a frame that does is refused as malformed rather than raced. Readers write only while holding `open`'s lock, one `recv` at a
 /// time; [`Landing::close`] takes the lock, so once the op has closed its
 /// landing no reader touches the caller's memory again.
 pub(crate) struct Landing {
@@ -149,10 +152,15 @@ pub(crate) struct Landing {
     /// One flag per (all-gather step, chunk): set when a frame claims it.
     claimed: Vec<Vec<std::sync::atomic::AtomicBool>>,
     open: std::sync::Mutex<bool>,
+    /// Set when the buffer is also the input (see [`InPlace`]).
+    in_place: Option<Arc<InPlace>>,
+    /// In place: one flag per (ring segment, chunk), set once this peer has
+    /// read its input there; empty otherwise.
+    input_read: Vec<Vec<std::sync::atomic::AtomicBool>>,
 }
 
 impl Landing {
-    fn new(p: &RingParams, acc: RawBuf) -> Self {
+    fn new(p: &RingParams, acc: RawBuf, in_place: Option<Arc<InPlace>>) -> Self {
         let w = p.world;
         let claimed = (w - 1..p.steps())
             .map(|step| {
@@ -161,11 +169,49 @@ impl Landing {
                     .collect()
             })
             .collect();
+        let input_read = match in_place {
+            Some(_) => (0..w)
+                .map(|s| {
+                    (0..p.chunks_in(s))
+                        .map(|_| std::sync::atomic::AtomicBool::new(false))
+                        .collect()
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         Landing {
             p: p.clone(),
             acc,
             claimed,
             open: std::sync::Mutex::new(true),
+            in_place,
+            input_read,
+        }
+    }
+
+    /// In place: records that this peer has read its input at chunk `c` of
+    /// ring segment `seg` (so that range may now be written).
+    fn mark_input_read(&self, seg: usize, c: usize) {
+        if let Some(flag) = self.input_read.get(seg).and_then(|v| v.get(c)) {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Whether the range of (seg, c) may be written: always out of place;
+    /// in place once this peer's input there was read.
+    fn writable(&self, seg: usize, c: usize) -> bool {
+        self.in_place.is_none()
+            || self
+                .input_read
+                .get(seg)
+                .and_then(|v| v.get(c))
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// In place: saves what is about to be overwritten (see [`InPlace`]).
+    fn before_write(&self, off: usize, len: usize) {
+        if let Some(ip) = &self.in_place {
+            ip.before_write(off, len);
         }
     }
 
@@ -228,8 +274,17 @@ impl Landing {
         {
             return None;
         }
-        if !self.claim(step, c) {
+        if !self.writable(seg, c) || !self.claim(step, c) {
             return None;
+        }
+        if self.in_place.is_some() {
+            // The first write to this range follows: save it while the op
+            // still holds the buffer (checked under the lock `close` takes).
+            let open = self.open.lock().ok()?;
+            if !*open {
+                return None;
+            }
+            self.before_write(start * ds, n * ds);
         }
         Some((start * ds, n * ds))
     }
@@ -263,8 +318,9 @@ impl Landing {
 }
 
 /// Runs the ring. `input` holds this peer's contribution and is only read;
-/// `acc` (the caller's receive buffer, distinct from `input`) receives the
-/// result. `input_owner`, when the library owns the input memory (the copy
+/// `acc` (the caller's receive buffer) receives the result. They are
+/// distinct, or the same buffer when `in_place` is set (an in-place
+/// all-reduce: every input range is read before it is first written). `input_owner`, when the library owns the input memory (the copy
 /// of an in-place call), is kept alive by every sender task, so the memory
 /// outlives them even if this future is dropped half-way (a runtime shutting
 /// down with the op in flight). Returns (tx bytes, rx bytes). Fails promptly
@@ -276,13 +332,14 @@ pub(crate) async fn run_ring(
     input: RawBuf,
     input_owner: Option<Arc<Vec<u8>>>,
     acc: RawBuf,
+    in_place: Option<Arc<InPlace>>,
     inbox: &mut mpsc::Receiver<Frame>,
     route: &OpRoute,
     abort: &CancellationToken,
     pool: Arc<OutPool>,
     bufs: &Arc<BufPool>,
 ) -> Result<(u64, u64)> {
-    let landing = Arc::new(Landing::new(p, acc));
+    let landing = Arc::new(Landing::new(p, acc, in_place));
     route.set_landing(landing.clone());
     // Closes the landing however this future ends, dropped included.
     let landing_guard = CloseLanding(landing.clone());
@@ -544,7 +601,9 @@ impl RingState {
                 let (_, n) = self.p.chunk(seg, c);
                 let mut out = self.bufs.get(quant::encoded_len(self.p.dtype, q, algo, n));
                 // SAFETY: `buf` is the read-only input, or `acc` in a range
-                // that was finalized just before and is not written again.
+                // that was finalized just before and is not written again;
+                // in place, an input range is not written before it is
+                // marked read, which happens after this encoding.
                 let src = unsafe { buf.slice(off, len) };
                 quant::quantize(self.p.dtype, q, algo, src, &mut out)?;
                 let plen = out.len();
@@ -567,7 +626,19 @@ impl RingState {
     }
 
     fn send_input(&self, seg: usize, c: usize) -> Result<()> {
-        self.send_from(self.input, 0, seg, c)
+        if self.landing.in_place.is_some() && self.p.quant.is_none() {
+            // In place this range is written later (its final value lands
+            // here), so it is sent from a copy rather than borrowed.
+            let (off, len) = self.byte_range(seg, c);
+            let mut copy = self.bufs.get(len);
+            copy.copy_from_slice(self.input_slice(off, len));
+            self.landing.mark_input_read(seg, c);
+            return self.enqueue(self.header(0, seg, c, len), Payload::Owned(copy));
+        }
+        // Quantized, the encoding is made (the input read) before queuing.
+        self.send_from(self.input, 0, seg, c)?;
+        self.landing.mark_input_read(seg, c);
+        Ok(())
     }
 
     fn input_slice(&self, off: usize, len: usize) -> &[u8] {
@@ -580,13 +651,14 @@ impl RingState {
         let w = p.world;
         let (off, len) = self.byte_range(seg, c);
         if step < w - 1 {
-            let mine = self.input_slice(off, len);
             let mut payload = frame.payload;
             if step < w - 2 {
                 // A partial sum passing through: add ours in its buffer.
+                let mine = self.input_slice(off, len);
                 match p.quant {
                     None => {
                         kernels::reduce_into(p.dtype, p.op, &mut payload, mine);
+                        self.landing.mark_input_read(seg, c);
                         let plen = payload.len();
                         return self
                             .enqueue(self.header(step + 1, seg, c, plen), Payload::Owned(payload));
@@ -596,6 +668,7 @@ impl RingState {
                         quant::dequantize_reduce_from(
                             p.dtype, q, algo, p.op, mine, &payload, &mut sum,
                         )?;
+                        self.landing.mark_input_read(seg, c);
                         drop(payload);
                         let (_, n) = p.chunk(seg, c);
                         let mut out = self.bufs.get(quant::encoded_len(p.dtype, q, algo, n));
@@ -613,15 +686,42 @@ impl RingState {
                 RingPhase::ReduceScatter => off - p.owned_base() * p.dtype.size(),
                 _ => off,
             };
+            let in_place = self.landing.in_place.is_some();
+            // In place and quantized the input is this very range: decode
+            // against a copy of it. (Raw, it is reduced into in place.)
+            let mine_copy = (in_place && p.quant.is_some()).then(|| {
+                let mut copy = self.bufs.get(len);
+                copy.copy_from_slice(self.input_slice(off, len));
+                copy
+            });
+            self.landing.mark_input_read(seg, c);
+            self.landing.before_write(acc_off, len);
             // SAFETY: the owned segment is never a landing target and this
-            // task is the only one touching it until it is queued below.
+            // task is the only one touching it until it is queued below; in
+            // place nothing else borrows the range (`mine` is a copy, or
+            // not taken).
             let dst = unsafe { self.acc.slice_mut(acc_off, len) };
-            match p.quant {
-                None => kernels::reduce_from(p.dtype, p.op, dst, &payload, mine),
-                Some((q, algo)) => {
+            match (p.quant, &mine_copy) {
+                // In place: dst = op(input, partial). The ops are
+                // commutative, so this equals the out-of-place result
+                // (only which NaN payload wins may differ); every peer
+                // takes the owner's bytes either way.
+                (None, _) if in_place => kernels::reduce_into(p.dtype, p.op, dst, &payload),
+                (None, _) => {
+                    // SAFETY: out of place the input is another buffer, only read.
+                    let mine = unsafe { self.input.slice(off, len) };
+                    kernels::reduce_from(p.dtype, p.op, dst, &payload, mine)
+                }
+                (Some((q, algo)), Some(mine)) => {
+                    quant::dequantize_reduce_from(p.dtype, q, algo, p.op, mine, &payload, dst)?
+                }
+                (Some((q, algo)), None) => {
+                    // SAFETY: out of place the input is another buffer, only read.
+                    let mine = unsafe { self.input.slice(off, len) };
                     quant::dequantize_reduce_from(p.dtype, q, algo, p.op, mine, &payload, dst)?
                 }
             }
+            drop(mine_copy);
             drop(payload);
             if p.op == ReduceOp::Avg {
                 kernels::finalize_avg(p.dtype, dst, w as u32);
@@ -659,11 +759,18 @@ impl RingState {
             }
             // A frame the reader did not land (it came before the landing
             // was set up): its slot must still be free.
+            if !self.landing.writable(seg, c) {
+                return Err(Error::RankConnectionLost(
+                    "left neighbour sent a malformed frame: a final chunk before this peer's contribution"
+                        .into(),
+                ));
+            }
             if !self.landing.claim(step, c) {
                 return Err(Error::RankConnectionLost(
                     "left neighbour sent a malformed frame: duplicate chunk".into(),
                 ));
             }
+            self.landing.before_write(off, len);
             // SAFETY: an all-gather range of a segment this peer does not
             // own; nothing else accesses it (see `Landing`).
             let dst = unsafe { self.acc.slice_mut(off, len) };

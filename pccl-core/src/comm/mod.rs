@@ -88,6 +88,18 @@ pub struct CommunicatorConfig {
     /// no callback. Runs on the communicator's runtime threads: it must
     /// return quickly and must not call back into the communicator.
     pub on_sync_progress: Option<crate::shared_state::SyncProgressCallback>,
+    /// Whether a failed in-place all-reduce gives the buffer back as it was
+    /// (so a retry reduces the original input, as
+    /// [`Communicator::all_reduce_multiple_with_retry`] does). On (the
+    /// default), the op saves each range of the buffer right before it
+    /// first overwrites it: up to one more copy of the tensor by the end
+    /// of the op. Off, nothing is saved (peak memory: the tensor plus the
+    /// sub-chunks in flight), and an op that fails after it started writing
+    /// returns [`Error::InPlaceInputLost`] (C: `pcclRankConnectionLost`)
+    /// with the buffer's contents unspecified; the retry helper does not
+    /// retry such an op. Defaults to `$PCCL_IN_PLACE_RESTORE` (`0` turns it
+    /// off).
+    pub in_place_restore: bool,
 }
 
 impl CommunicatorConfig {
@@ -113,6 +125,7 @@ impl CommunicatorConfig {
             algorithm: algorithm_from_env(),
             progress_interval: Duration::from_secs(3),
             on_sync_progress: None,
+            in_place_restore: in_place_restore_from_env(),
         }
     }
 
@@ -139,6 +152,8 @@ pub struct Communicator {
     /// Collectives started and not yet finished, however they were started
     /// (blocking, async with a handle, or tagged).
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// [`CommunicatorConfig::in_place_restore`], changeable at run time.
+    in_place_restore: std::sync::atomic::AtomicBool,
 }
 
 impl Communicator {
@@ -162,6 +177,7 @@ impl Communicator {
             cfg.connect_timeout,
             cfg.shared_state_stall_timeout,
         );
+        let cfg_in_place_restore = cfg.in_place_restore;
         Ok(Communicator {
             cfg,
             rt: Some(rt),
@@ -172,7 +188,22 @@ impl Communicator {
             ctl: Mutex::new(None),
             async_ops: Mutex::new(HashMap::new()),
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            in_place_restore: std::sync::atomic::AtomicBool::new(cfg_in_place_restore),
         })
+    }
+
+    /// Turns restore-on-failure of in-place all-reduces on or off for the
+    /// operations started from now on (see
+    /// [`CommunicatorConfig::in_place_restore`]).
+    pub fn set_in_place_restore(&self, on: bool) {
+        self.in_place_restore
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether in-place all-reduces started now restore their buffer on failure.
+    pub fn in_place_restore(&self) -> bool {
+        self.in_place_restore
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &CommunicatorConfig {
@@ -597,6 +628,7 @@ impl Communicator {
             recv_bytes,
             desc: *desc,
             chunk_bytes: self.cfg.chunk_bytes,
+            in_place_restore: self.in_place_restore(),
         };
         let running = InFlight::start(&self.in_flight);
         let handle = self.rt()?.spawn(async move {
@@ -1199,6 +1231,17 @@ fn validate_unreduced(desc: &ReduceDescriptor, kind: CollectiveKind) -> Result<u
     validate_descriptor(desc)
 }
 
+/// `$PCCL_IN_PLACE_RESTORE`: on unless set to `0`, `off` or `false`.
+fn in_place_restore_from_env() -> bool {
+    match std::env::var("PCCL_IN_PLACE_RESTORE") {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "off" | "false"
+        ),
+        Err(_) => true,
+    }
+}
+
 /// `$PCCL_ALGORITHM`, or auto when unset or unknown (with a warning).
 fn algorithm_from_env() -> Algorithm {
     match std::env::var("PCCL_ALGORITHM") {
@@ -1223,6 +1266,8 @@ struct OpJob {
     recv_bytes: usize,
     desc: ReduceDescriptor,
     chunk_bytes: usize,
+    /// See [`CommunicatorConfig::in_place_restore`].
+    in_place_restore: bool,
 }
 
 /// Maps a master failure code back onto the error enum.
@@ -1284,10 +1329,18 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<CollectiveInf
     }
 
     // An all-reduce reads its input from `send` and writes only `recv`. In
-    // place, it reads a copy instead, which is also what a failure restores.
+    // place, the ring runs in the one buffer (reading each range before it
+    // first writes it) and saves only what it overwrites, for a failure to
+    // restore (see `collectives::InPlace`). The direct algorithm writes the
+    // result while it still sends the input to other peers, so it reads a
+    // copy (its ops are small), which is also what a failure restores.
     let in_place = job.kind == CollectiveKind::AllReduce && job.send == job.recv_addr;
     let mut backup: Option<Arc<Vec<u8>>> = None;
-    let input = if in_place {
+    let ring_in_place = (in_place && algorithm != Algorithm::Direct)
+        .then(|| collectives::InPlace::new(job.recv, job.in_place_restore));
+    let input = if ring_in_place.is_some() {
+        job.recv
+    } else if in_place {
         let bytes = job.recv_bytes;
         let mut copy = job.p2p.take_scratch(bytes);
         // SAFETY: the caller guarantees `recv` is valid for `bytes` bytes.
@@ -1408,6 +1461,7 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<CollectiveInf
                     input,
                     input_owner.clone(),
                     job.recv,
+                    ring_in_place.clone(),
                     &mut inbox,
                     &route,
                     &abort,
@@ -1481,6 +1535,14 @@ async fn run_op(job: OpJob, mut waiter: control::Waiter) -> Result<CollectiveInf
                 _ => Err(e),
             }
         }
+    };
+    let outcome = match (outcome, &ring_in_place) {
+        // SAFETY: the exchange was driven to completion: every task of the
+        // op is joined and the landing closed.
+        (Err(e), Some(ip)) if !unsafe { ip.restore() }.await => Err(Error::InPlaceInputLost(
+            format!("{e}; the in-place buffer was partly overwritten (in-place restore is off)"),
+        )),
+        (outcome, _) => outcome,
     };
     if let Err(e) = &outcome {
         tracing::debug!(peer = %me, tag, op_id, kind = job.kind.name(), "collective failed: {e}");

@@ -17,6 +17,11 @@
 //! result exactly. It prints, per step, the time and the peak RSS above the
 //! buffers (what the op itself allocated: backups, staging), and the
 //! launcher prints the medians and the in-place / out-of-place ratios.
+//!
+//! Three modes: `in-place` (restore on failure, the default: the op saves
+//! each range right before it first overwrites it), `in-place-norestore`
+//! (`Communicator::set_in_place_restore(false)`: nothing saved) and
+//! `out-of-place`. A round runs each once, the first mode rotating.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -77,15 +82,23 @@ fn mib(kib: u64) -> f64 {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     InPlace,
+    InPlaceNoRestore,
     OutOfPlace,
 }
+
+const MODES: [Mode; 3] = [Mode::InPlace, Mode::InPlaceNoRestore, Mode::OutOfPlace];
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::InPlace => "in-place",
+            Mode::InPlaceNoRestore => "in-place-norestore",
             Mode::OutOfPlace => "out-of-place",
         }
+    }
+
+    fn in_place(self) -> bool {
+        self != Mode::OutOfPlace
     }
 }
 
@@ -115,18 +128,16 @@ fn peer(a: &Args) -> BoxResult<()> {
     let world = a.peers;
     let mut tag = 1u64;
     for round in 0..a.rounds {
-        let order = if round % 2 == 0 {
-            [Mode::InPlace, Mode::OutOfPlace]
-        } else {
-            [Mode::OutOfPlace, Mode::InPlace]
-        };
+        let order = (0..MODES.len()).map(|i| MODES[(round + i) % MODES.len()]);
         for mode in order {
+            c.set_in_place_restore(mode != Mode::InPlaceNoRestore);
             let mut data: Vec<Vec<f32>> = (0..a.tensors)
                 .map(|t| (0..n).map(|j| value(a.rank, t, j)).collect())
                 .collect();
-            let mut out: Vec<Vec<f32>> = match mode {
-                Mode::InPlace => Vec::new(),
-                Mode::OutOfPlace => (0..a.tensors).map(|_| vec![-1.0f32; n]).collect(),
+            let mut out: Vec<Vec<f32>> = if mode.in_place() {
+                Vec::new()
+            } else {
+                (0..a.tensors).map(|_| vec![-1.0f32; n]).collect()
             };
             let base = status_kib("VmRSS:");
             // Peak RSS from here on (Linux: "5" resets VmHWM to VmRSS).
@@ -138,7 +149,7 @@ fn peer(a: &Args) -> BoxResult<()> {
             let t0 = Instant::now();
             {
                 let mut ops: Vec<ReduceBuffers<'_>> = match mode {
-                    Mode::InPlace => data
+                    Mode::InPlace | Mode::InPlaceNoRestore => data
                         .iter_mut()
                         .enumerate()
                         .map(|(i, d)| {
@@ -159,10 +170,7 @@ fn peer(a: &Args) -> BoxResult<()> {
             let dt = t0.elapsed();
             tag += a.tensors as u64;
             let peak = status_kib("VmHWM:");
-            let results = match mode {
-                Mode::InPlace => &data,
-                Mode::OutOfPlace => &out,
-            };
+            let results = if mode.in_place() { &data } else { &out };
             for (t, r) in results.iter().enumerate() {
                 for (j, &y) in r.iter().enumerate() {
                     let want: f32 = (0..world).map(|k| value(k, t, j)).sum();
@@ -181,7 +189,7 @@ fn peer(a: &Args) -> BoxResult<()> {
                 a.rank,
                 mode.name(),
                 dt.as_secs_f64() * 1e3,
-                (a.tensors * a.mib * if mode == Mode::InPlace { 1 } else { 2 }) as f64,
+                (a.tensors * a.mib * if mode.in_place() { 1 } else { 2 }) as f64,
                 mib(base),
                 mib(peak),
                 mib(peak.saturating_sub(base)),
@@ -268,25 +276,28 @@ fn launcher(a: &Args) -> BoxResult<()> {
             .filter_map(|l| field(l, key))
             .collect()
     };
-    let (ti, to) = (
-        median(of("in-place", "step_ms=")),
+    let (to, po, eo) = (
         median(of("out-of-place", "step_ms=")),
-    );
-    let (pi, po) = (
-        median(of("in-place", "peak_rss_mib=")),
         median(of("out-of-place", "peak_rss_mib=")),
-    );
-    let (ei, eo) = (
-        median(of("in-place", "extra_mib=")),
         median(of("out-of-place", "extra_mib=")),
     );
     println!(
-        "SUMMARY median step: in-place {ti:.0} ms, out-of-place {to:.0} ms, ratio {:.2}; \
-         median peak RSS per peer: in-place {pi:.0} MiB (op extra {ei:.0}), out-of-place {po:.0} MiB \
-         (op extra {eo:.0}), ratio {:.2}",
-        ti / to,
-        pi / po
+        "SUMMARY out-of-place: median step {to:.0} ms, median peak RSS per peer {po:.0} MiB (op extra {eo:.0})"
     );
+    for mode in [Mode::InPlace, Mode::InPlaceNoRestore] {
+        let (t, p, e) = (
+            median(of(mode.name(), "step_ms=")),
+            median(of(mode.name(), "peak_rss_mib=")),
+            median(of(mode.name(), "extra_mib=")),
+        );
+        println!(
+            "SUMMARY {}: median step {t:.0} ms (/ out-of-place {:.2}), median peak RSS per peer \
+             {p:.0} MiB (/ out-of-place {:.2}, op extra {e:.0})",
+            mode.name(),
+            t / to,
+            p / po
+        );
+    }
     Ok(())
 }
 

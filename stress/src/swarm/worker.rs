@@ -40,7 +40,9 @@
 //! - all-reduce failed with a lost rank: every survivor gets the same error
 //!   from the master, restores its buffer and retries with the survivors
 //!   (`RETRY` line with the time the failed attempt took); `TooFewPeers` skips
-//!   the step's update (`SKIP`);
+//!   the step's update (`SKIP`). With `PCCL_IN_PLACE_RESTORE=0` an op that
+//!   had begun writing its buffer fails with `InPlaceInputLost` instead: the
+//!   worker refills the gradient and retries the same way;
 //! - the master connection is gone (e.g. this peer was frozen and evicted),
 //!   or this peer's own sync failed (a receiver whose sources all died: the
 //!   other peers' syncs succeeded and they moved on to the all-reduce, so
@@ -313,6 +315,7 @@ pub fn err_name(e: &PcclError) -> &'static str {
         PcclError::MasterConnectionFailed(_) => "MasterConnectionFailed",
         PcclError::RankConnectionFailed(_) => "RankConnectionFailed",
         PcclError::RankConnectionLost(_) => "RankConnectionLost",
+        PcclError::InPlaceInputLost(_) => "InPlaceInputLost",
         PcclError::NoSharedStateAvailable(_) => "NoSharedStateAvailable",
         PcclError::PendingAsyncOps(_) => "PendingAsyncOps",
         PcclError::UpdateTopologyFailed(_) => "UpdateTopologyFailed",
@@ -678,7 +681,13 @@ fn step(
         let t0 = Instant::now();
         match all_reduce_in_place(comm, &mut peer.grad, &desc) {
             Ok(info) => break (info, t0.elapsed().as_secs_f64() * 1e3),
-            Err(e @ (PcclError::RankConnectionLost(_) | PcclError::RankConnectionFailed(_))) => {
+            // InPlaceInputLost (restore off, `PCCL_IN_PLACE_RESTORE=0`): the
+            // gradient is recomputed (refilled) before the retry.
+            Err(
+                e @ (PcclError::RankConnectionLost(_)
+                | PcclError::RankConnectionFailed(_)
+                | PcclError::InPlaceInputLost(_)),
+            ) => {
                 let ms = t0.elapsed().as_millis() as u64;
                 wait_ms += ms;
                 retries += 1;

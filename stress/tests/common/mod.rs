@@ -227,6 +227,17 @@ impl Cluster {
         self.kill_mid_op_at(ids, victim, "allreduce", 0.5)
     }
 
+    /// [`kill_mid_allreduce`](Self::kill_mid_allreduce) aimed at `fraction`
+    /// of the victim's shortest all-reduce so far.
+    pub fn kill_mid_allreduce_at(
+        &mut self,
+        ids: &[usize],
+        victim: usize,
+        fraction: f64,
+    ) -> (Duration, Instant) {
+        self.kill_mid_op_at(ids, victim, "allreduce", fraction)
+    }
+
     /// [`kill_mid_allreduce`](Self::kill_mid_allreduce) for the collective
     /// whose BEGIN lines say `op=op` (`allreduce`, `broadcast`, `allgather`,
     /// `reducescatter`), aimed at a third of the victim's shortest op so far:
