@@ -169,6 +169,10 @@ pub(crate) enum Payload {
 pub(crate) struct SendItem {
     pub header: [u8; DataHeader::LEN],
     pub payload: Payload,
+    /// Called once the payload has been handed to the connection (its
+    /// bytes are no longer read): an in-place ring marks the range
+    /// writable then.
+    pub on_sent: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Sends queued frames on one connection until the queue closes.
@@ -184,7 +188,8 @@ pub(crate) async fn sender_task(
     while let Ok(item) = queue.recv().await {
         let payload: &[u8] = match &item.payload {
             // SAFETY: the range was final when it was queued and the ring
-            // never writes it again while the op runs (see `Landing`); the
+            // never writes it again while the op runs (see `Landing`), or,
+            // in place, not before `on_sent` below has run; the
             // op joins this task before the caller's buffers are released,
             // and library-owned input lives in `_input_owner`.
             Payload::Borrowed { buf, off, len } => unsafe { buf.slice(*off, *len) },
@@ -199,6 +204,9 @@ pub(crate) async fn sender_task(
             )));
         }
         sent += (DataHeader::LEN + payload.len()) as u64;
+        if let Some(done) = item.on_sent {
+            done();
+        }
     }
     Ok(sent)
 }
@@ -312,7 +320,11 @@ impl Outbox {
 
     pub(crate) fn enqueue(&self, header: [u8; DataHeader::LEN], payload: Payload) -> Result<()> {
         self.tx
-            .try_send(SendItem { header, payload })
+            .try_send(SendItem {
+                header,
+                payload,
+                on_sent: None,
+            })
             .map_err(|_| Error::RankConnectionLost("send queue closed".into()))
     }
 

@@ -141,9 +141,11 @@ impl RingParams {
 /// while the op runs (reduce-scatter keeps its partial sums in pool buffers
 /// and reads only the input buffer), and each (step, chunk) slot is claimed
 /// once. In place (the input is the result buffer), a chunk is only landed
-/// once this peer has read its input there (`input_read`): an honest ring
-/// cannot deliver a chunk's final value before this peer contributed to
-/// it, so a frame that does is refused as malformed rather than raced. Readers write only while holding `open`'s lock, one `recv` at a
+/// once this peer has read its input there (`input_read`; for its own
+/// segment, sent borrowed at step 0: once the sender handed it to the
+/// connection). An honest ring cannot deliver a chunk's final value before
+/// that; a frame that does is not landed but waits in the ring until the
+/// range is writable, so it never races the read. Readers write only while holding `open`'s lock, one `recv` at a
 /// time; [`Landing::close`] takes the lock, so once the op has closed its
 /// landing no reader touches the caller's memory again.
 pub(crate) struct Landing {
@@ -157,6 +159,8 @@ pub(crate) struct Landing {
     /// In place: one flag per (ring segment, chunk), set once this peer has
     /// read its input there; empty otherwise.
     input_read: Vec<Vec<std::sync::atomic::AtomicBool>>,
+    /// Signalled when a range becomes writable (frames may wait for it).
+    became_writable: tokio::sync::Notify,
 }
 
 impl Landing {
@@ -186,6 +190,7 @@ impl Landing {
             open: std::sync::Mutex::new(true),
             in_place,
             input_read,
+            became_writable: tokio::sync::Notify::new(),
         }
     }
 
@@ -194,6 +199,7 @@ impl Landing {
     fn mark_input_read(&self, seg: usize, c: usize) {
         if let Some(flag) = self.input_read.get(seg).and_then(|v| v.get(c)) {
             flag.store(true, std::sync::atomic::Ordering::Release);
+            self.became_writable.notify_one();
         }
     }
 
@@ -486,7 +492,10 @@ impl RingState {
                 self.send_input(p.rank, c)?;
             }
         }
-        while remaining > 0 {
+        // In place: all-gather frames whose range is not writable yet (this
+        // peer's own send of it is still with the sender), held until it is.
+        let mut deferred: Vec<(usize, usize, usize, Frame)> = Vec::new();
+        while remaining > 0 || !deferred.is_empty() {
             let frame = tokio::select! {
                 biased;
                 _ = abort.cancelled() => return Err(Error::RankConnectionLost("aborted by the master".into())),
@@ -499,12 +508,28 @@ impl RingState {
                         Err(e) => return Err(Error::Internal(format!("ring hop task failed: {e}"))),
                     }
                 }
-                f = inbox.recv() => f.ok_or_else(|| Error::Internal("inbox closed".into()))?,
+                _ = self.landing.became_writable.notified(), if !deferred.is_empty() => {
+                    let mut still = Vec::new();
+                    for (step, seg, c, frame) in deferred.drain(..) {
+                        if self.landing.writable(seg, c) {
+                            self.process(step, seg, c, frame)?;
+                        } else {
+                            still.push((step, seg, c, frame));
+                        }
+                    }
+                    deferred = still;
+                    continue;
+                }
+                f = inbox.recv(), if remaining > 0 => f.ok_or_else(|| Error::Internal("inbox closed".into()))?,
             };
             self.rx_bytes += (DataHeader::LEN + frame.header.payload_len as usize) as u64;
             let (step, seg, c) = self.validate(&frame.header, &seen)?;
             seen[step][c] = true;
             remaining -= 1;
+            if step >= p.world - 1 && !frame.landed && !self.landing.writable(seg, c) {
+                deferred.push((step, seg, c, frame));
+                continue;
+            }
             if p.quant.is_some() && step < p.world - 1 {
                 let hop = self.clone();
                 hops.spawn(async move { hop.process(step, seg, c, frame) });
@@ -577,8 +602,21 @@ impl RingState {
     }
 
     fn enqueue(&self, header: [u8; DataHeader::LEN], payload: Payload) -> Result<()> {
+        self.enqueue_then(header, payload, None)
+    }
+
+    fn enqueue_then(
+        &self,
+        header: [u8; DataHeader::LEN],
+        payload: Payload,
+        on_sent: Option<Box<dyn FnOnce() + Send>>,
+    ) -> Result<()> {
         self.tx_q
-            .try_send(SendItem { header, payload })
+            .try_send(SendItem {
+                header,
+                payload,
+                on_sent,
+            })
             .map_err(|_| Error::RankConnectionLost("send queue closed".into()))
     }
 
@@ -628,12 +666,21 @@ impl RingState {
     fn send_input(&self, seg: usize, c: usize) -> Result<()> {
         if self.landing.in_place.is_some() && self.p.quant.is_none() {
             // In place this range is written later (its final value lands
-            // here), so it is sent from a copy rather than borrowed.
+            // here): it is sent borrowed, and becomes writable only once the
+            // sender has handed it to the connection. An honest ring cannot
+            // deliver the final value before that; a frame that does anyway
+            // waits (see `drive_frames`).
             let (off, len) = self.byte_range(seg, c);
-            let mut copy = self.bufs.get(len);
-            copy.copy_from_slice(self.input_slice(off, len));
-            self.landing.mark_input_read(seg, c);
-            return self.enqueue(self.header(0, seg, c, len), Payload::Owned(copy));
+            let landing = self.landing.clone();
+            return self.enqueue_then(
+                self.header(0, seg, c, len),
+                Payload::Borrowed {
+                    buf: self.input,
+                    off,
+                    len,
+                },
+                Some(Box::new(move || landing.mark_input_read(seg, c))),
+            );
         }
         // Quantized, the encoding is made (the input read) before queuing.
         self.send_from(self.input, 0, seg, c)?;
@@ -760,9 +807,9 @@ impl RingState {
             // A frame the reader did not land (it came before the landing
             // was set up): its slot must still be free.
             if !self.landing.writable(seg, c) {
-                return Err(Error::RankConnectionLost(
-                    "left neighbour sent a malformed frame: a final chunk before this peer's contribution"
-                        .into(),
+                // `drive_frames` defers such frames until the range is writable.
+                return Err(Error::Internal(
+                    "an all-gather frame was processed before its range was writable".into(),
                 ));
             }
             if !self.landing.claim(step, c) {
