@@ -60,8 +60,10 @@ pub struct Cli {
     pub inner_steps: u64,
     #[arg(long, default_value_t = 3e-3)]
     pub inner_lr: f64,
-    #[arg(long, default_value_t = 0.7)]
-    pub outer_lr: f32,
+    /// Outer learning rate (default: 0.7 in sync mode, 0.4 in async mode,
+    /// where the one-step delay overshoots at 0.7; see docs/moe-trainer.md).
+    #[arg(long)]
+    pub outer_lr: Option<f32>,
     #[arg(long, default_value_t = 0.9)]
     pub outer_momentum: f32,
 
@@ -191,7 +193,10 @@ impl Cli {
             inner_steps: self.inner_steps,
             sync_every: self.sync_every,
             inner_lr: self.inner_lr,
-            outer_lr: self.outer_lr,
+            outer_lr: self.outer_lr.unwrap_or(match self.mode {
+                OuterMode::Async => 0.4,
+                _ => 0.7,
+            }),
             outer_momentum: self.outer_momentum,
             mode: self.mode,
             quant: self.quant,
@@ -259,6 +264,17 @@ pub fn child_args(cfg: &PeerConfig) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outer_lr_defaults_to_the_mode_and_an_explicit_value_wins() {
+        let sync = Cli::parse_from(["moe-trainer"]).peer_config();
+        assert_eq!(sync.outer_lr, 0.7);
+        let asynchronous = Cli::parse_from(["moe-trainer", "--mode", "async"]).peer_config();
+        assert_eq!(asynchronous.outer_lr, 0.4);
+        let explicit =
+            Cli::parse_from(["moe-trainer", "--mode", "async", "--outer-lr", "0.9"]).peer_config();
+        assert_eq!(explicit.outer_lr, 0.9);
+    }
 
     #[test]
     fn child_args_parse_back_to_the_same_peer() {
