@@ -17,8 +17,14 @@
 #                 window; `keep` leaves the kernel default, 1)
 #   LOG_DIR       where every peer's table and stderr are kept
 #   NO_BUILD=1    use the binaries already in $CARGO_TARGET_DIR/release
+#   BENCH_BIN     the pccl-bench to run (default: that build's); e.g. a copy
+#                 of the previous build, to compare two builds on one link
 #   IPERF_REF=0   skip the reference: an iperf3 ring (every host to the next
 #                 at once, 10 s, same congestion control, pool-size streams)
+#   TIMELINE=1    sample `ss -tin` in h1 every ~50 ms during each pool's run
+#                 ($LOG_DIR/ss-poolP.txt) and print the timeline of h1's
+#                 connections to h2 (scripts/wan-timeline.py): goodput,
+#                 moving / idle / queued connections, cwnd, bytes in flight
 #
 # Brings up hosts h0..hN-1 (wan.sh up), runs pccl-master in h0 and one
 # `pccl-bench --peer-only` per host for each pool size, prints rank 0's table
@@ -41,7 +47,7 @@ wan="$wan_emu/wan.sh"
 if [[ "${NO_BUILD:-0}" != 1 ]]; then
     cargo build --release -p pccl-stress --bin pccl-bench -p pccl-core --bin pccl-master >&2
 fi
-bench="$(realpath "$target/release/pccl-bench")"
+bench="$(realpath "${BENCH_BIN:-$target/release/pccl-bench}")"
 master_bin="$(realpath "$target/release/pccl-master")"
 mkdir -p "$log_dir"
 
@@ -117,8 +123,21 @@ for pool in $pools; do
         peers+=($!)
         pids+=($!)
     done
+    sampler=
+    if [[ "${TIMELINE:-0}" == 1 && $n -ge 3 ]]; then
+        "$wan" exec h1 bash -c 'while :; do echo "@ $(date +%s.%N)"; ss -tinH state established; sleep 0.05; done' \
+            >"$log_dir/ss-pool$pool.txt" 2>/dev/null &
+        sampler=$!
+        pids+=($!)
+    fi
     status=0
     for p in "${peers[@]}"; do wait "$p" || status=1; done
+    if [[ -n "$sampler" ]]; then
+        kill "$sampler" 2>/dev/null || true
+        python3 scripts/wan-timeline.py "$log_dir/ss-pool$pool.txt" --dst "$("$wan" ip h2)" \
+            >"$log_dir/timeline-pool$pool.txt" || true
+        echo "# timeline of h1 -> h2 with pool $pool: $log_dir/timeline-pool$pool.txt"
+    fi
     echo "## pool size $pool"
     cat "$log_dir/pool$pool-peer0.txt"
     if [[ $status != 0 ]]; then

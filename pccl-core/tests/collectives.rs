@@ -639,3 +639,73 @@ fn in_place_ring_equals_the_reference_and_the_out_of_place_op() {
         }
     }
 }
+
+/// The ring and the broadcast cut each step into `pipeline_chunks`
+/// sub-chunks (between 64 KiB and `chunk_bytes`): one, five and the
+/// default sixteen pieces give the reference bytes, exactly, with more
+/// frames (so more header bytes) the more pieces, and the same payload.
+#[test]
+fn every_pipeline_split_gives_the_reference_bytes() {
+    let world = 3;
+    // 3 segments of 1.5 MiB of f32: sixteen pieces of 96 KiB, five of
+    // about 307 KiB, or one chunk of 512 KiB per step.
+    let n = 3 * (3 << 19) / 4 + 5;
+    let mut tx_by_pieces = Vec::new();
+    for pieces in [1usize, 5, 16] {
+        let m = master();
+        let peers = connect_peers_tuned(m.local_addr(), world, Algorithm::Ring, |_, cfg| {
+            cfg.pipeline_chunks = pieces
+        });
+        for dtype in [DataType::F32, DataType::BF16, DataType::U8] {
+            let op = ReduceOp::Sum;
+            let count = n * 4 / dtype.size();
+            let out = on_all(&peers, move |i, c| {
+                let desc = ReduceDescriptor::new(count, dtype, op);
+                let send = input(dtype, i, count);
+                let mut recv = vec![0u8; send.len()];
+                // SAFETY: both buffers are valid for the whole call.
+                let info = unsafe { c.all_reduce_raw(send.as_ptr(), recv.as_mut_ptr(), &desc) }
+                    .expect("all-reduce");
+                (recv, info.tx_bytes)
+            });
+            let want = encode(dtype, (0..count).map(|k| reduced(dtype, op, world, k)));
+            for (i, (got, _)) in out.iter().enumerate() {
+                assert!(
+                    got == &want,
+                    "{pieces} pieces, {dtype:?}, peer {i}: not the reference"
+                );
+            }
+            if dtype == DataType::F32 {
+                tx_by_pieces.push(out[0].1);
+            }
+        }
+        // Broadcast from rank 1 of 3 MiB (a chain: each step is the whole buffer).
+        let bytes = 3 << 20;
+        let got = on_all(&peers, move |i, c| {
+            let mut buf: Vec<u8> = if i == 1 {
+                (0..bytes).map(|k| (k % 251) as u8).collect()
+            } else {
+                vec![0u8; bytes]
+            };
+            let info = c.broadcast(&mut buf, 1, 0).expect("broadcast");
+            (info.rank, buf)
+        });
+        let want: Vec<u8> = (0..bytes).map(|k| (k % 251) as u8).collect();
+        for (rank, buf) in got {
+            assert!(
+                buf == want,
+                "{pieces} pieces: broadcast wrong at rank {rank}"
+            );
+        }
+    }
+    // Same payload, more frames: the header bytes grow with the pieces.
+    assert!(
+        tx_by_pieces[0] < tx_by_pieces[1] && tx_by_pieces[1] < tx_by_pieces[2],
+        "tx bytes by pieces 1, 5, 16: {tx_by_pieces:?}"
+    );
+    let payload = (2 * (world - 1) * n * 4 / world) as u64;
+    assert!(
+        tx_by_pieces[2].abs_diff(payload) < 64 * 1024,
+        "headers only: {tx_by_pieces:?}"
+    );
+}

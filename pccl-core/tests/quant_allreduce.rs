@@ -223,10 +223,14 @@ fn seg_range(n: usize, w: usize, s: usize) -> (usize, usize) {
     (f(s), f(s + 1))
 }
 
-/// Elements per sub-chunk: `chunk_bytes` worth of source elements, rounded
-/// down to whole quantization blocks (at least one block).
-fn chunk_elems(src: DataType, chunk_bytes: usize) -> usize {
-    let e = (chunk_bytes / src.size()).max(1);
+/// Elements per sub-chunk of an `n`-element op of `w` peers, as the ring
+/// cuts it (`collectives::pipelined_chunk_elems`): the segment in 16, but
+/// no less than 64 KiB and no more than `chunk_bytes` of source elements,
+/// rounded down to whole quantization blocks (at least one block).
+fn chunk_elems(src: DataType, chunk_bytes: usize, n: usize, w: usize) -> usize {
+    let cap = (chunk_bytes / src.size()).max(1);
+    let floor = ((64 << 10) / src.size()).max(1);
+    let e = n.div_ceil(w).div_ceil(16).max(floor).min(cap);
     (e / BLOCK).max(1) * BLOCK
 }
 
@@ -606,7 +610,7 @@ fn run_case(peers: &[Arc<Communicator>], c: Case, stats: &mut Stats) {
         c.n,
         c.seed
     );
-    let ce = chunk_elems(c.src, peers[0].config().chunk_bytes);
+    let ce = chunk_elems(c.src, peers[0].config().chunk_bytes, c.n, w);
     let blocks = ring_blocks(c.n, w, ce);
     let (xs, kinds) = gen_inputs(&c, w, &blocks);
     let inputs: Arc<Vec<Vec<u8>>> = Arc::new(xs.iter().map(|x| to_bytes(c.src, x)).collect());
@@ -731,11 +735,12 @@ fn run_case(peers: &[Arc<Communicator>], c: Case, stats: &mut Stats) {
     stats.runs += 1;
 }
 
-/// A count whose segments each hold one full sub-chunk plus 1500-odd
-/// elements, so every segment is sent as two frames and the second ends in
-/// a partial block.
+/// A count whose segments each hold `chunk_bytes` of elements plus
+/// 1500-odd, so every segment is sent as several frames and the last ends
+/// in a partial block.
 fn large_count(src: DataType, w: usize, chunk_bytes: usize) -> usize {
-    w * (chunk_elems(src, chunk_bytes) + 1501) + 7
+    let cap = (chunk_bytes / src.size()).max(1);
+    w * ((cap / BLOCK).max(1) * BLOCK + 1501) + 7
 }
 
 fn valid(src: DataType, q: DataType) -> bool {

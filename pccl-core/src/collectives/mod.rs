@@ -234,6 +234,39 @@ pub(crate) async fn join_all<T: 'static>(
     first
 }
 
+/// Sub-chunks a pipelined op cuts each step's span into by default
+/// (`CommunicatorConfig::pipeline_chunks`), so that a pool of up to this
+/// many connections carries a frame each and the next hop starts on the
+/// first chunk long before the step ends (on a long-fat link a step of one
+/// 512 KiB chunk per connection ends all at once, then waits a one-way
+/// delay for the next step's data).
+pub(crate) const DEFAULT_PIPELINE_CHUNKS: usize = 16;
+
+/// The smallest sub-chunk the pipelined split goes down to: below it the
+/// per-frame costs (header, task hand-offs) start to show on loopback.
+pub(crate) const MIN_PIPELINE_CHUNK_BYTES: usize = 64 << 10;
+
+/// Elements per sub-chunk of a pipelined op (ring, its halves, broadcast)
+/// whose peers each send `span_elems` elements per step: the span cut in
+/// `pieces`, but no smaller than [`MIN_PIPELINE_CHUNK_BYTES`] and no larger
+/// than `chunk_bytes`, aligned to quantization blocks. Depends only on
+/// values every peer of the op shares (the op's shape and the configured
+/// chunk size and pieces), so the frame geometry agrees.
+pub(crate) fn pipelined_chunk_elems(
+    dtype: DataType,
+    quant: Option<(DataType, QuantizationAlgorithm)>,
+    chunk_bytes: usize,
+    pieces: usize,
+    span_elems: usize,
+) -> usize {
+    let size = dtype.size();
+    let cap = (chunk_bytes / size).max(1);
+    let floor = (MIN_PIPELINE_CHUNK_BYTES / size).max(1);
+    let split = span_elems.div_ceil(pieces.max(1));
+    let elems = split.max(floor).min(cap);
+    chunk_elems(dtype, quant, elems * size)
+}
+
 /// Elements per sub-chunk for `chunk_bytes`, aligned to quantization blocks.
 pub(crate) fn chunk_elems(
     dtype: DataType,
@@ -373,4 +406,61 @@ pub(crate) fn frame_matches(
         && h.elems as usize == elems
         && h.encoding == encoding
         && h.payload_len as usize == payload_len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipelined_chunks_cut_a_step_in_sixteen_between_the_floor_and_the_cap() {
+        let cap = 512 << 10;
+        let f32_elems = |bytes: usize| bytes / 4;
+        // 16 MiB of f32 over 4 peers: 4 MiB per step, 16 chunks of 256 KiB.
+        let span = f32_elems(16 << 20) / 4;
+        assert_eq!(
+            pipelined_chunk_elems(DataType::F32, None, cap, 16, span),
+            f32_elems(256 << 10)
+        );
+        // 128 MiB over 4: the cap (512 KiB) wins.
+        let span = f32_elems(128 << 20) / 4;
+        assert_eq!(
+            pipelined_chunk_elems(DataType::F32, None, cap, 16, span),
+            f32_elems(cap)
+        );
+        // 1 MiB over 4: the floor (64 KiB) wins.
+        let span = f32_elems(1 << 20) / 4;
+        assert_eq!(
+            pipelined_chunk_elems(DataType::F32, None, cap, 16, span),
+            f32_elems(MIN_PIPELINE_CHUNK_BYTES)
+        );
+        // A cap below the floor is kept (a user's small chunk_bytes).
+        assert_eq!(
+            pipelined_chunk_elems(DataType::F32, None, 4096, 16, span),
+            1024
+        );
+        // Quantized: whole quantization blocks, at least one.
+        let q = Some((DataType::U8, QuantizationAlgorithm::MinMax));
+        let e = pipelined_chunk_elems(DataType::F32, q, cap, 16, f32_elems(3 << 20) / 3 + 17);
+        assert_eq!(e % quant::QUANT_BLOCK_ELEMS, 0);
+        assert!(e >= quant::QUANT_BLOCK_ELEMS);
+        assert_eq!(
+            pipelined_chunk_elems(DataType::F32, q, 16, 16, 5),
+            quant::QUANT_BLOCK_ELEMS
+        );
+        // An empty op still gets a valid chunk size.
+        assert!(pipelined_chunk_elems(DataType::F64, None, cap, 16, 0) >= 1);
+        assert!(pipelined_chunk_elems(DataType::F64, None, cap, 0, 0) >= 1);
+        // One piece: the previous geometry, one chunk of up to the cap.
+        let span = f32_elems(1 << 20) / 4;
+        assert_eq!(
+            pipelined_chunk_elems(DataType::F32, None, cap, 1, span),
+            span
+        );
+        let span = f32_elems(16 << 20) / 4;
+        assert_eq!(
+            pipelined_chunk_elems(DataType::F32, None, cap, 1, span),
+            f32_elems(cap)
+        );
+    }
 }

@@ -52,10 +52,20 @@ pub fn connect_peers_with(
     group_of: impl Fn(usize) -> u32,
     algorithm: Algorithm,
 ) -> Vec<Arc<Communicator>> {
+    connect_peers_tuned(master, n, algorithm, |i, cfg| cfg.peer_group = group_of(i))
+}
+
+/// [`connect_peers_with`], with each peer's config adjusted by `tune`.
+pub fn connect_peers_tuned(
+    master: SocketAddr,
+    n: usize,
+    algorithm: Algorithm,
+    tune: impl Fn(usize, &mut CommunicatorConfig),
+) -> Vec<Arc<Communicator>> {
     let mut peers: Vec<Arc<Communicator>> = Vec::new();
     for i in 0..n {
         let mut cfg = config_with(master, algorithm);
-        cfg.peer_group = group_of(i);
+        tune(i, &mut cfg);
         let joiner = thread::spawn(move || {
             let c = Communicator::new(cfg).expect("new communicator");
             c.connect().expect("connect");
