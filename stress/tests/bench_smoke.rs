@@ -322,3 +322,70 @@ fn inplace_bench_verifies_all_three_modes() {
         );
     }
 }
+
+/// `scripts/wan-timeline.py` (bench-wan.sh TIMELINE=1) on a hand-made
+/// `ss -tin` sample file: goodput, moving / idle / queued connections, and
+/// each connection's share of the acked bytes, exactly.
+#[test]
+fn wan_timeline_reads_ss_samples() {
+    let dir = std::env::temp_dir().join(format!("pccl-wan-timeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let samples = dir.join("ss.txt");
+    let sock = |port: u32, dst: &str, sendq: u32, info: &str| {
+        format!("0      {sendq}      10.77.0.11:{port} {dst}:48150\n\t cubic mss:1000 {info}\n")
+    };
+    let mut text = String::new();
+    // t = 0: both connections to 10.77.0.12 start; one to another host.
+    text += "@ 100.00\n";
+    text += &sock(1, "10.77.0.12", 0, "cwnd:10 bytes_acked:1 unacked:0");
+    text += &sock(2, "10.77.0.12", 0, "cwnd:10 bytes_acked:1 unacked:0");
+    text += &sock(3, "10.77.0.10", 0, "cwnd:99 bytes_acked:1 unacked:0");
+    // t = 0.05 s: connection 1 acked 30 000 bytes, 2 is idle.
+    text += "@ 100.05\n";
+    text += &sock(
+        1,
+        "10.77.0.12",
+        5000,
+        "cwnd:20 bytes_acked:30001 unacked:5 notsent:0",
+    );
+    text += &sock(2, "10.77.0.12", 0, "cwnd:10 bytes_acked:1 unacked:0");
+    // t = 0.15 s: connection 2 acked 10 000, 1 has bytes queued, unsent.
+    text += "@ 100.15\n";
+    text += &sock(
+        1,
+        "10.77.0.12",
+        9000,
+        "cwnd:20 bytes_acked:30001 unacked:5 notsent:4000",
+    );
+    text += &sock(2, "10.77.0.12", 0, "cwnd:10 bytes_acked:10001 unacked:0");
+    std::fs::write(&samples, text).expect("write samples");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/wan-timeline.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&samples)
+        .args(["--dst", "10.77.0.12", "--bin-ms", "100"])
+        .output()
+        .expect("python3 must be installed to run the test command");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim_start().starts_with("t_s"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // Bin 0 (samples at 0 and 0.05 s): 30 000 bytes in 0.1 s = 2.4 Mbit/s,
+    // two connections, on average 0.5 moving and 1.5 idle per sample.
+    assert_eq!(rows[0][..5], ["0.00", "2.4", "2", "0.5", "1.5"], "{text}");
+    // Bin 1: 10 000 bytes = 0.8 Mbit/s; one moving, one with bytes queued.
+    assert_eq!(
+        rows[1][..6],
+        ["0.10", "0.8", "2", "1.0", "0.0", "1.0"],
+        "{text}"
+    );
+    assert!(text.contains("(% of 0.0 MB): 75 25"), "{text}");
+}
