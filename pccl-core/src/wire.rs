@@ -349,6 +349,50 @@ pub struct CollectiveSpec {
     pub op: u8,
     pub quant_datatype: u8,
     pub quant_algorithm: u8,
+    /// The peer's `chunk_bytes` and `pipeline_chunks`: they fix the frame
+    /// geometry of pipelined ops, so peers that differ are refused up front
+    /// instead of failing mid-op on a frame they cannot place.
+    pub chunk_bytes: u32,
+    pub pipeline_chunks: u16,
+}
+
+impl CollectiveSpec {
+    /// The fields in which `self` and `other` differ, as `name a vs b`.
+    pub fn differences(&self, other: &CollectiveSpec) -> String {
+        let mut out = Vec::new();
+        let mut field = |name: &str, a: u64, b: u64| {
+            if a != b {
+                out.push(format!("{name} {a} vs {b}"));
+            }
+        };
+        field("kind", self.kind.into(), other.kind.into());
+        field("algorithm", self.algorithm.into(), other.algorithm.into());
+        field("root", self.root.into(), other.root.into());
+        field("count", self.count, other.count);
+        field("datatype", self.datatype.into(), other.datatype.into());
+        field("op", self.op.into(), other.op.into());
+        field(
+            "quantized datatype",
+            self.quant_datatype.into(),
+            other.quant_datatype.into(),
+        );
+        field(
+            "quantization",
+            self.quant_algorithm.into(),
+            other.quant_algorithm.into(),
+        );
+        field(
+            "chunk_bytes",
+            self.chunk_bytes.into(),
+            other.chunk_bytes.into(),
+        );
+        field(
+            "pipeline_chunks",
+            self.pipeline_chunks.into(),
+            other.pipeline_chunks.into(),
+        );
+        out.join(", ")
+    }
 }
 
 /// A tensor's entry in a shared-state vote.
@@ -620,6 +664,8 @@ impl PeerMsg {
                     .u8(spec.op)
                     .u8(spec.quant_datatype)
                     .u8(spec.quant_algorithm)
+                    .u32(spec.chunk_bytes)
+                    .u16(spec.pipeline_chunks)
                     .bytes(payload);
             }
             PeerMsg::CollectiveDone { tag, op_id, ok } => {
@@ -692,6 +738,8 @@ impl PeerMsg {
                     op: d.u8()?,
                     quant_datatype: d.u8()?,
                     quant_algorithm: d.u8()?,
+                    chunk_bytes: d.u32()?,
+                    pipeline_chunks: d.u16()?,
                 },
                 payload: d
                     .bytes("relayed payload", crate::types::RELAY_MAX_BYTES)?
@@ -1265,6 +1313,8 @@ mod tests {
                     op: 1,
                     quant_datatype: 0,
                     quant_algorithm: 1,
+                    chunk_bytes: 512 << 10,
+                    pipeline_chunks: 16,
                 },
                 payload: vec![1, 2, 3],
             },

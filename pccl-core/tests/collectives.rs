@@ -709,3 +709,53 @@ fn every_pipeline_split_gives_the_reference_bytes() {
         "headers only: {tx_by_pieces:?}"
     );
 }
+
+/// Peers whose frame geometry differs (`chunk_bytes`, `pipeline_chunks`)
+/// are refused before any data moves: every one gets `InvalidUsage`
+/// naming the field, and their buffers stay as they were. Out-of-range
+/// values are refused when the communicator is built.
+#[test]
+fn peers_with_different_frame_geometry_are_refused_up_front() {
+    let m = master();
+    let peers = connect_peers_tuned(m.local_addr(), 2, Algorithm::Ring, |i, cfg| {
+        cfg.pipeline_chunks = if i == 0 { 16 } else { 4 }
+    });
+    let n = 1 << 20;
+    let errs = on_all(&peers, move |i, c| {
+        let desc = ReduceDescriptor::new(n, DataType::F32, ReduceOp::Sum);
+        let send = input(DataType::F32, i, n);
+        let mut recv = vec![7u8; send.len()];
+        // SAFETY: both buffers are valid for the whole call.
+        let r = unsafe { c.all_reduce_raw(send.as_ptr(), recv.as_mut_ptr(), &desc) };
+        (r.err(), recv.iter().all(|&b| b == 7))
+    });
+    for (i, (err, untouched)) in errs.into_iter().enumerate() {
+        match err {
+            Some(Error::InvalidUsage(msg)) => {
+                assert!(
+                    msg.contains("pipeline_chunks 16 vs 4")
+                        || msg.contains("pipeline_chunks 4 vs 16"),
+                    "peer {i}: {msg}"
+                );
+            }
+            other => panic!("peer {i}: expected InvalidUsage, got {other:?}"),
+        }
+        assert!(untouched, "peer {i}: the receive buffer was written");
+    }
+    for (what, tune) in [
+        (
+            "chunk_bytes is 0",
+            (|c: &mut pccl_core::CommunicatorConfig| c.chunk_bytes = 0) as fn(&mut _),
+        ),
+        ("chunk_bytes is 33554432", |c| c.chunk_bytes = 32 << 20),
+        ("pipeline_chunks is 0", |c| c.pipeline_chunks = 0),
+        ("pipeline_chunks is 1025", |c| c.pipeline_chunks = 1025),
+    ] {
+        let mut cfg = config(m.local_addr());
+        tune(&mut cfg);
+        match Communicator::new(cfg) {
+            Err(Error::InvalidArgument(msg)) => assert!(msg.contains(what), "{msg}"),
+            other => panic!("{what}: expected InvalidArgument, got {:?}", other.err()),
+        }
+    }
+}

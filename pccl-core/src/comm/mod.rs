@@ -65,8 +65,10 @@ pub struct CommunicatorConfig {
     /// The largest pipelined sub-chunk on the wire (default 512 KiB). A
     /// ring or broadcast op cuts each step into up to `pipeline_chunks`
     /// sub-chunks of at least 64 KiB and at most this size, so mid-size ops
-    /// still pipeline and spread over the pool. Every peer of a group must
-    /// use the same value: it fixes the frame geometry.
+    /// still pipeline and spread over the pool. 1 byte to 16 MiB. Every
+    /// peer of a group must use the same value: it fixes the frame geometry,
+    /// and the master refuses the ops of peers that differ
+    /// (`InvalidUsage`, naming the field).
     pub chunk_bytes: usize,
     /// How many sub-chunks a ring or broadcast step is cut into, at most
     /// (see `chunk_bytes`). Default `$PCCL_PIPELINE_CHUNKS`, else 16: on a
@@ -74,8 +76,8 @@ pub struct CommunicatorConfig {
     /// and spreads over the pool (a 4 MiB all-reduce of 4 peers over 100 ms
     /// took 0.6x the time of one 512 KiB chunk per step). On loopback or a
     /// LAN with pool 1, `1` (one chunk of up to `chunk_bytes` per step)
-    /// saves per-frame CPU for ops of 1-4 MiB. Must be equal on every peer
-    /// of a group, like `chunk_bytes`.
+    /// saves per-frame CPU for ops of 1-4 MiB. 1 to 1024. Must be equal on
+    /// every peer of a group, like `chunk_bytes`.
     pub pipeline_chunks: usize,
     /// Worker threads of the communicator's runtime.
     pub worker_threads: usize,
@@ -173,6 +175,19 @@ pub struct Communicator {
 impl Communicator {
     /// Creates a communicator; nothing is contacted until [`connect`](Self::connect).
     pub fn new(cfg: CommunicatorConfig) -> Result<Self> {
+        if !(1..=MAX_CHUNK_BYTES).contains(&cfg.chunk_bytes) {
+            return Err(Error::InvalidArgument(format!(
+                "chunk_bytes is {}, expected 1 to {MAX_CHUNK_BYTES} (an encoded sub-chunk must fit \
+                 a data frame)",
+                cfg.chunk_bytes
+            )));
+        }
+        if !(1..=MAX_PIPELINE_CHUNKS).contains(&cfg.pipeline_chunks) {
+            return Err(Error::InvalidArgument(format!(
+                "pipeline_chunks is {}, expected 1 to {MAX_PIPELINE_CHUNKS}",
+                cfg.pipeline_chunks
+            )));
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.worker_threads.max(1))
             .thread_name("pccl-peer")
@@ -627,7 +642,7 @@ impl Communicator {
         let waiter = ctl.wait_collective(desc.tag, kind, root)?;
         ctl.send(&PeerMsg::CollectiveInit {
             tag: desc.tag,
-            spec: spec_of(kind, root, self.cfg.algorithm, desc),
+            spec: spec_of(kind, root, &self.cfg, desc),
             payload,
         })?;
         let job = OpJob {
@@ -1203,9 +1218,10 @@ pub fn validate_descriptor(desc: &ReduceDescriptor) -> Result<usize> {
 fn spec_of(
     kind: CollectiveKind,
     root: u32,
-    algorithm: Algorithm,
+    cfg: &CommunicatorConfig,
     desc: &ReduceDescriptor,
 ) -> CollectiveSpec {
+    let algorithm = cfg.algorithm;
     let quant = desc.quantization.algorithm != QuantizationAlgorithm::None;
     let reduces = matches!(
         kind,
@@ -1231,8 +1247,19 @@ fn spec_of(
             0
         },
         quant_algorithm: desc.quantization.algorithm as u8,
+        // Both are bounded in `Communicator::new`.
+        chunk_bytes: u32::try_from(cfg.chunk_bytes).unwrap_or(u32::MAX),
+        pipeline_chunks: u16::try_from(cfg.pipeline_chunks).unwrap_or(u16::MAX),
     }
 }
+
+/// The largest `chunk_bytes`: with 8-byte codes of 4-byte elements an
+/// encoded sub-chunk is about twice its source, and a data frame carries
+/// at most [`crate::wire::MAX_DATA_PAYLOAD`] (64 MiB).
+pub(crate) const MAX_CHUNK_BYTES: usize = 16 << 20;
+
+/// The largest `pipeline_chunks`.
+pub(crate) const MAX_PIPELINE_CHUNKS: usize = 1024;
 
 /// Checks the descriptor of a collective that moves data without reducing
 /// it (broadcast, all-gather): a positive count, no quantization.
@@ -1264,7 +1291,7 @@ fn pipeline_chunks_from_env() -> usize {
     let default = collectives::DEFAULT_PIPELINE_CHUNKS;
     match std::env::var("PCCL_PIPELINE_CHUNKS") {
         Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=1024).contains(&n) => n,
+            Ok(n) if (1..=MAX_PIPELINE_CHUNKS).contains(&n) => n,
             _ => {
                 tracing::warn!("ignoring PCCL_PIPELINE_CHUNKS={v:?}: expected 1 to 1024");
                 default

@@ -932,8 +932,9 @@ impl MasterState {
             }
             Some(coll) if coll.spec != spec => {
                 let e = Error::InvalidUsage(format!(
-                    "peers disagree on the collective with tag {tag}: {:?} vs {:?}",
-                    coll.spec, spec
+                    "peers disagree on the collective with tag {tag}: {} (chunk_bytes and \
+                     pipeline_chunks must be equal on every peer of a group)",
+                    coll.spec.differences(&spec)
                 ));
                 self.result(conn, tag, 0, Err(e.clone()));
                 self.fail_collective(key, e);

@@ -92,6 +92,8 @@ fn spec(count: u64) -> CollectiveSpec {
         op: 0,
         quant_datatype: 0,
         quant_algorithm: 0,
+        chunk_bytes: 512 << 10,
+        pipeline_chunks: 16,
     }
 }
 
