@@ -124,20 +124,40 @@ pub const DIRECT_MAX_BYTES: u64 = 64 << 10;
 /// direct takes `a + (w-1)·n/b` (one hop, w-1 copies of the buffer out of
 /// each peer), the ring `2(w-1)·a + 2(w-1)/w·n/b`, so direct wins for
 /// `n < (2w-3)·w·a·b / ((w-1)(w-2))`; at w = 2 it always does (the same
-/// bytes in one hop instead of two). Capped at [`DIRECT_MAX_BYTES`].
+/// bytes in one hop instead of two). Capped at [`DIRECT_MAX_BYTES`] on
+/// links under [`WAN_LATENCY_US`], where the direct algorithm's extra CPU
+/// shows; on slower links the model alone decides (measured on wan-emu,
+/// 4 peers, 50 ms one-way, 100 Mbit/s: direct took 0.62-0.66x the ring's
+/// time at 256 KiB and 0.86-0.95x at 1 MiB, and 2x at 4 MiB; the model
+/// puts the crossover at 2.08 MB).
 pub fn small_op_threshold(world: usize, latency_us: u64, bandwidth_bps: u64) -> u64 {
     if !(2..=DIRECT_MAX_WORLD).contains(&world) {
         return 0;
     }
+    let cap = if latency_us >= WAN_LATENCY_US {
+        u64::MAX as u128
+    } else {
+        DIRECT_MAX_BYTES as u128
+    };
     if world == 2 {
-        return DIRECT_MAX_BYTES;
+        // Always cheaper in bytes and hops; bounded by what a peer stages.
+        return cap.min(WAN_DIRECT_MAX_BYTES as u128) as u64;
     }
     let w = world as u128;
     // a·b in bytes: latency (s) × bandwidth (bytes/s).
     let ab = latency_us as u128 * (bandwidth_bps as u128 / 8) / 1_000_000;
     let n = (2 * w - 3) * w * ab / ((w - 1) * (w - 2));
-    n.min(DIRECT_MAX_BYTES as u128) as u64
+    n.min(cap).min(WAN_DIRECT_MAX_BYTES as u128) as u64
 }
+
+/// One-way latency (µs) from which a link counts as a WAN for the
+/// automatic threshold: round trips then cost far more than the direct
+/// algorithm's extra copies and reductions.
+pub const WAN_LATENCY_US: u64 = 10_000;
+
+/// The automatic threshold's bound on WAN links: the direct algorithm
+/// stages w-1 contributions on every peer.
+pub const WAN_DIRECT_MAX_BYTES: u64 = 16 << 20;
 
 /// Whether every member sent its buffer with its init, each of the op's
 /// size, within the relay's bounds ([`Algorithm::Relay`]).

@@ -3222,6 +3222,22 @@ fn small_op_threshold_follows_the_cost_model() {
     assert!(small_op_threshold(16, 20, 10_000_000_000) < 61_904);
     assert_eq!(small_op_threshold(1, a, b), 0);
     assert_eq!(small_op_threshold(DIRECT_MAX_WORLD + 1, a, b), 0);
+    // A WAN link (50 ms one-way, 100 Mbit/s: a·b = 625 000 bytes) is past
+    // the LAN cap: w = 4 gives 10/3·ab; w = 2 the WAN bound.
+    let (a, b) = (50_000, 100_000_000);
+    assert_eq!(small_op_threshold(4, a, b), 2_083_333);
+    assert_eq!(small_op_threshold(2, a, b), WAN_DIRECT_MAX_BYTES);
+    assert_eq!(small_op_threshold(16, a, b), 1_380_952);
+    // Just under the WAN latency the LAN cap still holds.
+    assert_eq!(
+        small_op_threshold(4, WAN_LATENCY_US - 1, b),
+        DIRECT_MAX_BYTES
+    );
+    // A very fat WAN link is bounded by what a peer stages.
+    assert_eq!(
+        small_op_threshold(4, 100_000, 100_000_000_000),
+        WAN_DIRECT_MAX_BYTES
+    );
 }
 
 #[test]

@@ -43,11 +43,18 @@ Modes (``mode=``):
     still in flight, and measures its next pseudo-gradient from there
     (Kale et al., "Eager updates for overlapped communication and
     computation in DiLoCo", 2025; as ``pccl_core::diloco``). The outer
-    state only ever takes group averages, so it stays bit-identical. When a
-    peer waits to join, the event drains the pipeline instead (the current
-    pseudo-gradient is reduced synchronously and applied; everyone then
-    starts from the outer parameters), so the newcomer receives exactly the
-    others' parameters.
+    state only ever takes group averages, so it stays bit-identical. The
+    background thread runs all of an event's traffic, in the order
+    ``pccl_core::diloco`` does: the shared-state sync of the state just
+    applied, the all-reduce, then the are-peers-pending vote, so no round
+    trip blocks the training thread (the first event, and a peer alone,
+    vote on the training thread). When the vote says a peer waits to join,
+    the next event drains the pipeline instead (its pseudo-gradient is
+    reduced synchronously and applied, the peers are admitted and synced;
+    everyone then starts from the outer parameters), so the newcomer
+    receives exactly the others' parameters. While a background thread
+    runs, the training thread leaves the outer state alone:
+    :meth:`~DiLoCo.state_hash` is only meaningful between events.
 ``"streaming"``
     The parameters are split into ``F`` fragments (contiguous runs of
     ``model.named_parameters()``, balanced by element count). Fragment ``f``
@@ -401,7 +408,15 @@ class _Reduce:
     in a background thread or in the caller's. ``recv`` holds the averages
     once :attr:`done`; alone (``TOO_FEW_PEERS``) it holds this peer's own
     pseudo-gradients. Never raises from the thread: the failure is kept in
-    :attr:`error`."""
+    :attr:`error`.
+
+    In async mode the background thread runs the whole event's traffic, as
+    ``pccl_core::diloco`` does: the shared-state sync of the state just
+    applied (:attr:`sync_state`, if set) before the all-reduce, and the
+    are-peers-pending vote (:attr:`vote`) after it, so no round trip blocks
+    the training thread. Their outcomes are :attr:`sync_info` /
+    :attr:`sync_error` and :attr:`pending` / :attr:`vote_error`; a failed
+    sync skips the reduce and the vote, a failed reduce skips the vote."""
 
     def __init__(self, comm: Communicator, idxs: Sequence[int], send: Sequence[Any], recv: Sequence[Any],
                  quant: Optional[QuantizationOptions]) -> None:
@@ -422,6 +437,16 @@ class _Reduce:
         self.error: Optional[BaseException] = None
         self.done = False
         self.thread: Optional[threading.Thread] = None
+        self.sync_state: Optional[SharedState] = None
+        self.sync_info: Any = None
+        self.sync_error: Optional[BaseException] = None
+        self.vote = False
+        self.pending: Optional[bool] = None
+        self.vote_error: Optional[BaseException] = None
+
+    def failed(self) -> bool:
+        """Whether any part of the background work failed."""
+        return self.error is not None or self.sync_error is not None or self.vote_error is not None
 
     def _own(self) -> None:
         for i in self.idxs:
@@ -436,16 +461,27 @@ class _Reduce:
 
     def run(self) -> "_Reduce":
         t0 = time.perf_counter()
-        try:
-            info = self.comm.all_reduce_multiple_with_retry(self.descs, max_in_flight=_MAX_IN_FLIGHT)
-            self.world, self.tx, self.rx = info.local_world_size, info.tx_bytes, info.rx_bytes
-        except PCCLError as e:
-            if e.result == Result.TOO_FEW_PEERS:
-                self._own()  # everyone else left: this peer's delta is the average
-            else:
+        if self.sync_state is not None:
+            try:
+                self.sync_info = self.comm.sync_shared_state(self.sync_state, SharedStateSyncStrategy.ENFORCE_POPULAR)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                self.sync_error = e
+        if self.sync_error is None:
+            try:
+                info = self.comm.all_reduce_multiple_with_retry(self.descs, max_in_flight=_MAX_IN_FLIGHT)
+                self.world, self.tx, self.rx = info.local_world_size, info.tx_bytes, info.rx_bytes
+            except PCCLError as e:
+                if e.result == Result.TOO_FEW_PEERS:
+                    self._own()  # everyone else left: this peer's delta is the average
+                else:
+                    self.error = e
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 self.error = e
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
-            self.error = e
+        if self.vote and self.sync_error is None and self.error is None:
+            try:
+                self.pending = bool(self.comm.are_peers_pending())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                self.vote_error = e
         self.seconds = time.perf_counter() - t0
         self.done = True
         return self
@@ -805,7 +841,13 @@ class DiLoCo:
         if self._pending is not None and self._broken is None:
             r, self._pending = self._pending, None
             blocked = r.wait()
-            if r.error is None:
+            adopted = not r.failed()
+            if adopted and r.sync_state is not None:
+                try:
+                    self._after_sync(adopt_inner_step=False)
+                except ConfigMismatchError:
+                    adopted = False  # dropped, as a failed reduce is
+            if adopted:
                 self._apply(r)
                 ev.reduced(r)
                 self._set_model_all()
@@ -909,17 +951,40 @@ class DiLoCo:
             )
         return RejoinRequired(e, "first shared-state sync")
 
-    def _sync(self) -> Tuple[int, int]:
+    def _prepare_sync(self) -> None:
+        """The counters and revision a sync publishes."""
         self._meta[_INNER] = self._inner_step
         self._meta[_OUTER] = self._outer_step
         self._state.revision = self._state.revision + 1
+
+    def _sync(self) -> Tuple[int, int]:
+        self._prepare_sync()
         info = self._call(
             "shared-state sync", self.communicator.sync_shared_state, self._state, SharedStateSyncStrategy.ENFORCE_POPULAR
         )
         self._after_sync()
         return info.tx_bytes, info.rx_bytes
 
-    def _after_sync(self) -> None:
+    def _adopt_background(self, r: _Reduce, ev: "_Event") -> None:
+        """Async: takes in what the background thread of ``r`` did beyond
+        its reduce, on the training thread: the sync of the state applied
+        at launch (its figures, the configuration check and the outer step;
+        the inner step stays this peer's own clock, which moved on) and the
+        vote. Raises what the thread kept."""
+        if r.sync_state is not None:
+            if r.sync_error is not None:
+                if isinstance(r.sync_error, PCCLError):
+                    raise RejoinRequired(r.sync_error, "shared-state sync") from r.sync_error
+                raise r.sync_error
+            ev.tx += r.sync_info.tx_bytes
+            ev.rx += r.sync_info.rx_bytes
+            self._after_sync(adopt_inner_step=False)
+        if r.vote_error is not None:
+            if isinstance(r.vote_error, PCCLError):
+                raise RejoinRequired(r.vote_error, "are_peers_pending") from r.vote_error
+            raise r.vote_error
+
+    def _after_sync(self, adopt_inner_step: bool = True) -> None:
         meta = [int(v) for v in self._meta.tolist()]
         for k in range(_CONFIG_ENTRIES):
             if meta[k] != self._config[k]:
@@ -932,7 +997,8 @@ class DiLoCo:
                     f"group's ({self._describe(k, meta[k])}); every peer of a group needs the same DiLoCo "
                     "configuration; this peer left the group",
                 )
-        self._inner_step = meta[_INNER]
+        if adopt_inner_step:
+            self._inner_step = meta[_INNER]
         self._outer_step = meta[_OUTER]
 
     @staticmethod
@@ -1085,16 +1151,21 @@ class DiLoCo:
         blocked = 0.0
         hidden_comm = 0.0
         prev, self._pending = self._pending, None
+        pending: Optional[bool] = None
         if prev is not None:
             w0 = time.perf_counter()
             prev.wait()
             blocked += time.perf_counter() - w0
-            self._checked(prev)
+            if prev.sync_error is None:
+                self._checked(prev)
+            self._adopt_background(prev, ev)
             self._apply(prev)
             ev.reduced(prev)
             hidden_comm = prev.seconds
+            pending = prev.pending  # voted in the background after the reduce
         s0 = time.perf_counter()
-        pending = self._call("are_peers_pending", self.communicator.are_peers_pending)
+        if pending is None:  # the first event, or a peer alone: vote here
+            pending = self._call("are_peers_pending", self.communicator.are_peers_pending)
         if pending:
             # Drain: reduce this event's delta now, so the newcomer receives
             # exactly the parameters the others hold, with nothing in flight.
@@ -1107,15 +1178,25 @@ class DiLoCo:
             ev.rx += rx
             self._start_from_outer()  # nothing in flight: everyone starts from the outer parameters
         else:
-            if ev.applied:
-                tx, rx = self._sync()
-                ev.tx += tx
-                ev.rx += rx
+            # The eager start reads the outer state before the background
+            # sync may repair it.
             self._eager_start(self._send[k])
             r = self._new_reduce(idxs, k)
             if self._world() <= 1:
+                if ev.applied:
+                    tx, rx = self._sync()
+                    ev.tx += tx
+                    ev.rx += rx
                 self._pending = r.alone()  # applied at the next event: one-step delay, as with peers
             else:
+                # Sync of the state just applied, the all-reduce and the
+                # vote, all in the background (every peer runs the same
+                # sequence); the training thread does not touch the outer
+                # state, momentum or counters until it joins the thread.
+                if ev.applied:
+                    self._prepare_sync()
+                    r.sync_state = self._state
+                r.vote = True
                 self._pending = r.start()
             self._cur = (k + 1) % len(self._send)
         blocked += time.perf_counter() - s0
