@@ -64,7 +64,8 @@ Modes (``mode=``):
     ``lerp(local, outer, alpha)``. ``tau * F < H`` is required, so at most
     one fragment is in flight.
 
-Protocol (shared with ``pccl_core::diloco``; peers of both can form a group):
+Protocol (shared with ``pccl_core::diloco``, so peers of both are meant to
+form a group; no test runs a mixed group yet):
 
 * **Shared state**, one tensor per model parameter ``name``:
   ``diloco.outer.<name>`` (float32 master copy of the outer parameters,
@@ -733,6 +734,9 @@ class DiLoCo:
         self._synced = False
         self._pending: Optional[_Reduce] = None  # async: the reduce in flight or a ready result
         self._frag_pending: Optional[Tuple[int, int, _Reduce]] = None  # streaming: (fragment, due step, reduce)
+        # Streaming: a fragment was applied without a sync; the next launch
+        # syncs it (in its background thread), as pccl_core::diloco does.
+        self._needs_sync = False
         self._broken: Optional[BaseException] = None
         self._closed = False
         self._hook: Any = None
@@ -857,7 +861,13 @@ class DiLoCo:
             f, _due, r = self._frag_pending
             self._frag_pending = None
             blocked = r.wait()
-            if r.error is None:
+            adopted = not r.failed()
+            if adopted and r.sync_state is not None:
+                try:
+                    self._after_sync(adopt_inner_step=False)
+                except ConfigMismatchError:
+                    adopted = False  # dropped, as a failed reduce is
+            if adopted:
                 self._apply(r)
                 ev.reduced(r)
                 self._set_model_fragment(f)
@@ -1231,20 +1241,55 @@ class DiLoCo:
             self._compute_delta(idxs, self._send[0])
             r = self._new_reduce(idxs)
             if self.fragment_sync_delay == 0:
+                if self._needs_sync:
+                    self._needs_sync = False
+                    self._sync()
                 report = self._finish_fragment(f, r.run(), _Event())
             elif self._world() <= 1:
+                if self._needs_sync:
+                    self._needs_sync = False
+                    self._sync()
                 self._frag_pending = (f, s + self.fragment_sync_delay, r.alone())
             else:
+                # The sync of the fragment applied last (if it was not
+                # synced then), the all-reduce and the vote, in the
+                # background; nothing touches the outer state meanwhile.
+                if self._needs_sync:
+                    self._needs_sync = False
+                    self._prepare_sync()
+                    r.sync_state = self._state
+                r.vote = True
                 self._frag_pending = (f, s + self.fragment_sync_delay, r.start())
         return report
 
     def _finish_fragment(self, f: int, r: _Reduce, ev: _Event) -> OuterStepReport:
         blocked0 = r.wait()
-        self._checked(r)
+        if r.sync_error is None:
+            self._checked(r)
+        self._adopt_background(r, ev)
         self._apply(r)
         ev.reduced(r)
         s0 = time.perf_counter()
-        self._admit_and_sync(ev)
+        if r.thread is None:
+            # Reduced on this thread (tau = 0) or alone: vote, admit, sync here.
+            if self.fragment_sync_delay == 0:
+                self._admit_and_sync(ev)
+            elif self._call("are_peers_pending", self.communicator.are_peers_pending):
+                self._update_topology()
+                tx, rx = self._sync()
+                ev.tx += tx
+                ev.rx += rx
+            else:
+                self._needs_sync = True
+        elif r.pending:
+            # Voted in the background: admit now, with nothing in flight,
+            # and sync so the newcomer receives the state.
+            self._update_topology()
+            tx, rx = self._sync()
+            ev.tx += tx
+            ev.rx += rx
+        else:
+            self._needs_sync = True  # synced in the background at the next launch
         self._set_model_fragment(f)
         sync_t = time.perf_counter() - s0
         if r.thread is None:  # reduced in this call: all exposed
