@@ -845,13 +845,7 @@ class DiLoCo:
         if self._pending is not None and self._broken is None:
             r, self._pending = self._pending, None
             blocked = r.wait()
-            adopted = not r.failed()
-            if adopted and r.sync_state is not None:
-                try:
-                    self._after_sync(adopt_inner_step=False)
-                except ConfigMismatchError:
-                    adopted = False  # dropped, as a failed reduce is
-            if adopted:
+            if self._usable_at_close(r):
                 self._apply(r)
                 ev.reduced(r)
                 self._set_model_all()
@@ -861,13 +855,7 @@ class DiLoCo:
             f, _due, r = self._frag_pending
             self._frag_pending = None
             blocked = r.wait()
-            adopted = not r.failed()
-            if adopted and r.sync_state is not None:
-                try:
-                    self._after_sync(adopt_inner_step=False)
-                except ConfigMismatchError:
-                    adopted = False  # dropped, as a failed reduce is
-            if adopted:
+            if self._usable_at_close(r):
                 self._apply(r)
                 ev.reduced(r)
                 self._set_model_fragment(f)
@@ -879,6 +867,19 @@ class DiLoCo:
         if report is not None:
             self.last_report = report
         return report
+
+    def _usable_at_close(self, r: _Reduce) -> bool:
+        """Whether ``close`` applies the finished background work ``r``:
+        everything in it succeeded, and the state it synced (if any) still
+        has this peer's configuration (its outer step is adopted)."""
+        if r.failed():
+            return False
+        if r.sync_state is not None:
+            try:
+                self._after_sync(adopt_inner_step=False)
+            except ConfigMismatchError:
+                return False  # dropped, as a failed reduce is
+        return True
 
     def __enter__(self) -> "DiLoCo":
         if self._hook is None:
